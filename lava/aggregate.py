@@ -1,0 +1,78 @@
+"""Stage 4: ``AttentionSlices`` → one ``Heatmaps`` score map per class on the token grid.
+
+Each class's map is the mean over its text tokens (CLIP part, T5 part or both), over heads,
+over the chosen blocks and over every timestep given, then normalised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+
+from .errors import LavaError
+from .types import AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding
+
+NORMALIZATIONS = ("minmax", "classes", "none")
+
+
+def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Normalise ``[B, C, h, w]`` scores: per-class min-max, per-pixel sum over classes, or none."""
+    if how == "none":
+        return scores
+    if how == "minmax":
+        flat = scores.flatten(2)
+        lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+        return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(scores)
+    if how == "classes":
+        return scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
+    raise LavaError(f"normalize must be one of {NORMALIZATIONS}, got {how!r}")
+
+
+def class_scores(slices: AttentionSlices, prompt: PromptEncoding, layers: Sequence[int], tokens: str) -> torch.Tensor:
+    """Mean probability per class over its tokens, heads and ``layers``: ``[B, C, N_img]``."""
+    per_class = []
+    for name in prompt.classes:
+        positions = prompt.positions(name, tokens)
+        if not positions:
+            raise LavaError(f"class {name!r} has no {tokens!r} tokens to aggregate (is T5 dropped?)")
+        idx = slices.column_indices(positions)
+        per_layer = [slices.maps[layer][..., idx].mean(dim=(1, 3)) for layer in layers]  # [B, N_img] each
+        per_class.append(torch.stack(per_layer).mean(0))
+    return torch.stack(per_class, dim=1)
+
+
+def aggregate(
+    slices: AttentionSlices | Sequence[AttentionSlices],
+    prompt: PromptEncoding,
+    config: AggregateConfig | None = None,
+    **overrides,
+) -> Heatmaps:
+    """Class heatmaps ``[B, C, h, w]`` from one capture, or several (e.g. several timesteps).
+
+    ``config`` fields may also be given as keywords: ``aggregate(s, p, layers=(9,), tokens="clip")``.
+    """
+    config = config or AggregateConfig()
+    if overrides:
+        config = AggregateConfig(**{**config.__dict__, **overrides})
+    runs = [slices] if isinstance(slices, AttentionSlices) else list(slices)
+    if not runs:
+        raise LavaError("aggregate needs at least one AttentionSlices")
+    grid = runs[0].grid
+    if any(r.grid != grid for r in runs):
+        raise LavaError(f"slices come from different token grids: {sorted({r.grid for r in runs})}")
+
+    per_run = []
+    for run in runs:
+        layers = tuple(config.layers) if config.layers is not None else run.layers
+        missing = [layer for layer in layers if layer not in run.maps]
+        if missing:
+            raise LavaError(f"blocks {missing} were not captured; captured: {list(run.layers)}")
+        per_run.append(class_scores(run, prompt, layers, config.tokens))
+    scores = torch.stack(per_run).mean(0)
+    scores = rearrange(scores, "b c (h w) -> b c h w", h=grid[0], w=grid[1])
+    return Heatmaps(
+        scores=normalize_scores(scores, config.normalize).float(), classes=prompt.classes,
+        image_sizes=runs[0].image_sizes, normalize=config.normalize,
+    )

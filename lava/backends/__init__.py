@@ -1,0 +1,143 @@
+"""Backends found by name: a registry name, a hub id, a local folder, or a loaded pipeline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+from .base import Backend, VariantDefaults, resolve_device, resolve_dtype
+from .sd3 import DEFAULTS, HUB_IDS, detect_variant
+from .tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
+
+__all__ = ["REGISTRY", "Backend", "VariantDefaults", "from_pipeline", "list_backends", "load_backend"]
+
+
+def _place(pipe, device: torch.device, dtype: torch.dtype, offload_text_encoders: bool) -> torch.device:
+    """Move modules; text encoders stay on CPU when offloaded. Returns the text device."""
+    text_device = torch.device("cpu") if offload_text_encoders else device
+
+    def move(module, dev: torch.device, dt: torch.dtype) -> None:
+        # Casting only when needed keeps diffusers' fp32-module bookkeeping out of the way.
+        if module.dtype != dt:
+            module.to(dtype=dt)
+        module.to(dev)
+
+    move(pipe.transformer, device, dtype)
+    move(pipe.vae, device, dtype)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            # CPU matmuls in half precision are slow or unsupported; offloaded encoders stay fp32.
+            move(module, text_device, torch.float32 if text_device.type == "cpu" else dtype)
+    return text_device
+
+
+def from_pipeline(
+    pipe: Any,
+    *,
+    name: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    offload_text_encoders: bool = False,
+    max_sequence_length: int = 256,
+    defaults: VariantDefaults | None = None,
+) -> Backend:
+    """Wrap an already-loaded ``StableDiffusion3Pipeline`` (its modules are used, not copied).
+
+    ``device``/``dtype`` default to where the transformer already is.
+    """
+    for part in ("transformer", "vae", "scheduler", "tokenizer", "text_encoder", "encode_prompt"):
+        if not hasattr(pipe, part) or getattr(pipe, part) is None:
+            raise ModelError(f"expected a StableDiffusion3Pipeline-like object with .{part}, got {type(pipe).__name__}")
+    param = next(pipe.transformer.parameters())
+    dev = resolve_device(device) if device is not None else param.device
+    dt = resolve_dtype(dtype, dev) if dtype is not None else param.dtype
+    text_device = _place(pipe, dev, dt, offload_text_encoders)
+    hint = name or str(getattr(pipe, "name_or_path", "") or pipe.transformer.config.get("_name_or_path", ""))
+    variant = detect_variant(pipe.transformer.config, hint)
+    return Backend(
+        name=name or variant,
+        variant=variant,
+        pipe=pipe,
+        defaults=defaults or DEFAULTS[variant],
+        device=dev,
+        dtype=dt,
+        text_device=text_device,
+        max_sequence_length=max_sequence_length,
+    )
+
+
+def _load_tiny(*, device=None, dtype=None, drop_t5: bool = False, offload_text_encoders: bool = False,
+               variant: str = "sd3", seed: int = 0, **kw) -> Backend:
+    pipe = build_tiny_pipeline(variant, seed=seed, t5=not drop_t5, **kw)
+    dev = resolve_device(device if device is not None else "cpu")
+    backend = from_pipeline(pipe, name="tiny-sd3", device=dev, dtype=resolve_dtype(dtype or "float32", dev),
+                            offload_text_encoders=offload_text_encoders,
+                            max_sequence_length=TINY_MAX_SEQUENCE_LENGTH, defaults=DEFAULTS["tiny-sd3"])
+    backend.variant = f"tiny-{variant}"
+    backend.info["random_weights"] = True
+    return backend
+
+
+def _load_sd3(source: str, *, device=None, dtype=None, drop_t5: bool = False, offload_text_encoders: bool = False,
+              max_sequence_length: int = 256, **kw) -> Backend:
+    from diffusers import StableDiffusion3Pipeline
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(source, torch_dtype=dt, **extra, **kw)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"could not load SD3 weights from {source!r}: {err}. Expected a hub id you have access to "
+            "(and network) or a local folder saved with save_pretrained()"
+        ) from err
+    return from_pipeline(pipe, name=source, device=dev, dtype=dt, offload_text_encoders=offload_text_encoders,
+                         max_sequence_length=max_sequence_length)
+
+
+REGISTRY: dict[str, Callable[..., Backend]] = {"tiny-sd3": _load_tiny}
+for _short, _hub in HUB_IDS.items():
+    REGISTRY[_short] = lambda _hub=_hub, **kw: _load_sd3(_hub, **kw)
+
+
+def list_backends() -> list[tuple[str, str, VariantDefaults]]:
+    """``(name, what it loads, defaults)`` for every registered backend."""
+    rows = [("tiny-sd3", "toy SD3 built in code, random weights (offline)", DEFAULTS["tiny-sd3"])]
+    rows += [(short, hub, DEFAULTS[short]) for short, hub in HUB_IDS.items()]
+    return rows
+
+
+def load_backend(
+    name_or_path: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    drop_t5: bool = False,
+    offload_text_encoders: bool = False,
+    **kw: Any,
+) -> Backend:
+    """A backend from a registry name (``"tiny-sd3"``, ``"sd3-medium"``, ...), a hub id, or a folder.
+
+    Args:
+        device: ``"cuda"``, ``"cpu"``...; default CUDA when available.
+        dtype: default bf16 on CUDA, fp32 on CPU.
+        drop_t5: skip the T5 encoder (its part of the text sequence is then zeros).
+        offload_text_encoders: keep the text encoders on the CPU; only their outputs move.
+    """
+    opts = dict(device=device, dtype=dtype, drop_t5=drop_t5, offload_text_encoders=offload_text_encoders, **kw)
+    if name_or_path in REGISTRY:
+        return REGISTRY[name_or_path](**opts)
+    if name_or_path in HUB_IDS.values() or os.path.isdir(name_or_path) or name_or_path.count("/") == 1:
+        if not os.path.isdir(name_or_path) and "/" in name_or_path and name_or_path.startswith((".", "/")):
+            raise ModelError(f"model folder not found: {name_or_path}")
+        return _load_sd3(name_or_path, **opts)
+    raise ModelError(
+        f"unknown model {name_or_path!r}: expected one of {sorted(REGISTRY)}, a hub id such as "
+        f"{HUB_IDS['sd3-medium']!r}, or a local folder"
+    )

@@ -1,0 +1,216 @@
+"""A backend adapts one MM-DiT family to lava's stages.
+
+It owns the modules (VAE, text encoders, transformer, scheduler), knows the token layout,
+patch size, block count and which blocks have joint attention, and carries the recommended
+defaults for its variant. Stages take a backend as an argument; it holds no per-call state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import LavaError, ModelError
+
+
+@dataclass(frozen=True)
+class VariantDefaults:
+    """Recommended settings for one model variant, with where they come from."""
+
+    timestep: float
+    layers: tuple[int, ...]
+    resolution: int
+    source: str
+
+
+@dataclass
+class Backend:
+    """One loaded SD3-family model, ready for the stages.
+
+    ``pipe`` is a diffusers ``StableDiffusion3Pipeline`` (or any object with the same
+    components and ``encode_prompt``). Text encoders may live on ``text_device`` (CPU offload)
+    while the VAE and transformer live on ``device``.
+    """
+
+    name: str
+    variant: str
+    pipe: Any
+    defaults: VariantDefaults
+    device: torch.device
+    dtype: torch.dtype
+    text_device: torch.device
+    max_sequence_length: int = 256
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # ---- modules ---------------------------------------------------------------------------
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def blocks(self):
+        return self.transformer.transformer_blocks
+
+    # ---- layout ----------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def joint_blocks(self) -> tuple[int, ...]:
+        """Blocks whose ``attn`` is a joint text+image attention (all of them in SD3)."""
+        return tuple(i for i, b in enumerate(self.blocks) if getattr(b.attn, "added_kv_proj_dim", None))
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer.config.patch_size)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def grid_unit(self) -> int:
+        """Pixels per image token along one side."""
+        return self.vae_scale_factor * self.patch_size
+
+    @property
+    def max_resolution(self) -> int | None:
+        """Largest image side in pixels the position embedding covers."""
+        m = self.transformer.config.get("pos_embed_max_size")
+        return None if m is None else int(m) * self.grid_unit
+
+    @property
+    def clip_len(self) -> int:
+        return int(self.pipe.tokenizer.model_max_length)
+
+    @property
+    def has_t5(self) -> bool:
+        return getattr(self.pipe, "text_encoder_3", None) is not None
+
+    @property
+    def text_len(self) -> int:
+        """Text tokens in the joint sequence: CLIP part + T5 part (zeros when T5 is dropped)."""
+        return self.clip_len + self.max_sequence_length
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    # ---- time ------------------------------------------------------------------------------
+    def sigma_for_timestep(self, timestep: float) -> float:
+        """σ of the model's timestep: SD3's flow-matching schedule feeds ``t = σ · 1000``.
+
+        The scheduler's shift only decides which σ an N-step schedule visits
+        (``timestep_for_step``); the map between the model's own ``t`` and σ is linear.
+        """
+        self.check_timestep(timestep)
+        return float(timestep) / self.num_train_timesteps
+
+    def timestep_for_sigma(self, sigma: float) -> float:
+        if not 0.0 <= float(sigma) < 1.0:
+            raise LavaError(f"sigma must be in [0, 1), got {sigma}")
+        return float(sigma) * self.num_train_timesteps
+
+    def timestep_for_step(self, step: int, num_steps: int) -> float:
+        """The model timestep of ``step`` in the scheduler's own ``num_steps`` schedule (with shift).
+
+        Seg4Diff reads SD3-medium at ``timesteps[-8]`` of a 28-step schedule with shift 3.
+        """
+        sched = type(self.scheduler).from_config(self.scheduler.config)
+        sched.set_timesteps(num_steps)
+        try:
+            return float(sched.timesteps[step])
+        except IndexError as err:
+            raise LavaError(f"step {step} is outside a {num_steps}-step schedule") from err
+
+    def check_timestep(self, timestep: float) -> None:
+        n = self.num_train_timesteps
+        if not 0.0 <= float(timestep) < n:
+            raise LavaError(f"timestep must be in [0, {n}), got {timestep}")
+
+    def check_layers(self, layers) -> tuple[int, ...]:
+        """Validated block indices (negative indices count from the end)."""
+        layers = tuple(int(i) for i in layers)
+        if not layers:
+            raise LavaError("layers must name at least one transformer block")
+        n = self.num_blocks
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise LavaError(f"layer index {bad[0]} is out of range: {self.name} has {n} blocks (0..{n - 1})")
+        norm = tuple(sorted({i % n for i in layers}))
+        not_joint = [i for i in norm if i not in self.joint_blocks]
+        if not_joint:
+            raise LavaError(f"blocks {not_joint} of {self.name} have no joint text-image attention")
+        return norm
+
+    # ---- modules at work -------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE latents of ``pixels`` ``[B, 3, H, W]`` in [-1, 1]: ``(mean - shift) · scale``.
+
+        The posterior mean (not a sample) keeps the clean latent deterministic; randomness
+        enters only through the seeded flow-matching noise.
+        """
+        vae = self.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        shift = vae.config.get("shift_factor") or 0.0
+        return (dist.mean - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint text embeddings ``[1, T, D]`` and pooled ``[1, P]`` via the pipeline's encoder."""
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=text,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.text_device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+
+    def describe(self) -> str:
+        d = self.defaults
+        return (
+            f"{self.name} ({self.variant}): {self.num_blocks} blocks, patch {self.patch_size}, "
+            f"text tokens {self.text_len} ({'CLIP+T5' if self.has_t5 else 'CLIP, T5 dropped'}), "
+            f"default timestep {d.timestep:g}, layers {list(d.layers)}, resolution {d.resolution}"
+        )
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ModelError(f"unknown device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for, but no CUDA device is available here")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError as err:
+        raise ModelError(f"unknown dtype {dtype!r}: expected one of {sorted(DTYPES)}") from err

@@ -1,0 +1,186 @@
+"""``tiny-sd3``: the SD3 architecture at toy size, built offline in well under a second.
+
+Every component is the real diffusers/transformers class (``SD3Transformer2DModel``,
+``AutoencoderKL``, ``CLIPTextModelWithProjection`` ×2, ``T5EncoderModel``,
+``FlowMatchEulerDiscreteScheduler``) with a tiny config and seeded random weights, wrapped in a
+real ``StableDiffusion3Pipeline``. The CLIP BPE and T5 unigram tokenizers are trained here on a
+fixed word list, so they split rare words into several tokens just as the real ones do.
+
+Random weights give meaningless masks: this backend exists for tests, benchmarks and for
+trying the pipeline offline, not for segmenting photos.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from functools import lru_cache
+
+import torch
+
+# Words the tokenizers learn merges from; anything else still tokenizes, in smaller pieces.
+_CORPUS_WORDS = """
+a an the of and with in on photo picture image scene background foreground
+person people man woman child cat dog horse sheep cow bird elephant bear zebra giraffe
+car bus truck train boat aeroplane airplane bicycle motorbike motorcycle road street sidewalk
+building house wall fence sky tree grass plant potted flower water sea river mountain floor
+chair sofa table dining bed tv monitor bottle cup bowl book clock vase window door
+traffic light sign stop pole red green blue yellow black white orange purple circle square
+triangle shape
+""".split()
+
+_CLIP_MAX_LEN = 77
+
+
+def _corpus() -> list[str]:
+    return [" ".join(_CORPUS_WORDS)] * 4 + _CORPUS_WORDS
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    from tokenizers import pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    backend = CLIPTokenizer().backend_tokenizer
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    backend.train_from_iterator(_corpus(), trainer)
+    model = json.loads(backend.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    # Real CLIP has every byte both inside a word and word-final ("x</w>"); a standalone
+    # punctuation mark such as "," is word-final, so without these it would become <unk>.
+    for ch in sorted(alphabet):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return vocab, [tuple(m) for m in model["merges"]]
+
+
+@lru_cache(maxsize=1)
+def _t5_vocab() -> list[tuple[str, float]]:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    trainer = trainers.UnigramTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    return [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+
+
+def build_tokenizers():
+    """CLIP BPE (×2, as SD3 has) and T5 unigram tokenizers, built locally and deterministically."""
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    vocab, merges = _clip_vocab()
+    clip = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=_CLIP_MAX_LEN)
+    clip_2 = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=_CLIP_MAX_LEN,
+                           pad_token="!")
+    t5 = T5Tokenizer(vocab=list(_t5_vocab()), extra_ids=0)
+    return clip, clip_2, t5
+
+
+# Two variants: SD3-medium-like (plain joint blocks) and SD3.5-like (dual attention in the first
+# blocks, qk RMS-norm). Sizes are chosen so a CPU forward takes milliseconds.
+TINY_CONFIGS = {
+    "sd3": dict(dual_attention_layers=(), qk_norm=None),
+    "sd3.5": dict(dual_attention_layers=(0, 1), qk_norm="rms_norm"),
+}
+
+
+def build_tiny_pipeline(
+    variant: str = "sd3",
+    *,
+    seed: int = 0,
+    num_layers: int = 4,
+    heads: int = 2,
+    head_dim: int = 8,
+    t5: bool = True,
+    pos_embed_max_size: int = 32,
+):
+    """A ``StableDiffusion3Pipeline`` with toy-size components and seeded random weights.
+
+    Image side 32 px (VAE factor 2, patch 2 → 8×8 = 64 image tokens); text tokens 77 + 32;
+    the position embedding covers up to ``pos_embed_max_size · 4`` px.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    if variant not in TINY_CONFIGS:
+        raise ValueError(f"tiny variant must be one of {sorted(TINY_CONFIGS)}, got {variant!r}")
+    clip_tok, clip_tok_2, t5_tok = build_tokenizers()
+    inner = heads * head_dim
+    clip_hidden, clip_proj, joint_dim = 12, 16, 32
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
+            attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
+            caption_projection_dim=inner, pooled_projection_dim=2 * clip_proj,
+            pos_embed_max_size=pos_embed_max_size, **TINY_CONFIGS[variant],
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
+            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+        )
+
+        def clip_encoder(pad_id: int):
+            cfg = CLIPTextConfig(
+                vocab_size=len(clip_tok), hidden_size=clip_hidden, intermediate_size=24, projection_dim=clip_proj,
+                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=_CLIP_MAX_LEN,
+                bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=pad_id,
+            )
+            return CLIPTextModelWithProjection(cfg)
+
+        text_encoder = clip_encoder(clip_tok.pad_token_id)
+        text_encoder_2 = clip_encoder(clip_tok_2.pad_token_id)
+        text_encoder_3 = None
+        if t5:
+            text_encoder_3 = T5EncoderModel(T5Config(
+                vocab_size=len(t5_tok), d_model=joint_dim, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=0,
+            ))
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tok_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tok if t5 else None,
+    )
+    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    return pipe
+
+
+TINY_MAX_SEQUENCE_LENGTH = 32

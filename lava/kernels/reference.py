@@ -1,0 +1,70 @@
+"""The attention-slice op written the obvious way: explicit softmax over the full joint matrix.
+
+This is the reference every other implementation is tested against. It builds the whole
+``[B, H, N, N]`` score matrix, so it is only for tests and small inputs.
+
+Conventions shared by every implementation (see ``lava.kernels.attention_slice``):
+
+* ``q, k, v``: ``[B, H, N, D]`` of one joint-attention call; scale ``1/sqrt(D)`` as in SDPA.
+* The text tokens occupy ``[text_start, text_start + text_len)`` of the joint sequence; every
+  other position is an image token, in order (``N_img = N - text_len``).
+* ``columns``: text positions (``0 … text_len-1``, relative to ``text_start``) wanted.
+* ``image_to_text``: ``out[b, h, i, c] = P(query = image i, key = text column c)``.
+  ``text_to_image``: ``out[b, h, i, c] = P(query = text column c, key = image i)``.
+* ``softmax="joint"`` normalises over all ``N`` keys (what the model itself does);
+  ``softmax="cross"`` over the other modality's keys only (text keys for image→text,
+  image keys for text→image).
+* ``heads="mean"`` averages heads (``[B, 1, N_img, K]``), ``"none"`` keeps them
+  (``[B, H, N_img, K]``). The result is float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import SliceSpec
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and log-sum-exp by explicit softmax, in float32.
+
+    Returns ``O [B, H, N, D]`` (float32) and ``lse [B, H, N]`` (natural log).
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    return probs @ v.float(), lse
+
+
+def naive_slice(q: torch.Tensor, k: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
+    """The slice of ``spec`` from the explicit ``[B, H, N, N]`` probability matrix.
+
+    q, k: ``[B, H, N, D]``. Returns ``[B, H or 1, N_img, K]`` float32.
+    """
+    n = q.shape[-2]
+    scale = q.shape[-1] ** -0.5
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, N, N]
+    img = spec.image_index(n, q.device)
+    txt = spec.text_index(q.device)
+    cols = spec.column_index(q.device)
+
+    if spec.direction == "image_to_text":
+        rows = scores[:, :, img, :]  # image queries over all keys
+        if spec.softmax == "cross":
+            rows = rows[:, :, :, txt]  # keep only text keys, then columns are relative
+            probs = torch.softmax(rows, dim=-1)[:, :, :, cols]
+        else:
+            probs = torch.softmax(rows, dim=-1)[:, :, :, txt[cols]]
+        out = probs  # [B, H, N_img, K]
+    else:
+        rows = scores[:, :, txt[cols], :]  # wanted text queries over all keys
+        if spec.softmax == "cross":
+            probs = torch.softmax(rows[:, :, :, img], dim=-1)
+        else:
+            probs = torch.softmax(rows, dim=-1)[:, :, :, img]
+        out = probs.transpose(-1, -2)  # [B, H, N_img, K]
+
+    if spec.heads == "mean":
+        out = out.mean(dim=1, keepdim=True)
+    return out.contiguous()

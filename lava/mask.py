@@ -1,0 +1,57 @@
+"""Stage 5: ``Heatmaps`` → ``Segmentation`` at each image's original size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import LavaError
+from .types import Heatmaps, MaskConfig, Segmentation
+
+
+def upsample(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``[C, h, w]`` grid scores to ``[C, H, W]`` pixels.
+
+    The token grid covers the whole image (resized, not padded), so pixel centres map back
+    with ``align_corners=False`` and no offset.
+    """
+    return F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+def to_mask(
+    heatmaps: Heatmaps,
+    sizes: Sequence[tuple[int, int]] | tuple[int, int] | None = None,
+    config: MaskConfig | None = None,
+    *,
+    background_threshold: float | None = None,
+    images=(),
+) -> Segmentation:
+    """Upsample each image's class scores to its size ``(H, W)`` and take the best class per pixel.
+
+    ``sizes`` default to the sizes the images had when noised. With a background threshold,
+    label 0 is background and class ``i`` becomes label ``i + 1``.
+    """
+    config = config or MaskConfig(background_threshold=background_threshold)
+    b = heatmaps.scores.shape[0]
+    if sizes is None:
+        sizes = heatmaps.image_sizes
+    elif len(sizes) == 2 and all(isinstance(s, int) for s in sizes):
+        sizes = [tuple(sizes)] * b
+    if len(sizes) != b:
+        raise LavaError(f"got {len(sizes)} sizes for {b} images")
+    classes = heatmaps.classes
+    if config.background_threshold is not None:
+        classes = (config.background_name, *classes)
+    label_dtype = torch.uint8 if len(classes) <= 256 else torch.int32
+
+    labels, scores = [], []
+    for i, size in enumerate(sizes):
+        full = upsample(heatmaps.scores[i], tuple(int(s) for s in size))
+        best, label = full.max(dim=0)
+        if config.background_threshold is not None:
+            label = torch.where(best < config.background_threshold, 0, label + 1)
+        labels.append(label.to(label_dtype).cpu())
+        scores.append(full.cpu())
+    return Segmentation(labels=tuple(labels), scores=tuple(scores), classes=classes, images=tuple(images))

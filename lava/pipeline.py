@@ -1,0 +1,80 @@
+"""``segment``: the five stages composed, over any number of images of any sizes."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .aggregate import aggregate
+from .backends import Backend, load_backend
+from .capture import capture
+from .images import ImageInput, load_images
+from .mask import to_mask
+from .noise import noise
+from .prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, encode_prompt
+from .types import AggregateConfig, MaskConfig, Segmentation
+
+
+def _batches(images, batch_size: int) -> list[list[int]]:
+    """Indices grouped by image size (one forward needs one token grid), then chunked."""
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, im in enumerate(images):
+        by_size[im.size].append(i)
+    return [idx[s : s + batch_size] for idx in by_size.values() for s in range(0, len(idx), batch_size)]
+
+
+def segment(
+    images: ImageInput | Sequence[ImageInput],
+    classes: str | Sequence[str],
+    *,
+    backend: Backend | str = "tiny-sd3",
+    timestep: float | None = None,
+    sigma: float | None = None,
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+    resolution: int | str | None = None,
+    direction: str = "image_to_text",
+    softmax: str = "joint",
+    heads: str = "mean",
+    impl: str = "auto",
+    template: str = DEFAULT_TEMPLATE,
+    separator: str = DEFAULT_SEPARATOR,
+    aggregate_config: AggregateConfig | None = None,
+    mask_config: MaskConfig | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> Segmentation:
+    """Segment ``images`` into ``classes``: noise → forward+capture → aggregate → mask.
+
+    Args:
+        images: paths, PIL images or uint8 arrays (any mode; converted to RGB).
+        classes: class names, or one comma-separated string.
+        backend: a loaded ``Backend`` or a name for ``load_backend``.
+        timestep / sigma: when to read the attention (default: the backend's).
+        layers: transformer blocks to read and average (default: the backend's).
+        aggregate_config / mask_config: see ``AggregateConfig`` / ``MaskConfig``.
+
+    Returns a ``Segmentation`` with one label map per image, in input order, at original size.
+    """
+    if isinstance(backend, str):
+        backend = load_backend(backend)
+    pil = load_images(images)
+    prompt = encode_prompt(backend, classes, template=template, separator=separator)
+    layers = backend.check_layers(layers if layers is not None else backend.defaults.layers)
+
+    labels: list[torch.Tensor | None] = [None] * len(pil)
+    scores: list[torch.Tensor | None] = [None] * len(pil)
+    seg_classes: tuple[str, ...] = ()
+    for idx in tqdm(_batches(pil, max(1, batch_size)), desc="segment", unit="batch", disable=not progress):
+        batch = [pil[i] for i in idx]
+        noisy = noise(backend, batch, timestep=timestep, sigma=sigma, seed=seed, resolution=resolution)
+        slices = capture(backend, noisy, prompt, layers=layers, direction=direction, softmax=softmax,
+                         heads=heads, impl=impl)
+        seg = to_mask(aggregate(slices, prompt, aggregate_config), config=mask_config)
+        seg_classes = seg.classes
+        for j, i in enumerate(idx):
+            labels[i], scores[i] = seg.labels[j], seg.scores[j]
+    return Segmentation(labels=tuple(labels), scores=tuple(scores), classes=seg_classes, images=tuple(pil))

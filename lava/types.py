@@ -1,0 +1,206 @@
+"""The frozen values passed between lava's stages.
+
+``noise → NoisyLatents``, ``encode_prompt → PromptEncoding``, ``capture → AttentionSlices``,
+``aggregate → Heatmaps``, ``to_mask → Segmentation``. Each is a plain frozen dataclass so a
+stage can be called alone, replaced, or fed a value built by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass(frozen=True)
+class NoisyLatents:
+    """Images encoded by the VAE and noised to one flow-matching time.
+
+    ``latents = (1 - sigma) * clean + sigma * noise``; all three are ``[B, C, h, w]``.
+    ``grid`` is the image-token grid ``(h / patch, w / patch)`` the transformer sees, and
+    ``input_size`` the pixel size the images were resized to before encoding.
+    """
+
+    latents: torch.Tensor
+    clean: torch.Tensor
+    noise: torch.Tensor
+    sigma: float
+    timestep: float
+    seed: int
+    image_sizes: tuple[tuple[int, int], ...]
+    input_size: tuple[int, int]
+    grid: tuple[int, int]
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+
+@dataclass(frozen=True)
+class PromptEncoding:
+    """A prompt naming the classes, its embeddings, and where each class sits in the text.
+
+    ``embeds``: ``[1, T, D]`` joint text sequence (CLIP part of ``clip_len`` tokens first, then
+    the T5 part); ``pooled``: ``[1, P]``. Positions in ``clip_spans``/``t5_spans`` are counted in
+    the text sequence ``0 … T-1`` (so T5 positions start at ``clip_len``), never in the joint
+    image+text sequence.
+    """
+
+    classes: tuple[str, ...]
+    text: str
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    clip_spans: Mapping[str, tuple[int, ...]]
+    t5_spans: Mapping[str, tuple[int, ...]]
+    clip_len: int
+    text_len: int
+
+    @property
+    def spans(self) -> dict[str, tuple[int, ...]]:
+        """Every text position of each class: CLIP part first, then T5 part."""
+        return {c: self.clip_spans[c] + self.t5_spans.get(c, ()) for c in self.classes}
+
+    def positions(self, cls: str, tokens: str = "all") -> tuple[int, ...]:
+        """Text positions of ``cls`` in the part ``tokens`` (``"all"``, ``"clip"`` or ``"t5"``)."""
+        if tokens == "clip":
+            return self.clip_spans[cls]
+        if tokens == "t5":
+            return self.t5_spans.get(cls, ())
+        if tokens == "all":
+            return self.spans[cls]
+        raise ValueError(f"tokens must be 'all', 'clip' or 't5', got {tokens!r}")
+
+    def columns(self, tokens: str = "all") -> tuple[int, ...]:
+        """Sorted union of the class positions: the only text columns a capture needs."""
+        return tuple(sorted({p for c in self.classes for p in self.positions(c, tokens)}))
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """What one forward pass records.
+
+    ``layers``: transformer block indices. ``columns``: text positions to keep (``None`` = all
+    text tokens). ``direction``/``softmax``/``heads``: see ``lava.kernels.attention_slice``.
+    ``early_exit`` stops the forward after the deepest captured block.
+    """
+
+    layers: tuple[int, ...]
+    columns: tuple[int, ...] | None = None
+    direction: str = "image_to_text"
+    softmax: str = "joint"
+    heads: str = "mean"
+    impl: str = "auto"
+    early_exit: bool = True
+
+
+@dataclass(frozen=True)
+class AttentionSlices:
+    """Text↔image attention probabilities read from chosen blocks at one timestep.
+
+    ``maps[block]``: float32 ``[B, H or 1, N_img, K]`` for both directions; entry ``[b, h, i, c]``
+    relates image token ``i`` (row-major over ``grid``) and text position ``columns[c]``.
+    """
+
+    maps: Mapping[int, torch.Tensor]
+    columns: tuple[int, ...]
+    grid: tuple[int, int]
+    direction: str
+    softmax: str
+    heads: str
+    timestep: float
+    sigma: float
+    image_sizes: tuple[tuple[int, int], ...]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.maps))
+
+    def column_indices(self, positions: tuple[int, ...]) -> list[int]:
+        """Indices into the last axis of ``maps`` for the given text positions."""
+        where = {p: i for i, p in enumerate(self.columns)}
+        missing = [p for p in positions if p not in where]
+        if missing:
+            raise ValueError(f"text positions {missing} were not captured; captured: {list(self.columns)}")
+        return [where[p] for p in positions]
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """How slices become one heatmap per class.
+
+    ``layers``: blocks to average (``None`` = every captured block). ``tokens``: which part of
+    each class's span to average: ``"all"``, ``"clip"`` or ``"t5"``. ``normalize``:
+    ``"minmax"`` rescales each class map to [0, 1] per image, ``"classes"`` divides by the sum
+    over classes at each pixel, ``"none"`` keeps the mean probabilities.
+    """
+
+    layers: tuple[int, ...] | None = None
+    tokens: str = "all"
+    normalize: str = "minmax"
+
+
+@dataclass(frozen=True)
+class Heatmaps:
+    """One score map per class on the image-token grid: ``scores`` is ``[B, C, h, w]`` float32."""
+
+    scores: torch.Tensor
+    classes: tuple[str, ...]
+    image_sizes: tuple[tuple[int, int], ...]
+    normalize: str
+
+    def plot(self, index: int = 0, image: Image.Image | None = None):
+        """A matplotlib figure with one heatmap per class (over ``image`` if given)."""
+        from .viz import heatmap_figure
+
+        return heatmap_figure(self, index=index, image=image)
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How heatmaps become labels.
+
+    ``background_threshold``: when set, a pixel whose best score is below it is labelled
+    background (label 0, and ``"background"`` is prepended to the classes); meaningful with
+    ``normalize="minmax"`` scores in [0, 1]. ``None`` assigns every pixel to its best class.
+    """
+
+    background_threshold: float | None = None
+    background_name: str = "background"
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Label maps at each image's original size.
+
+    ``labels[i]``: ``[H_i, W_i]`` (uint8 when the classes fit, else int32) with values indexing
+    ``classes``; ``scores[i]``: ``[C, H_i, W_i]`` float32 per-class scores (the classes given,
+    without the background entry).
+    """
+
+    labels: tuple[torch.Tensor, ...]
+    scores: tuple[torch.Tensor, ...]
+    classes: tuple[str, ...]
+    images: tuple[Image.Image | None, ...] = field(default=(), repr=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def label_image(self, index: int = 0) -> Image.Image:
+        """The label map as a palette PNG-ready image (colour i = class i)."""
+        from .viz import label_image
+
+        return label_image(self.labels[index])
+
+    def overlay(self, index: int = 0, image: Image.Image | None = None, alpha: float = 0.5) -> Image.Image:
+        """The label colours blended over the image (the one segmented, unless given)."""
+        from .viz import overlay
+
+        base = image if image is not None else (self.images[index] if index < len(self.images) else None)
+        if base is None:
+            raise ValueError("overlay needs the image: pass image=..., or segment through lava.segment()")
+        return overlay(base, self.labels[index], self.classes, alpha=alpha)
