@@ -30,7 +30,9 @@ def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
     raise LavaError(f"normalize must be one of {NORMALIZATIONS}, got {how!r}")
 
 
-def class_scores(slices: AttentionSlices, prompt: PromptEncoding, layers: Sequence[int], tokens: str) -> torch.Tensor:
+def class_scores(
+    slices: AttentionSlices, prompt: PromptEncoding, layers: Sequence[int], tokens: str
+) -> torch.Tensor:
     """Mean probability per class over its tokens, heads and ``layers``: ``[B, C, N_img]``."""
     per_class = []
     for name in prompt.classes:
@@ -73,6 +75,8 @@ def aggregate(
     scores = torch.stack(per_run).mean(0)
     scores = rearrange(scores, "b c (h w) -> b c h w", h=grid[0], w=grid[1])
     return Heatmaps(
-        scores=normalize_scores(scores, config.normalize).float(), classes=prompt.classes,
-        image_sizes=runs[0].image_sizes, normalize=config.normalize,
+        scores=normalize_scores(scores, config.normalize).float(),
+        classes=prompt.classes,
+        image_sizes=runs[0].image_sizes,
+        normalize=config.normalize,
     )

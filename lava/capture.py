@@ -36,12 +36,16 @@ class CaptureProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if encoder_hidden_states is None:
             raise LavaError("CaptureProcessor is for joint attention; it got no text hidden states")
-        b, n_img = hidden_states.shape[:2]
+        _b, n_img = hidden_states.shape[:2]
 
         def heads(x: torch.Tensor) -> torch.Tensor:
             return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
 
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        q, k, v = (
+            heads(attn.to_q(hidden_states)),
+            heads(attn.to_k(hidden_states)),
+            heads(attn.to_v(hidden_states)),
+        )
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
@@ -57,8 +61,12 @@ class CaptureProcessor:
         q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
 
         spec = SliceSpec(
-            text_start=n_img, text_len=encoder_hidden_states.shape[1], columns=self.plan.columns,
-            direction=self.plan.direction, softmax=self.plan.softmax, heads=self.plan.heads,
+            text_start=n_img,
+            text_len=encoder_hidden_states.shape[1],
+            columns=self.plan.columns,
+            direction=self.plan.direction,
+            softmax=self.plan.softmax,
+            heads=self.plan.heads,
         )
         out, self.store[self.index] = attention_with_slice(q, k, v, spec, impl=self.plan.impl)
 
@@ -90,6 +98,7 @@ def capturing(transformer, plan: CapturePlan) -> Iterator[dict[int, torch.Tensor
         for i in plan.layers:
             blocks[i].attn.set_processor(CaptureProcessor(i, plan, store))
         if plan.early_exit:
+
             def stop(module, args, output):
                 raise _StopForward
 
@@ -144,19 +153,41 @@ def capture(
     layer_tuple = backend.check_layers(layers if layers is not None else backend.defaults.layers)
     cols = tuple(int(c) for c in columns) if columns is not None else prompt.columns()
     if prompt.text_len != backend.text_len:
-        raise LavaError(f"prompt has {prompt.text_len} text tokens but {backend.name} expects {backend.text_len}; "
-                        "encode it with the same backend")
+        raise LavaError(
+            f"prompt has {prompt.text_len} text tokens but {backend.name} expects {backend.text_len}; "
+            "encode it with the same backend"
+        )
     try:
-        spec = SliceSpec(text_start=0, text_len=prompt.text_len, columns=cols, direction=direction,
-                         softmax=softmax, heads=heads)
+        spec = SliceSpec(
+            text_start=0,
+            text_len=prompt.text_len,
+            columns=cols,
+            direction=direction,
+            softmax=softmax,
+            heads=heads,
+        )
         impl = resolve_impl(impl, backend.device)
     except ValueError as err:
         raise LavaError(str(err)) from err
-    plan = CapturePlan(layers=layer_tuple, columns=spec.columns, direction=direction, softmax=softmax,
-                       heads=heads, impl=impl, early_exit=early_exit)
+    plan = CapturePlan(
+        layers=layer_tuple,
+        columns=spec.columns,
+        direction=direction,
+        softmax=softmax,
+        heads=heads,
+        impl=impl,
+        early_exit=early_exit,
+    )
     with capturing(backend.transformer, plan) as store:
         run_until_captured(backend.transformer, **transformer_inputs(backend, noisy, prompt))
     return AttentionSlices(
-        maps=dict(sorted(store.items())), columns=cols, grid=noisy.grid, direction=direction, softmax=softmax,
-        heads=heads, timestep=noisy.timestep, sigma=noisy.sigma, image_sizes=noisy.image_sizes,
+        maps=dict(sorted(store.items())),
+        columns=cols,
+        grid=noisy.grid,
+        direction=direction,
+        softmax=softmax,
+        heads=heads,
+        timestep=noisy.timestep,
+        sigma=noisy.sigma,
+        image_sizes=noisy.image_sizes,
     )

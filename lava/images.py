@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
 def _to_rgb(img: Image.Image, source: str) -> Image.Image:
@@ -44,8 +43,10 @@ def load_image(image: ImageInput) -> Image.Image:
             raise ImageError(f"array images must be [H, W] or [H, W, 1|3|4], got shape {image.shape}")
         if image.dtype != np.uint8:
             raise ImageError(f"array images must be uint8, got {image.dtype}")
-        return _to_rgb(Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image),
-                       "<array>")
+        return _to_rgb(
+            Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image),
+            "<array>",
+        )
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.exists(path):
@@ -79,7 +80,7 @@ def fit_to_grid(size: tuple[int, int], resolution: int, unit: int) -> tuple[int,
     """
     h, w = size
     scale = resolution / max(h, w)
-    return (max(unit, int(round(h * scale / unit)) * unit), max(unit, int(round(w * scale / unit)) * unit))
+    return (max(unit, round(h * scale / unit) * unit), max(unit, round(w * scale / unit) * unit))
 
 
 def grid_limit_px(pos_embed_max_size: int | None, unit: int) -> int | None:

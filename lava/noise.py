@@ -36,7 +36,9 @@ def input_size(backend: Backend, size: tuple[int, int], resolution: int | str | 
     elif resolution == "original":
         resolution = max(size)
     elif not isinstance(resolution, int) or resolution <= 0:
-        raise LavaError(f"resolution must be a positive number of pixels, None or 'original', got {resolution!r}")
+        raise LavaError(
+            f"resolution must be a positive number of pixels, None or 'original', got {resolution!r}"
+        )
     out = fit_to_grid(size, int(resolution), unit)
     limit = backend.max_resolution
     if limit is not None and max(out) > limit:
@@ -84,6 +86,13 @@ def noise(
     latents = (1.0 - s) * clean + s * eps
     p = backend.patch_size
     return NoisyLatents(
-        latents=latents, clean=clean, noise=eps, sigma=s, timestep=t, seed=int(seed),
-        image_sizes=sizes, input_size=(h, w), grid=(clean.shape[-2] // p, clean.shape[-1] // p),
+        latents=latents,
+        clean=clean,
+        noise=eps,
+        sigma=s,
+        timestep=t,
+        seed=int(seed),
+        image_sizes=sizes,
+        input_size=(h, w),
+        grid=(clean.shape[-2] // p, clean.shape[-1] // p),
     )

@@ -71,8 +71,16 @@ def segment(
     for idx in tqdm(_batches(pil, max(1, batch_size)), desc="segment", unit="batch", disable=not progress):
         batch = [pil[i] for i in idx]
         noisy = noise(backend, batch, timestep=timestep, sigma=sigma, seed=seed, resolution=resolution)
-        slices = capture(backend, noisy, prompt, layers=layers, direction=direction, softmax=softmax,
-                         heads=heads, impl=impl)
+        slices = capture(
+            backend,
+            noisy,
+            prompt,
+            layers=layers,
+            direction=direction,
+            softmax=softmax,
+            heads=heads,
+            impl=impl,
+        )
         seg = to_mask(aggregate(slices, prompt, aggregate_config), config=mask_config)
         seg_classes = seg.classes
         for j, i in enumerate(idx):

@@ -38,16 +38,21 @@ def parse_classes(classes: str | Sequence[str]) -> tuple[str, ...]:
     for name in cleaned:
         key = name.lower()
         if key in seen:
-            raise ClassNameError(f"duplicate class name {name!r} (same as {seen[key]!r}): names must be unique")
+            raise ClassNameError(
+                f"duplicate class name {name!r} (same as {seen[key]!r}): names must be unique"
+            )
         seen[key] = name
     return tuple(cleaned)
 
 
-def build_prompt(classes: Sequence[str], template: str = DEFAULT_TEMPLATE,
-                 separator: str = DEFAULT_SEPARATOR) -> tuple[str, dict[str, tuple[int, int]]]:
+def build_prompt(
+    classes: Sequence[str], template: str = DEFAULT_TEMPLATE, separator: str = DEFAULT_SEPARATOR
+) -> tuple[str, dict[str, tuple[int, int]]]:
     """The prompt text and each class's character range ``[start, end)`` in it."""
     if template.count("{}") != 1:
-        raise ClassNameError(f"template must contain '{{}}' exactly once (where the classes go), got {template!r}")
+        raise ClassNameError(
+            f"template must contain '{{}}' exactly once (where the classes go), got {template!r}"
+        )
     prefix, suffix = template.split("{}")
     text, chars = prefix, {}
     for i, name in enumerate(classes):
@@ -59,16 +64,16 @@ def build_prompt(classes: Sequence[str], template: str = DEFAULT_TEMPLATE,
 
 
 def token_spans(tokenizer, text: str, chars: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
-    """Token positions (with the tokenizer's special tokens counted) overlapping each class's characters."""
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    special = set(tokenizer.all_special_ids)
-    spans = {}
-    for name, (a, b) in chars.items():
-        spans[name] = tuple(
-            i for i, ((s, e), tid) in enumerate(zip(enc["offset_mapping"], enc["input_ids"]))
-            if tid not in special and e > s and s < b and e > a
-        )
-    return spans
+    """Token positions (special tokens counted) whose characters overlap each class's characters.
+
+    Added special tokens (begin/end) have empty offsets and never match. Token ids are not
+    consulted, since SD3's second CLIP tokenizer uses "!" as its pad token.
+    """
+    offsets = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)["offset_mapping"]
+    return {
+        name: tuple(i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a)
+        for name, (a, b) in chars.items()
+    }
 
 
 def _check_fits(spans: dict[str, tuple[int, ...]], limit: int, part: str) -> None:
@@ -101,8 +106,13 @@ def encode_prompt(
     clip_len = backend.clip_len
 
     clip_spans = token_spans(pipe.tokenizer, text, chars)
-    if getattr(pipe, "tokenizer_2", None) is not None and token_spans(pipe.tokenizer_2, text, chars) != clip_spans:
-        raise ClassNameError("the two CLIP tokenizers place the classes differently; lava expects them to match")
+    if (
+        getattr(pipe, "tokenizer_2", None) is not None
+        and token_spans(pipe.tokenizer_2, text, chars) != clip_spans
+    ):
+        raise ClassNameError(
+            "the two CLIP tokenizers place the classes differently; lava expects them to match"
+        )
     _check_fits(clip_spans, clip_len - 1, "CLIP")  # the last slot holds the end token
 
     t5_spans: dict[str, tuple[int, ...]] = {}
@@ -113,6 +123,12 @@ def encode_prompt(
 
     embeds, pooled = backend.encode_text(text)
     return PromptEncoding(
-        classes=names, text=text, embeds=embeds, pooled=pooled, clip_spans=clip_spans, t5_spans=t5_spans,
-        clip_len=clip_len, text_len=int(embeds.shape[1]),
+        classes=names,
+        text=text,
+        embeds=embeds,
+        pooled=pooled,
+        clip_spans=clip_spans,
+        t5_spans=t5_spans,
+        clip_len=clip_len,
+        text_len=int(embeds.shape[1]),
     )

@@ -33,8 +33,9 @@ def label_image(labels: torch.Tensor | np.ndarray) -> Image.Image:
     return img
 
 
-def overlay(image: Image.Image, labels: torch.Tensor | np.ndarray, classes: Sequence[str] = (),
-            alpha: float = 0.5) -> Image.Image:
+def overlay(
+    image: Image.Image, labels: torch.Tensor | np.ndarray, classes: Sequence[str] = (), alpha: float = 0.5
+) -> Image.Image:
     """Label colours blended over ``image`` (RGB), at the label map's size."""
     arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
     colors = palette()[arr % 256]

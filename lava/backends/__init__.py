@@ -52,7 +52,9 @@ def from_pipeline(
     """
     for part in ("transformer", "vae", "scheduler", "tokenizer", "text_encoder", "encode_prompt"):
         if not hasattr(pipe, part) or getattr(pipe, part) is None:
-            raise ModelError(f"expected a StableDiffusion3Pipeline-like object with .{part}, got {type(pipe).__name__}")
+            raise ModelError(
+                f"expected a StableDiffusion3Pipeline-like object with .{part}, got {type(pipe).__name__}"
+            )
     param = next(pipe.transformer.parameters())
     dev = resolve_device(device) if device is not None else param.device
     dt = resolve_dtype(dtype, dev) if dtype is not None else param.dtype
@@ -71,20 +73,42 @@ def from_pipeline(
     )
 
 
-def _load_tiny(*, device=None, dtype=None, drop_t5: bool = False, offload_text_encoders: bool = False,
-               variant: str = "sd3", seed: int = 0, **kw) -> Backend:
+def _load_tiny(
+    *,
+    device=None,
+    dtype=None,
+    drop_t5: bool = False,
+    offload_text_encoders: bool = False,
+    variant: str = "sd3",
+    seed: int = 0,
+    **kw,
+) -> Backend:
     pipe = build_tiny_pipeline(variant, seed=seed, t5=not drop_t5, **kw)
     dev = resolve_device(device if device is not None else "cpu")
-    backend = from_pipeline(pipe, name="tiny-sd3", device=dev, dtype=resolve_dtype(dtype or "float32", dev),
-                            offload_text_encoders=offload_text_encoders,
-                            max_sequence_length=TINY_MAX_SEQUENCE_LENGTH, defaults=DEFAULTS["tiny-sd3"])
+    backend = from_pipeline(
+        pipe,
+        name="tiny-sd3",
+        device=dev,
+        dtype=resolve_dtype(dtype or "float32", dev),
+        offload_text_encoders=offload_text_encoders,
+        max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
+        defaults=DEFAULTS["tiny-sd3"],
+    )
     backend.variant = f"tiny-{variant}"
     backend.info["random_weights"] = True
     return backend
 
 
-def _load_sd3(source: str, *, device=None, dtype=None, drop_t5: bool = False, offload_text_encoders: bool = False,
-              max_sequence_length: int = 256, **kw) -> Backend:
+def _load_sd3(
+    source: str,
+    *,
+    device=None,
+    dtype=None,
+    drop_t5: bool = False,
+    offload_text_encoders: bool = False,
+    max_sequence_length: int = 256,
+    **kw,
+) -> Backend:
     from diffusers import StableDiffusion3Pipeline
 
     dev = resolve_device(device)
@@ -97,8 +121,14 @@ def _load_sd3(source: str, *, device=None, dtype=None, drop_t5: bool = False, of
             f"could not load SD3 weights from {source!r}: {err}. Expected a hub id you have access to "
             "(and network) or a local folder saved with save_pretrained()"
         ) from err
-    return from_pipeline(pipe, name=source, device=dev, dtype=dt, offload_text_encoders=offload_text_encoders,
-                         max_sequence_length=max_sequence_length)
+    return from_pipeline(
+        pipe,
+        name=source,
+        device=dev,
+        dtype=dt,
+        offload_text_encoders=offload_text_encoders,
+        max_sequence_length=max_sequence_length,
+    )
 
 
 REGISTRY: dict[str, Callable[..., Backend]] = {"tiny-sd3": _load_tiny}
@@ -130,7 +160,9 @@ def load_backend(
         drop_t5: skip the T5 encoder (its part of the text sequence is then zeros).
         offload_text_encoders: keep the text encoders on the CPU; only their outputs move.
     """
-    opts = dict(device=device, dtype=dtype, drop_t5=drop_t5, offload_text_encoders=offload_text_encoders, **kw)
+    opts = dict(
+        device=device, dtype=dtype, drop_t5=drop_t5, offload_text_encoders=offload_text_encoders, **kw
+    )
     if name_or_path in REGISTRY:
         return REGISTRY[name_or_path](**opts)
     if name_or_path in HUB_IDS.values() or os.path.isdir(name_or_path) or name_or_path.count("/") == 1:

@@ -22,25 +22,35 @@ SEG4DIFF_T = 515.07
 
 DEFAULTS = {
     "sd3-medium": VariantDefaults(
-        timestep=SEG4DIFF_T, layers=(9,), resolution=1024,
+        timestep=SEG4DIFF_T,
+        layers=(9,),
+        resolution=1024,
         source="Seg4Diff (NeurIPS 2025): block 9 of 24, timesteps[-8] of 28 steps, shift 3",
     ),
     # No published segmentation study reads these variants; the defaults scale Seg4Diff's
     # relative depth (9/24) to the block count and keep its timestep. Unmeasured: sweep them.
     "sd3.5-medium": VariantDefaults(
-        timestep=SEG4DIFF_T, layers=(9,), resolution=1024,
+        timestep=SEG4DIFF_T,
+        layers=(9,),
+        resolution=1024,
         source="unmeasured: Seg4Diff's SD3-medium block 9/24 and t=515 carried over (same depth)",
     ),
     "sd3.5-large": VariantDefaults(
-        timestep=SEG4DIFF_T, layers=(14,), resolution=1024,
+        timestep=SEG4DIFF_T,
+        layers=(14,),
+        resolution=1024,
         source="unmeasured: Seg4Diff's relative depth 9/24 scaled to 38 blocks, t=515",
     ),
     "sd3.5-large-turbo": VariantDefaults(
-        timestep=SEG4DIFF_T, layers=(14,), resolution=1024,
+        timestep=SEG4DIFF_T,
+        layers=(14,),
+        resolution=1024,
         source="unmeasured: Seg4Diff's relative depth 9/24 scaled to 38 blocks, t=515",
     ),
     "tiny-sd3": VariantDefaults(
-        timestep=500.0, layers=(1, 2), resolution=32,
+        timestep=500.0,
+        layers=(1, 2),
+        resolution=32,
         source="toy model with random weights: any setting is as good as any other",
     ),
 }

@@ -71,7 +71,7 @@ def _t5_vocab() -> list[tuple[str, float]]:
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
     )
     trainer = trainers.UnigramTrainer(
-        vocab_size=300,
+        vocab_size=800,
         special_tokens=["<pad>", "</s>", "<unk>"],
         unk_token="<unk>",
         initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
@@ -87,8 +87,9 @@ def build_tokenizers():
 
     vocab, merges = _clip_vocab()
     clip = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=_CLIP_MAX_LEN)
-    clip_2 = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=_CLIP_MAX_LEN,
-                           pad_token="!")
+    clip_2 = CLIPTokenizer(
+        vocab=dict(vocab), merges=list(merges), model_max_length=_CLIP_MAX_LEN, pad_token="!"
+    )
     t5 = T5Tokenizer(vocab=list(_t5_vocab()), extra_ids=0)
     return clip, clip_2, t5
 
@@ -113,7 +114,7 @@ def build_tiny_pipeline(
 ):
     """A ``StableDiffusion3Pipeline`` with toy-size components and seeded random weights.
 
-    Image side 32 px (VAE factor 2, patch 2 → 8×8 = 64 image tokens); text tokens 77 + 32;
+    Image side 32 px (VAE factor 2, patch 2 → 8×8 = 64 image tokens); text tokens 77 + 64;
     the position embedding covers up to ``pos_embed_max_size · 4`` px.
     """
     from diffusers import (
@@ -134,24 +135,47 @@ def build_tiny_pipeline(
     torch.manual_seed(seed)
     try:
         transformer = SD3Transformer2DModel(
-            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
-            attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
-            caption_projection_dim=inner, pooled_projection_dim=2 * clip_proj,
-            pos_embed_max_size=pos_embed_max_size, **TINY_CONFIGS[variant],
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=num_layers,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=joint_dim,
+            caption_projection_dim=inner,
+            pooled_projection_dim=2 * clip_proj,
+            pos_embed_max_size=pos_embed_max_size,
+            **TINY_CONFIGS[variant],
         )
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
-            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=32,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
         )
 
         def clip_encoder(pad_id: int):
             cfg = CLIPTextConfig(
-                vocab_size=len(clip_tok), hidden_size=clip_hidden, intermediate_size=24, projection_dim=clip_proj,
-                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=_CLIP_MAX_LEN,
-                bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=pad_id,
+                vocab_size=len(clip_tok),
+                hidden_size=clip_hidden,
+                intermediate_size=24,
+                projection_dim=clip_proj,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=_CLIP_MAX_LEN,
+                bos_token_id=clip_tok.bos_token_id,
+                eos_token_id=clip_tok.eos_token_id,
+                pad_token_id=pad_id,
             )
             return CLIPTextModelWithProjection(cfg)
 
@@ -159,10 +183,19 @@ def build_tiny_pipeline(
         text_encoder_2 = clip_encoder(clip_tok_2.pad_token_id)
         text_encoder_3 = None
         if t5:
-            text_encoder_3 = T5EncoderModel(T5Config(
-                vocab_size=len(t5_tok), d_model=joint_dim, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=0,
-            ))
+            text_encoder_3 = T5EncoderModel(
+                T5Config(
+                    vocab_size=len(t5_tok),
+                    d_model=joint_dim,
+                    d_kv=8,
+                    d_ff=48,
+                    num_layers=2,
+                    num_heads=4,
+                    pad_token_id=t5_tok.pad_token_id,
+                    eos_token_id=t5_tok.eos_token_id,
+                    decoder_start_token_id=0,
+                )
+            )
     finally:
         torch.random.set_rng_state(gen_state)
 
@@ -183,4 +216,4 @@ def build_tiny_pipeline(
     return pipe
 
 
-TINY_MAX_SEQUENCE_LENGTH = 32
+TINY_MAX_SEQUENCE_LENGTH = 64

@@ -105,8 +105,9 @@ def attention_with_slice(
             out = naive_attention(q, k, v)[0].to(q.dtype)
         return out, naive_slice(q, k, spec)
     if impl == "triton":
-        out, _, sl = _triton_module().triton_attention_slice(q, k, v if v is not None else k, spec,
-                                                              need_output=v is not None)
+        out, _, sl = _triton_module().triton_attention_slice(
+            q, k, v if v is not None else k, spec, need_output=v is not None
+        )
         return out, sl
     return torch_attention_slice(q, k, v, spec)
 
@@ -142,7 +143,11 @@ def attention_slice(
         image token ``i`` and text column ``c`` in the given direction.
     """
     spec = SliceSpec.make(
-        text_start=text_start, text_len=text_len, columns=columns,
-        direction=direction, softmax=softmax, heads=heads,
+        text_start=text_start,
+        text_len=text_len,
+        columns=columns,
+        direction=direction,
+        softmax=softmax,
+        heads=heads,
     )
     return attention_with_slice(q, k, None, spec, impl=impl)[1]

@@ -42,7 +42,9 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
                 q, k, v, None, compute_log_sumexp=True
             )[:2]
             return out, lse[..., : q.shape[-2]].float()
-    return F.scaled_dot_product_attention(q, k, v), chunked_lse(q, k, torch.arange(k.shape[-2], device=k.device))
+    return F.scaled_dot_product_attention(q, k, v), chunked_lse(
+        q, k, torch.arange(k.shape[-2], device=k.device)
+    )
 
 
 def chunked_lse(
@@ -103,7 +105,11 @@ def torch_attention_slice(
     if spec.direction == "image_to_text":
         q_img = q[:, :, img, :]
         if spec.softmax == "joint":
-            lse = lse_all[:, :, img] if lse_all is not None else chunked_lse(q_img, k, torch.arange(n, device=q.device), chunk)
+            lse = (
+                lse_all[:, :, img]
+                if lse_all is not None
+                else chunked_lse(q_img, k, torch.arange(n, device=q.device), chunk)
+            )
         else:
             lse = chunked_lse(q_img, k, txt, chunk)
         return out, _rows_at_columns(q_img, k[:, :, cols, :], lse, spec.heads, chunk).contiguous()

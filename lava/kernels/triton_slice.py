@@ -157,10 +157,8 @@ if _HAS_TRITON:
 
             if DOM != 0:
                 is_text = (offs_n >= TEXT_START) & (offs_n < TEXT_START + TEXT_LEN)
-                if DOM == 1:
-                    in_dom = is_text
-                else:
-                    in_dom = n_ok & ((offs_n < TEXT_START) | (offs_n >= TEXT_START + TEXT_LEN))
+                # Image keys are the non-text ones; keys past N need no mask, their s is already -inf.
+                in_dom = is_text if DOM == 1 else (offs_n < TEXT_START) | (offs_n >= TEXT_START + TEXT_LEN)
                 s_d = tl.where(in_dom[None, :], s, float("-inf"))
                 m_dn = tl.maximum(m_d, tl.max(s_d, 1))
                 # A block may hold no key of the domain yet (max still -inf); shifting by 0 then

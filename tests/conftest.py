@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny offline backends and generated images."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import lava
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """SD3-medium-like toy backend (plain joint blocks, no qk-norm)."""
+    return lava.load_backend("tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny35():
+    """SD3.5-like toy backend: dual attention in blocks 0-1 and qk RMS-norm."""
+    return lava.load_backend("tiny-sd3", variant="sd3.5")
+
+
+def scene(h: int = 40, w: int = 56, seed: int = 0) -> Image.Image:
+    """A random RGB image with a bright rectangle, deterministic from ``seed``."""
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((h, w, 3)) * 80).astype(np.uint8)
+    arr[h // 4 : 3 * h // 4, w // 3 : 2 * w // 3] = (220, 40, 40)
+    return Image.fromarray(arr, mode="RGB")
+
+
+@pytest.fixture
+def image():
+    return scene()
