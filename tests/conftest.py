@@ -6,6 +6,13 @@ import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import torch
+
+# Triton reads TRITON_INTERPRET when its kernels are decorated, and diffusers may import triton
+# as soon as lava is imported: switch the CPU interpreter on before anything else loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 from PIL import Image

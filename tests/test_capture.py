@@ -178,3 +178,33 @@ def test_only_class_columns_are_computed(tiny, image):
     assert slices.columns == prompt.columns()
     assert slices.maps[0].shape[-1] == len(prompt.columns()) < prompt.text_len
     assert slices.maps[0].shape[-2] == noisy.grid[0] * noisy.grid[1]
+
+
+def test_triton_capture_gives_same_segmentation_as_torch(tiny, image):
+    from lava.kernels import available_impls
+
+    if "triton" not in available_impls("cpu"):
+        pytest.skip("triton is not installed here")
+    noisy = lava.noise(tiny, image)
+    prompt = lava.encode_prompt(tiny, CLASSES)
+    a = lava.capture(tiny, noisy, prompt, layers=[0, 3], impl="torch")
+    b = lava.capture(tiny, noisy, prompt, layers=[0, 3], impl="triton")
+    for layer in (0, 3):
+        torch.testing.assert_close(b.maps[layer], a.maps[layer], atol=1e-5, rtol=1e-4)
+    seg_a = lava.to_mask(lava.aggregate(a, prompt))
+    seg_b = lava.to_mask(lava.aggregate(b, prompt))
+    assert torch.equal(seg_a.labels[0], seg_b.labels[0])
+
+
+def test_triton_capture_leaves_outputs_unchanged(tiny, image):
+    from lava.kernels import available_impls
+
+    if "triton" not in available_impls("cpu"):
+        pytest.skip("triton is not installed here")
+    noisy = lava.noise(tiny, image)
+    prompt = lava.encode_prompt(tiny, CLASSES)
+    plain = _output(tiny, noisy, prompt)
+    plan = CapturePlan(layers=(1, 2), columns=prompt.columns(), impl="triton", early_exit=False)
+    with capturing(tiny.transformer, plan):
+        captured = run_until_captured(tiny.transformer, **transformer_inputs(tiny, noisy, prompt))
+    torch.testing.assert_close(captured, plain, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,457 @@
+"""Readers for the on-disk layouts of the standard open-vocabulary segmentation benchmarks.
+
+Nothing is downloaded or converted: each reader expects the layout that mmsegmentation's dataset
+preparation guide (docs/en/user_guides/2_dataset_prepare.md) produces, plus GroupViT's COCO-Object
+conversion. ``LAYOUTS`` spells out each one. Every missing, unreadable or inconsistent file raises
+:class:`DatasetError` naming the file; no sample is ever skipped.
+
+Labels come back as ``uint8`` arrays of shape ``[H, W]`` holding dataset label ids ``0..C-1``, with
+``255`` meaning "ignore" (already mapped: e.g. reduce-zero-label is applied for ADE20K).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import overload
+
+import numpy as np
+from PIL import Image
+
+from lava.errors import LavaError
+from lava.evaluation import classnames as cn
+
+IGNORE_INDEX = 255
+
+_Pairs = list[tuple[str, Path, Path]]  # (sample id, image path, label path)
+
+LAYOUTS: dict[str, str] = {
+    "voc": "ROOT/JPEGImages/<id>.jpg, ROOT/SegmentationClass/<id>.png (palette PNG of ids 0..20, "
+    "255 = ignore), ids in ROOT/ImageSets/Segmentation/<split>.txt; ROOT may be VOCdevkit/VOC2012, "
+    "VOCdevkit/ or its parent",
+    "context": "ROOT/JPEGImages/<id>.jpg, ROOT/SegmentationClassContext/<id>.png (mmseg's converted "
+    "labels: 0 = background, 1..59 = classes), ids in ROOT/ImageSets/SegmentationContext/<split>.txt; "
+    "ROOT may be VOCdevkit/VOC2010, VOCdevkit/ or its parent",
+    "coco_object": "ROOT/images/val2017/<id>.jpg, ROOT/annotations/val2017/<id>_instanceTrainIds.png "
+    "(GroupViT's convert_coco_object.py output: 0 = background, 1..80 = things); ROOT is the "
+    "COCO-Stuff-164k root, or a folder holding it as coco_object/, coco_stuff164k/ or coco/",
+    "ade20k": "ROOT/images/validation/<id>.jpg, ROOT/annotations/validation/<id>.png (0 = other, "
+    "1..150 = classes); ROOT is ADEChallengeData2016 or a folder holding it (directly or as ade/...)",
+    "cityscapes": "ROOT/leftImg8bit/val/<city>/<id>_leftImg8bit.png, "
+    "ROOT/gtFine/val/<city>/<id>_gtFine_labelTrainIds.png (train ids 0..18, 255 = ignore); ROOT is the "
+    "Cityscapes root or a folder holding it as cityscapes/",
+}
+
+
+class DatasetError(LavaError):
+    """A dataset is missing, incomplete, unreadable or not in the expected layout (a ValueError)."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What an evaluation needs to know about a dataset, independent of where it lives on disk.
+
+    ``classes[k]`` names label id ``k`` (the dataset's own spelling, used as metric keys);
+    ``prompt_names[k]`` is the same class worded for a text model. ``background`` is the label id of
+    the background class when the benchmark scores one, else ``None``.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    prompt_names: tuple[str, ...]
+    ignore_index: int = IGNORE_INDEX
+    background: int | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.classes) != len(self.prompt_names):
+            raise ValueError(
+                f"{self.name}: {len(self.classes)} classes but {len(self.prompt_names)} prompt names"
+            )
+        if self.background is not None and not 0 <= self.background < len(self.classes):
+            raise ValueError(f"{self.name}: background id {self.background} is not a class id")
+        if 0 <= self.ignore_index < len(self.classes):
+            raise ValueError(f"{self.name}: ignore_index {self.ignore_index} collides with a class id")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image/label pair. Nothing is read until ``image``, ``label`` or ``load()`` is used.
+
+    ``raw_to_label`` is a 256-entry table from the value stored in the label file to the dataset
+    label id (or 255 = ignore); ``-1`` marks values the dataset's encoding never uses.
+    """
+
+    id: str
+    image_path: Path
+    label_path: Path
+    raw_to_label: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def image(self) -> Image.Image:
+        """The image as PIL RGB; raises DatasetError if unreadable or sized unlike the label."""
+        image = _read_image(self.image_path)
+        self._check_sizes(image.size, _read_size(self.label_path, "label"))
+        return image
+
+    @property
+    def label(self) -> np.ndarray:
+        """Label ids, uint8 ``[H, W]`` with 255 = ignore; checked against the image's size."""
+        label = _read_label(self.label_path, self.raw_to_label)
+        self._check_sizes(_read_size(self.image_path, "image"), (label.shape[1], label.shape[0]))
+        return label
+
+    def load(self) -> tuple[Image.Image, np.ndarray]:
+        """Read both files once: (PIL RGB image of size (W, H), uint8 label ``[H, W]``)."""
+        image = _read_image(self.image_path)
+        label = _read_label(self.label_path, self.raw_to_label)
+        self._check_sizes(image.size, (label.shape[1], label.shape[0]))
+        return image, label
+
+    def _check_sizes(self, image_size: tuple[int, int], label_size: tuple[int, int]) -> None:
+        if image_size != label_size:
+            raise DatasetError(
+                f"sample {self.id!r}: image {self.image_path} is {image_size[0]}x{image_size[1]} (WxH) "
+                f"but label {self.label_path} is {label_size[0]}x{label_size[1]}"
+            )
+
+
+class SegmentationDataset(Sequence[Sample]):
+    """An ordered, indexable list of :class:`Sample` with the dataset's :class:`DatasetInfo`.
+
+    Slicing returns a smaller ``SegmentationDataset`` (handy for evaluating a prefix).
+    """
+
+    def __init__(self, info: DatasetInfo, samples: Sequence[Sample], root: Path | None = None) -> None:
+        self._info = info
+        self._samples = tuple(samples)
+        self.root = root
+
+    @property
+    def info(self) -> DatasetInfo:
+        return self._info
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> SegmentationDataset: ...
+
+    def __getitem__(self, index: int | slice) -> Sample | SegmentationDataset:
+        if isinstance(index, slice):
+            return SegmentationDataset(self._info, self._samples[index], self.root)
+        return self._samples[index]
+
+    def __repr__(self) -> str:
+        return f"SegmentationDataset({self._info.name!r}, {len(self)} samples, root={self.root})"
+
+
+# ---------------------------------------------------------------------------------------------
+# File reading
+
+
+def _read_image(path: Path) -> Image.Image:
+    # EXIF orientation is deliberately not applied: labels are drawn on the stored pixel grid.
+    with _open(path, "image") as image:
+        try:
+            return image.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as exc:  # truncated / undecodable pixel data
+            raise DatasetError(f"cannot decode image {path}: {exc}") from exc
+
+
+def _read_size(path: Path, what: str) -> tuple[int, int]:
+    with _open(path, what) as image:
+        return image.size
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    if not path.is_file():
+        raise DatasetError(f"{what} file is missing: {path}")
+    try:
+        return Image.open(path)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for bad files
+        raise DatasetError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def _read_label(path: Path, raw_to_label: np.ndarray) -> np.ndarray:
+    with _open(path, "label") as image:
+        # P (palette, e.g. VOC) and L hold ids directly; RGB/RGBA would be a colourised
+        # visualisation, which cannot be turned back into ids safely.
+        if image.mode not in ("P", "L", "I", "I;16"):
+            raise DatasetError(
+                f"label {path} has PIL mode {image.mode!r}; expected a single-channel PNG of class "
+                "ids (mode P or L), not a colour visualisation"
+            )
+        try:
+            raw = np.asarray(image)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DatasetError(f"cannot decode label {path}: {exc}") from exc
+    if raw.ndim != 2:
+        raise DatasetError(f"label {path} has shape {raw.shape}; expected [H, W]")
+    if raw.dtype != np.uint8:
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise DatasetError(f"label {path} holds values outside 0..255 (min {raw.min()}, max {raw.max()})")
+        raw = raw.astype(np.uint8)
+    mapped = raw_to_label[raw]
+    unexpected = mapped < 0
+    if unexpected.any():
+        values = np.unique(raw[unexpected])
+        raise DatasetError(
+            f"label {path} holds values {values[:10].tolist()} that this dataset's encoding never uses "
+            f"(expected {_describe_valid(raw_to_label)}); is it the right dataset or conversion?"
+        )
+    return mapped.astype(np.uint8)
+
+
+def _describe_valid(raw_to_label: np.ndarray) -> str:
+    valid = np.flatnonzero(raw_to_label >= 0).tolist()
+    runs: list[str] = []
+    start = prev = valid[0]
+    for value in [*valid[1:], None]:
+        if value is not None and value == prev + 1:
+            prev = value
+            continue
+        runs.append(str(start) if start == prev else f"{start}..{prev}")
+        if value is not None:
+            start = prev = value
+    return ", ".join(runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label encodings: raw value in the file -> dataset label id
+
+
+def _identity_table(num_classes: int) -> np.ndarray:
+    table = np.full(256, -1, dtype=np.int16)
+    table[:num_classes] = np.arange(num_classes)
+    table[IGNORE_INDEX] = IGNORE_INDEX
+    return table
+
+
+def _reduce_zero_table(num_classes: int) -> np.ndarray:
+    # mmseg's reduce_zero_label: 0 (unlabelled / background not scored) -> ignore, k -> k - 1.
+    table = np.full(256, -1, dtype=np.int16)
+    table[0] = IGNORE_INDEX
+    table[1 : num_classes + 1] = np.arange(num_classes)
+    table[IGNORE_INDEX] = IGNORE_INDEX
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating files
+
+
+def _find_base(root: Path, candidates: Sequence[str], marker: str, layout: str) -> Path:
+    """The first ``root/candidate`` that contains ``marker``, so users may point at any level."""
+    if not root.exists():
+        raise DatasetError(f"dataset root does not exist: {root}")
+    for candidate in candidates:
+        base = root / candidate if candidate else root
+        if (base / marker).is_dir():
+            return base
+    tried = ", ".join(str((root / c if c else root) / marker) for c in candidates)
+    raise DatasetError(
+        f"no {marker}/ folder found under {root} (looked for {tried}); expected layout: {layout}"
+    )
+
+
+def _ids_from_split_file(split_file: Path, layout: str) -> list[str]:
+    if not split_file.is_file():
+        available = sorted(p.stem for p in split_file.parent.glob("*.txt"))
+        raise DatasetError(
+            f"split file is missing: {split_file} (splits present: {available or 'none'}); "
+            f"expected layout: {layout}"
+        )
+    ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DatasetError(f"split file lists no ids: {split_file}")
+    return ids
+
+
+def _check_all_exist(pairs: _Pairs, layout: str, hint: Callable[[Path], str]) -> None:
+    # Checked up front so a long evaluation cannot die (or silently shrink) half-way through.
+    for kind, index in (("image", 1), ("label", 2)):
+        missing = [pair[index] for pair in pairs if not pair[index].is_file()]
+        if missing:
+            extra = hint(missing[0]) if kind == "label" else ""
+            raise DatasetError(
+                f"{kind} file is missing: {missing[0]} ({len(missing)} of {len(pairs)} {kind}s missing)"
+                f"{extra}; expected layout: {layout}"
+            )
+
+
+def _no_hint(_: Path) -> str:
+    return ""
+
+
+def _split_dir(split: str, aliases: dict[str, str], dataset: str) -> str:
+    if split not in aliases:
+        raise DatasetError(f"{dataset}: unknown split {split!r}; expected one of {sorted(aliases)}")
+    return aliases[split]
+
+
+def _list_pascal(
+    root: Path, split: str, *, year_dir: str, image_sets: str, label_dir: str, layout: str
+) -> tuple[Path, _Pairs]:
+    base = _find_base(root, ("", year_dir, f"VOCdevkit/{year_dir}"), f"ImageSets/{image_sets}", layout)
+    ids = _ids_from_split_file(base / "ImageSets" / image_sets / f"{split}.txt", layout)
+    pairs = [(i, base / "JPEGImages" / f"{i}.jpg", base / label_dir / f"{i}.png") for i in ids]
+    _check_all_exist(pairs, layout, _no_hint)
+    return base, pairs
+
+
+def _list_voc(root: Path, split: str) -> tuple[Path, _Pairs]:
+    return _list_pascal(
+        root,
+        split,
+        year_dir="VOC2012",
+        image_sets="Segmentation",
+        label_dir="SegmentationClass",
+        layout=LAYOUTS["voc"],
+    )
+
+
+def _list_context(root: Path, split: str) -> tuple[Path, _Pairs]:
+    return _list_pascal(
+        root,
+        split,
+        year_dir="VOC2010",
+        image_sets="SegmentationContext",
+        label_dir="SegmentationClassContext",
+        layout=LAYOUTS["context"],
+    )
+
+
+def _list_coco_object(root: Path, split: str) -> tuple[Path, _Pairs]:
+    layout = LAYOUTS["coco_object"]
+    sub = _split_dir(
+        split,
+        {"val": "val2017", "val2017": "val2017", "train": "train2017", "train2017": "train2017"},
+        "coco_object",
+    )
+    base = _find_base(root, ("", "coco_object", "coco_stuff164k", "coco"), f"images/{sub}", layout)
+    images = sorted((base / "images" / sub).glob("*.jpg"))
+    if not images:
+        raise DatasetError(f"no .jpg images in {base / 'images' / sub}; expected layout: {layout}")
+    labels = base / "annotations" / sub
+    pairs = [(p.stem, p, labels / f"{p.stem}_instanceTrainIds.png") for p in images]
+
+    def hint(missing: Path) -> str:
+        stem = missing.name.removesuffix("_instanceTrainIds.png")
+        stuff_labels = (missing.parent / f"{stem}_labelTrainIds.png", missing.parent / f"{stem}.png")
+        if any(p.is_file() for p in stuff_labels):
+            return (
+                " (COCO-Stuff labels are present: convert them to COCO-Object with GroupViT's "
+                "convert_dataset/convert_coco_object.py)"
+            )
+        return ""
+
+    _check_all_exist(pairs, layout, hint)
+    return base, pairs
+
+
+def _list_ade20k(root: Path, split: str) -> tuple[Path, _Pairs]:
+    layout = LAYOUTS["ade20k"]
+    sub = _split_dir(
+        split,
+        {"val": "validation", "validation": "validation", "train": "training", "training": "training"},
+        "ade20k",
+    )
+    base = _find_base(root, ("", "ADEChallengeData2016", "ade/ADEChallengeData2016"), f"images/{sub}", layout)
+    images = sorted((base / "images" / sub).glob("*.jpg"))
+    if not images:
+        raise DatasetError(f"no .jpg images in {base / 'images' / sub}; expected layout: {layout}")
+    pairs = [(p.stem, p, base / "annotations" / sub / f"{p.stem}.png") for p in images]
+    _check_all_exist(pairs, layout, _no_hint)
+    return base, pairs
+
+
+def _list_cityscapes(root: Path, split: str) -> tuple[Path, _Pairs]:
+    layout = LAYOUTS["cityscapes"]
+    base = _find_base(root, ("", "cityscapes"), f"leftImg8bit/{split}", layout)
+    images = sorted((base / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
+    if not images:
+        raise DatasetError(
+            f"no <city>/*_leftImg8bit.png images in {base / 'leftImg8bit' / split}; expected layout: {layout}"
+        )
+    pairs: _Pairs = []
+    for path in images:
+        stem = path.name.removesuffix("_leftImg8bit.png")
+        label = base / "gtFine" / split / path.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+        pairs.append((stem, path, label))
+
+    def hint(missing: Path) -> str:
+        if missing.with_name(missing.name.replace("labelTrainIds", "labelIds")).is_file():
+            return (
+                " (only *_gtFine_labelIds.png found: create train-id labels with cityscapesScripts' "
+                "createTrainIdLabelImgs or mmseg's tools/dataset_converters/cityscapes.py)"
+            )
+        return ""
+
+    _check_all_exist(pairs, layout, hint)
+    return base, pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class _Spec:
+    info: DatasetInfo
+    lister: Callable[[Path, str], tuple[Path, _Pairs]]
+    raw_to_label: np.ndarray = field(repr=False, compare=False)
+
+
+def _info(name: str, classes: tuple[str, ...], background: int | None) -> DatasetInfo:
+    return DatasetInfo(name, classes, cn.prompt_names(classes), IGNORE_INDEX, background)
+
+
+_SPECS: dict[str, _Spec] = {
+    "voc21": _Spec(_info("voc21", cn.VOC21_CLASSES, 0), _list_voc, _identity_table(21)),
+    # VOC20 scores the 20 objects only: background pixels are ignored, ids shift down by one.
+    "voc20": _Spec(_info("voc20", cn.VOC20_CLASSES, None), _list_voc, _reduce_zero_table(20)),
+    "context59": _Spec(_info("context59", cn.CONTEXT59_CLASSES, None), _list_context, _reduce_zero_table(59)),
+    "context60": _Spec(_info("context60", cn.CONTEXT60_CLASSES, 0), _list_context, _identity_table(60)),
+    "coco_object": _Spec(
+        _info("coco_object", cn.COCO_OBJECT_CLASSES, 0), _list_coco_object, _identity_table(81)
+    ),
+    # ADE20K's 0 is "other objects", never scored (mmseg fixes reduce_zero_label=True).
+    "ade20k": _Spec(_info("ade20k", cn.ADE20K_CLASSES, None), _list_ade20k, _reduce_zero_table(150)),
+    "cityscapes": _Spec(
+        _info("cityscapes", cn.CITYSCAPES_CLASSES, None), _list_cityscapes, _identity_table(19)
+    ),
+}
+_ALIASES = {"voc": "voc21", "ade": "ade20k", "ade150": "ade20k", "coco-object": "coco_object"}
+
+DATASET_NAMES: tuple[str, ...] = tuple(sorted([*_SPECS, "voc"]))
+
+
+def _spec(name: str) -> _Spec:
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _SPECS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    return _SPECS[key]
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Class names, prompt names and ids of a dataset, without touching the disk."""
+    return _spec(name).info
+
+
+def load_dataset(name: str, root: str | Path, split: str = "val") -> SegmentationDataset:
+    """Index a dataset in its standard layout (see ``LAYOUTS``) without reading any pixels.
+
+    Every listed image and label must exist; a missing one raises :class:`DatasetError` naming it.
+    """
+    spec = _spec(name)
+    base, pairs = spec.lister(Path(root).expanduser(), split)
+    samples = [Sample(sid, image, label, spec.raw_to_label) for sid, image, label in pairs]
+    return SegmentationDataset(spec.info, samples, base)
