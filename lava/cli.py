@@ -31,6 +31,23 @@ gives meaningless masks. For real photos pass --model sd3-medium (or a hub id / 
 """
 
 
+EVAL_EPILOG = """\
+examples:
+  lava eval --dataset voc --root ~/data/VOCdevkit --model sd3-medium --protocol present --out results/voc
+  torchrun --nproc-per-node=4 -m lava.cli eval --dataset ade20k --root ~/data/ADEChallengeData2016 \\
+      --model sd3-medium --out results/ade
+
+writes report.json (miou, per_class_iou, pixel_accuracy, protocol, config, versions), per_class.csv,
+a journal (journal.rank*.jsonl) from which a stopped run resumes, and optionally vis/ and predictions/.
+"""
+
+SWEEP_EPILOG = """\
+example:
+  lava sweep --dataset voc --root ~/data/VOCdevkit --model sd3-medium --timesteps 100,300,500,700,900 \\
+      --layers 3,6,9,12,15,18 --limit 200 --out results/voc-sweep
+"""
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -54,10 +71,109 @@ def _resolution(text: str) -> int | str:
     return value
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers like 200,500,800, got {text!r}"
+        ) from err
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=None,
+        help=f"backend name (see `lava models`), hub id or local folder (default: {DEFAULT_MODEL})",
+    )
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument(
+        "--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)"
+    )
+    g.add_argument(
+        "--drop-t5", action="store_true", help="do not load or run the T5 text encoder (saves memory)"
+    )
+    g.add_argument("--offload-text-encoders", action="store_true", help="keep the text encoders on the CPU")
+
+
+def _add_reading_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("how the attention is read")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    g.add_argument(
+        "--resolution",
+        type=_resolution,
+        default=None,
+        help="long image side fed to the model in px, 'native' (default) or 'original'",
+    )
+    g.add_argument(
+        "--direction",
+        choices=("image_to_text", "text_to_image"),
+        default="image_to_text",
+        help="image_to_text: image patches attending to class tokens (default); text_to_image: the reverse",
+    )
+    g.add_argument(
+        "--softmax",
+        choices=("joint", "cross"),
+        default="joint",
+        help="joint: normalised over all keys as the model does (default); "
+        "cross: over the other modality only",
+    )
+    g.add_argument(
+        "--tokens",
+        choices=("all", "clip", "t5"),
+        default="all",
+        help="which part of each class's tokens to average (default: %(default)s)",
+    )
+    g.add_argument(
+        "--normalize",
+        choices=("minmax", "classes", "none"),
+        default="minmax",
+        help="per-class score normalisation (default: %(default)s)",
+    )
+    g.add_argument(
+        "--attention-impl",
+        choices=("auto", "naive", "torch", "triton"),
+        default="auto",
+        help="attention-slice implementation (default: %(default)s: triton on CUDA, torch elsewhere)",
+    )
+
+
+def _add_dataset_options(p: argparse.ArgumentParser) -> None:
+    from .evaluation.datasets import DATASET_NAMES
+
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="which benchmark layout to read")
+    g.add_argument("--root", required=True, help="the dataset folder (see docs/evaluation.md for layouts)")
+    g.add_argument("--split", default="val", help="split to evaluate (default: %(default)s)")
+    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    g.add_argument(
+        "--protocol",
+        choices=("all", "present"),
+        default="all",
+        help="all: name every dataset class in the prompt (open vocabulary, default); "
+        "present: only the classes in each image's ground truth (as Seg4Diff reports)",
+    )
+    g.add_argument(
+        "--background",
+        choices=("auto", "class", "threshold", "none"),
+        default="auto",
+        help="class: name the background class in the prompt; threshold: low scores become background; "
+        "none: never predict it; auto (default): class if the dataset scores background, else none",
+    )
+    g.add_argument(
+        "--background-threshold", type=float, default=0.5, help="threshold for --background threshold"
+    )
+    g.add_argument(
+        "--out", default="results", help="output folder; a rerun resumes from it (default: %(default)s)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lava",
         description="Training-free open-vocabulary semantic segmentation with Stable Diffusion 3 attention.",
+        epilog="Run `lava COMMAND --help` for the options of each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -75,11 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--classes", required=True, help='comma-separated class names, e.g. "cat,dog,potted plant"'
     )
-    seg.add_argument(
-        "--model",
-        default=None,
-        help=f"backend name (see `lava models`), hub id or local folder (default: {DEFAULT_MODEL})",
-    )
     seg.add_argument("--out", default="lava_out", help="output folder (default: %(default)s)")
     when = seg.add_mutually_exclusive_group()
     when.add_argument(
@@ -89,59 +200,63 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--layers", type=_int_list, help="transformer blocks to read, e.g. 9 or 8,9,10 (default: the model's)"
     )
-    seg.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    seg.add_argument(
-        "--resolution",
-        type=_resolution,
-        default=None,
-        help="long image side fed to the model in px, 'native' (default) or 'original'",
-    )
-    seg.add_argument(
-        "--direction",
-        choices=("image_to_text", "text_to_image"),
-        default="image_to_text",
-        help="which attention to read (default: %(default)s)",
-    )
-    seg.add_argument(
-        "--softmax",
-        choices=("joint", "cross"),
-        default="joint",
-        help="joint: normalised over all keys as the model does; cross: over the other modality only",
-    )
-    seg.add_argument(
-        "--tokens",
-        choices=("all", "clip", "t5"),
-        default="all",
-        help="which part of each class's tokens to average (default: %(default)s)",
-    )
-    seg.add_argument(
-        "--normalize",
-        choices=("minmax", "classes", "none"),
-        default="minmax",
-        help="per-class score normalisation (default: %(default)s)",
-    )
     seg.add_argument(
         "--background-threshold",
         type=float,
         default=None,
         help="label pixels whose best normalised score is below this as background (label 0)",
     )
-    seg.add_argument(
-        "--attention-impl",
-        choices=("auto", "naive", "torch", "triton"),
-        default="auto",
-        help="attention-slice implementation (default: %(default)s)",
-    )
-    seg.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    seg.add_argument(
-        "--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)"
-    )
-    seg.add_argument(
-        "--drop-t5", action="store_true", help="do not load or run the T5 text encoder (saves memory)"
-    )
-    seg.add_argument("--offload-text-encoders", action="store_true", help="keep the text encoders on the CPU")
     seg.add_argument("--save-scores", action="store_true", help="also write per-class scores as .npz")
     seg.add_argument("--heatmaps", action="store_true", help="also write a per-class heatmap figure (PNG)")
+    _add_model_options(seg)
+    _add_reading_options(seg)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate on a segmentation benchmark (mIoU)",
+        description="Segment every image of a dataset split and report mIoU, per-class IoU and pixel "
+        "accuracy from one confusion matrix over the whole split. Resumable; shards over processes "
+        "under torchrun.",
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument(
+        "--timestep", type=float, default=None, help="model timestep to read (default: the model's)"
+    )
+    ev.add_argument(
+        "--layers", type=_int_list, default=None, help="blocks averaged into one map (default: the model's)"
+    )
+    ev.add_argument(
+        "--visualize", type=int, default=0, metavar="K", help="write overlays of the first K images"
+    )
+    ev.add_argument(
+        "--save-predictions",
+        action="store_true",
+        help="write every predicted label map as predictions/<id>.png (dataset ids, 255 = ignore)",
+    )
+    _add_dataset_options(ev)
+    _add_model_options(ev)
+    _add_reading_options(ev)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="evaluate a grid of timesteps x blocks (the poster's comparison)",
+        description="Evaluate every (timestep, block) pair on a dataset with one noise+forward per "
+        "timestep per image (all blocks are captured in the same pass). Writes sweep.csv, sweep.md, "
+        "sweep.png and sweep.json.",
+        epilog=SWEEP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sw.add_argument("--timesteps", type=_float_list, required=True, help="e.g. 100,300,500,700,900")
+    sw.add_argument(
+        "--layers", type=_int_list, required=True, help="blocks, each evaluated alone, e.g. 0,3,6,9,12"
+    )
+    sw.add_argument(
+        "--with-mean", action="store_true", help="also evaluate the mean over all the given blocks"
+    )
+    _add_dataset_options(sw)
+    _add_model_options(sw)
+    _add_reading_options(sw)
 
     sub.add_parser(
         "models",
@@ -178,7 +293,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import io
-    from .backends import load_backend
     from .images import load_images
     from .pipeline import segment
     from .prompts import parse_classes
@@ -187,20 +301,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes)
     stems = _output_names(args.images)
     images = load_images(args.images)  # every input is read before anything is written
-    model = args.model or DEFAULT_MODEL
-    if args.model is None:
-        print(
-            f"lava: no --model given, using {DEFAULT_MODEL}: a toy model with RANDOM weights, so the masks "
-            "are meaningless. Use --model sd3-medium (or a hub id / local folder) for real images.",
-            file=sys.stderr,
-        )
-    backend = load_backend(
-        model,
-        device=args.device,
-        dtype=args.dtype,
-        drop_t5=args.drop_t5,
-        offload_text_encoders=args.offload_text_encoders,
-    )
+    backend = _load_backend_for(args)
     seg = segment(
         images,
         classes,
@@ -247,6 +348,134 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_backend_for(args: argparse.Namespace, device: str | None = None):
+    from .backends import load_backend
+
+    model = args.model or DEFAULT_MODEL
+    if args.model is None:
+        print(
+            f"lava: no --model given, using {DEFAULT_MODEL}: a toy model with RANDOM weights, so the masks "
+            "are meaningless. Use --model sd3-medium (or a hub id / local folder) for real images.",
+            file=sys.stderr,
+        )
+    return load_backend(
+        model,
+        device=device or args.device,
+        dtype=args.dtype,
+        drop_t5=args.drop_t5,
+        offload_text_encoders=args.offload_text_encoders,
+    )
+
+
+def _eval_setup(args: argparse.Namespace, cells_spec: dict):
+    """Dataset, backend, settings and the config recorded with the results (shared by eval and sweep)."""
+    from .evaluation import distributed
+    from .evaluation.datasets import load_dataset
+    from .evaluation.runner import EvalSettings
+
+    device = distributed.init(args.device)
+    dataset = load_dataset(args.dataset, args.root, args.split)
+    if args.limit is not None:
+        if args.limit <= 0:
+            raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
+        dataset = dataset[: args.limit]
+    backend = _load_backend_for(args, device)
+    settings = EvalSettings(
+        protocol=args.protocol,
+        background=args.background,
+        background_threshold=args.background_threshold,
+        direction=args.direction,
+        softmax=args.softmax,
+        tokens=args.tokens,
+        normalize=args.normalize,
+        seed=args.seed,
+        resolution=args.resolution,
+        impl=args.attention_impl,
+    )
+    # Everything that changes a prediction; the journal refuses to mix results made otherwise.
+    config = {
+        "command": args.command,
+        "dataset": args.dataset,
+        "split": args.split,
+        "model": backend.name,
+        "variant": backend.variant,
+        "dtype": str(backend.dtype),
+        "text_tokens": backend.text_len,
+        **cells_spec,
+        **{k: v for k, v in vars(settings).items()},
+    }
+    return dataset, backend, settings, config
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import io
+    from .evaluation import distributed
+    from .evaluation.report import protocol_line, write_eval_report
+    from .evaluation.runner import Cell, run
+    from .viz import label_image
+
+    dataset, backend, settings, config = _eval_setup(args, {})
+    timestep = args.timestep if args.timestep is not None else backend.defaults.timestep
+    layers = backend.check_layers(args.layers if args.layers is not None else backend.defaults.layers)
+    backend.check_timestep(timestep)
+    config.update(timestep=timestep, layers=list(layers))
+    out = Path(args.out)
+    shown = {"n": 0}
+
+    def on_prediction(image_id, pred, seg, _cell):
+        if args.save_predictions:
+            io.save_png(label_image(pred), out / "predictions" / f"{image_id}.png")
+        if shown["n"] < args.visualize:
+            shown["n"] += 1
+            io.save_png(seg.overlay(0), out / "vis" / f"{image_id}_overlay.png")
+
+    result = run(
+        backend,
+        dataset,
+        [Cell(float(timestep), layers)],
+        settings,
+        out,
+        config=config,
+        on_prediction=on_prediction,
+    )
+    if distributed.is_main():
+        matrix = result.matrices[result.cells[0].key]
+        report = write_eval_report(out, dataset.info, matrix, settings, result.num_images, config)
+        print(
+            f"{dataset.info.name}: mIoU {report['miou']:.4f}, pixel accuracy {report['pixel_accuracy']:.4f} "
+            f"over {result.num_images} images ({result.resumed} resumed)"
+        )
+        print(f"  {protocol_line(dataset.info, settings)}")
+        print(f"  report: {out / 'report.json'}")
+    distributed.shutdown()
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .evaluation import distributed
+    from .evaluation.report import write_sweep
+    from .evaluation.runner import Cell, run
+
+    dataset, backend, settings, config = _eval_setup(
+        args, {"timesteps": args.timesteps, "layers": args.layers, "with_mean": args.with_mean}
+    )
+    for t in args.timesteps:
+        backend.check_timestep(t)
+    layers = backend.check_layers(args.layers)
+    groups = [(layer,) for layer in layers] + ([tuple(layers)] if args.with_mean and len(layers) > 1 else [])
+    cells = [Cell(float(t), g) for t in args.timesteps for g in groups]
+    out = Path(args.out)
+    result = run(backend, dataset, cells, settings, out, config=config)
+    if distributed.is_main():
+        summary = write_sweep(out, dataset.info, cells, result.matrices, settings, result.num_images, config)
+        best = summary["best"]
+        print((out / "sweep.md").read_text())
+        print(f"best: timestep {best['timestep']:g}, blocks {best['layers']}, mIoU {best['miou']}")
+        print(f"  table: {out / 'sweep.md'}  figure: {out / 'sweep.png'}")
+    distributed.shutdown()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -257,9 +486,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import LavaError
 
     try:
-        if args.command == "models":
-            return cmd_models()
-        return cmd_segment(args)
+        commands = {
+            "models": lambda: cmd_models(),
+            "segment": lambda: cmd_segment(args),
+            "eval": lambda: cmd_eval(args),
+            "sweep": lambda: cmd_sweep(args),
+        }
+        return commands[args.command]()
     except (LavaError, ValueError, OSError) as err:
         print(f"lava: error: {err}", file=sys.stderr)
         return 1

@@ -86,3 +86,18 @@ def test_class_beyond_token_limit_is_named(tiny):
 def test_bad_template(tiny):
     with pytest.raises(ClassNameError, match="exactly once"):
         lava.encode_prompt(tiny, ["cat"], template="no slot")
+
+
+def test_tiny_tokenizers_are_identical_across_processes():
+    import subprocess
+    import sys
+
+    code = (
+        "import json, hashlib; from lava.backends.tiny import _clip_vocab, _t5_vocab;"
+        "v, m = _clip_vocab(); print(hashlib.md5(json.dumps([sorted(v.items()), m, _t5_vocab()]).encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
+    assert len(digests) == 1

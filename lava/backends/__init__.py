@@ -27,7 +27,8 @@ def _place(pipe, device: torch.device, dtype: torch.dtype, offload_text_encoders
         module.to(dev)
 
     move(pipe.transformer, device, dtype)
-    move(pipe.vae, device, dtype)
+    if pipe.vae is not None:
+        move(pipe.vae, device, dtype)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
@@ -50,7 +51,7 @@ def from_pipeline(
 
     ``device``/``dtype`` default to where the transformer already is.
     """
-    for part in ("transformer", "vae", "scheduler", "tokenizer", "text_encoder", "encode_prompt"):
+    for part in ("transformer", "scheduler", "tokenizer", "text_encoder", "encode_prompt"):
         if not hasattr(pipe, part) or getattr(pipe, part) is None:
             raise ModelError(
                 f"expected a StableDiffusion3Pipeline-like object with .{part}, got {type(pipe).__name__}"
@@ -131,14 +132,33 @@ def _load_sd3(
     )
 
 
-REGISTRY: dict[str, Callable[..., Backend]] = {"tiny-sd3": _load_tiny}
+def _load_reference(**kw) -> Backend:
+    from ..reference import load_reference_backend
+
+    return load_reference_backend(**kw)
+
+
+REGISTRY: dict[str, Callable[..., Backend]] = {"tiny-sd3": _load_tiny, "lava-shapes": _load_reference}
 for _short, _hub in HUB_IDS.items():
     REGISTRY[_short] = lambda _hub=_hub, **kw: _load_sd3(_hub, **kw)
 
 
 def list_backends() -> list[tuple[str, str, VariantDefaults]]:
     """``(name, what it loads, defaults)`` for every registered backend."""
-    rows = [("tiny-sd3", "toy SD3 built in code, random weights (offline)", DEFAULTS["tiny-sd3"])]
+    rows = []
+    try:
+        from ..reference import REFERENCE_DEFAULTS
+
+        rows.append(
+            (
+                "lava-shapes",
+                "small SD3-architecture model trained on synthetic shapes, shipped (offline)",
+                REFERENCE_DEFAULTS,
+            )
+        )
+    except ImportError:  # the reference model is not part of this build
+        pass
+    rows.append(("tiny-sd3", "toy SD3 built in code, random weights (offline)", DEFAULTS["tiny-sd3"]))
     rows += [(short, hub, DEFAULTS[short]) for short, hub in HUB_IDS.items()]
     return rows
 

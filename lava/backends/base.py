@@ -77,6 +77,9 @@ class Backend:
 
     @property
     def vae_scale_factor(self) -> int:
+        """Pixels per latent along one side (1 for a pixel-space model without a VAE)."""
+        if self.vae is None:
+            return 1
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
@@ -160,9 +163,12 @@ class Backend:
         """VAE latents of ``pixels`` ``[B, 3, H, W]`` in [-1, 1]: ``(mean - shift) · scale``.
 
         The posterior mean (not a sample) keeps the clean latent deterministic; randomness
-        enters only through the seeded flow-matching noise.
+        enters only through the seeded flow-matching noise. A model without a VAE works in
+        pixel space: its "latents" are the pixels themselves.
         """
         vae = self.vae
+        if vae is None:
+            return pixels.to(self.device, self.dtype)
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
         shift = vae.config.get("shift_factor") or 0.0
         return (dist.mean - shift) * vae.config.scaling_factor

@@ -3,8 +3,9 @@
 Every component is the real diffusers/transformers class (``SD3Transformer2DModel``,
 ``AutoencoderKL``, ``CLIPTextModelWithProjection`` ×2, ``T5EncoderModel``,
 ``FlowMatchEulerDiscreteScheduler``) with a tiny config and seeded random weights, wrapped in a
-real ``StableDiffusion3Pipeline``. The CLIP BPE and T5 unigram tokenizers are trained here on a
-fixed word list, so they split rare words into several tokens just as the real ones do.
+real ``StableDiffusion3Pipeline``. The CLIP BPE and T5 unigram tokenizers are built here by
+rule from a fixed word list (deterministically, in every process), so they split rare words
+into several tokens just as the real ones do.
 
 Random weights give meaningless masks: this backend exists for tests, benchmarks and for
 trying the pipeline offline, not for segmenting photos.
@@ -12,7 +13,6 @@ trying the pipeline offline, not for segmenting photos.
 
 from __future__ import annotations
 
-import json
 import string
 from functools import lru_cache
 
@@ -32,53 +32,51 @@ triangle shape
 _CLIP_MAX_LEN = 77
 
 
-def _corpus() -> list[str]:
-    return [" ".join(_CORPUS_WORDS)] * 4 + _CORPUS_WORDS
+def _words() -> list[str]:
+    return sorted(set(_CORPUS_WORDS))
 
 
 @lru_cache(maxsize=1)
 def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    from tokenizers import pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
+    """Byte-level BPE in CLIP's format, built by rule rather than trained.
 
-    backend = CLIPTokenizer().backend_tokenizer
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=700,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    backend.train_from_iterator(_corpus(), trainer)
-    model = json.loads(backend.to_str())["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
-    # Real CLIP has every byte both inside a word and word-final ("x</w>"); a standalone
-    # punctuation mark such as "," is word-final, so without these it would become <unk>.
-    for ch in sorted(alphabet):
+    (Training with ``tokenizers`` is not reproducible across processes: ties between equally
+    frequent pairs are broken by hash order.) Every byte exists inside a word and word-final
+    (``"x</w>"``), and each corpus word gets the merges that assemble it left to right, so corpus
+    words are single tokens — unless an earlier word's merge splits them first — and any other
+    word falls apart into several tokens, as rare words do in the real CLIP vocabulary.
+    """
+    from tokenizers import pre_tokenizers
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
-    return vocab, [tuple(m) for m in model["merges"]]
+    merges: list[tuple[str, str]] = []
+    for word in _words():
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            pair = (left, right)
+            left = left + right
+            if pair not in merges:
+                merges.append(pair)
+                vocab.setdefault(left, len(vocab))
+    return vocab, merges
 
 
 @lru_cache(maxsize=1)
 def _t5_vocab() -> list[tuple[str, float]]:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A SentencePiece-style unigram vocabulary, built by rule (deterministic, like ``_clip_vocab``).
 
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
-    )
-    trainer = trainers.UnigramTrainer(
-        vocab_size=800,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer)
-    return [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+    Whole corpus words (``"▁word"``) score far above single characters, so they stay one piece;
+    any other word is spelled out in characters.
+    """
+    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -5.0)]
+    vocab += [(f"▁{w}", -1.0 - 0.01 * i) for i, w in enumerate(_words())]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab += [(c, -10.0) for c in chars] + [(f"▁{c}", -10.5) for c in chars]
+    return vocab
 
 
 def build_tokenizers():
@@ -114,7 +112,7 @@ def build_tiny_pipeline(
 ):
     """A ``StableDiffusion3Pipeline`` with toy-size components and seeded random weights.
 
-    Image side 32 px (VAE factor 2, patch 2 → 8×8 = 64 image tokens); text tokens 77 + 64;
+    Image side 32 px (VAE factor 2, patch 2 → 8×8 = 64 image tokens); text tokens 77 + 128;
     the position embedding covers up to ``pos_embed_max_size · 4`` px.
     """
     from diffusers import (
@@ -216,4 +214,4 @@ def build_tiny_pipeline(
     return pipe
 
 
-TINY_MAX_SEQUENCE_LENGTH = 64
+TINY_MAX_SEQUENCE_LENGTH = 128

@@ -97,6 +97,20 @@ class ConfusionMatrix:
         return self
 
     @property
+    def counts(self) -> torch.Tensor:
+        """int64 ``[C, C + 1]``: the matrix plus the ``unassigned`` column (a copy) — the whole
+        state, for saving, resuming and all-reducing across processes."""
+        return self._counts.clone()
+
+    def add_counts(self, counts: torch.Tensor) -> ConfusionMatrix:
+        """Add a ``[C, C + 1]`` ``counts`` tensor (from another accumulator) in place."""
+        counts = torch.as_tensor(counts, dtype=torch.int64).cpu()
+        if counts.shape != self._counts.shape:
+            raise ValueError(f"counts shape {tuple(counts.shape)} != {tuple(self._counts.shape)}")
+        self._counts += counts
+        return self
+
+    @property
     def matrix(self) -> torch.Tensor:
         """int64 ``[C, C]``: rows = ground truth, cols = prediction (a copy)."""
         return self._counts[:, : self.num_classes].clone()

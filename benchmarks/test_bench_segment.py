@@ -1,0 +1,77 @@
+"""End to end: captured vs uncaptured forward, and the saving from early exit.
+
+On CPU this runs ``tiny-sd3``; on CUDA also a random-weight transformer with SD3-medium's real
+architecture (24 blocks, 24 heads × 64, 1024 px → 4096 image tokens + 333 text tokens): timing
+needs the shapes, not the weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, ON_CUDA
+from memprobe import peak_bytes
+
+import lava
+from lava.capture import capturing, run_until_captured
+from lava.types import CapturePlan
+
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+
+
+def _sd3_medium_inputs():
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device(DEVICE):
+        model = SD3Transformer2DModel(**SD3_MEDIUM).to(torch.bfloat16).eval()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 128, 128, generator=gen),
+        encoder_hidden_states=torch.randn(1, 333, 4096, generator=gen),
+        pooled_projections=torch.randn(1, 2048, generator=gen),
+        timestep=torch.tensor([515.0]),
+    )
+    return model, {k: v.to(DEVICE, torch.bfloat16) for k, v in inputs.items()}
+
+
+@pytest.fixture(scope="module")
+def model_and_inputs():
+    if ON_CUDA:
+        return "sd3-medium-random", *_sd3_medium_inputs()
+    backend = lava.load_backend("tiny-sd3", device=DEVICE)
+    noisy = lava.noise(backend, torch.zeros(32, 32, 3, dtype=torch.uint8).numpy())
+    prompt = lava.encode_prompt(backend, ["cat", "dog", "potted plant"])
+    from lava.capture import transformer_inputs
+
+    return "tiny-sd3", backend.transformer, transformer_inputs(backend, noisy, prompt)
+
+
+CASES = [("uncaptured", None), ("captured-all-layers", "all")] + [
+    (f"early-exit-{frac}", frac) for frac in ("quarter", "half", "last")
+]
+
+
+@pytest.mark.parametrize(("case", "layers"), CASES, ids=[c for c, _ in CASES])
+@torch.no_grad()
+def test_forward(benchmark, model_and_inputs, case, layers):
+    name, model, inputs = model_and_inputs
+    n = len(model.transformer_blocks)
+    if layers is None:
+        def fn():
+            return model(**inputs, return_dict=False)[0]
+    else:
+        # SD3-medium: blocks 6 / 12 / 24 of 24 (indices 5 / 11 / 23).
+        chosen = tuple(range(n)) if layers == "all" else ({"quarter": n // 4, "half": n // 2, "last": n}[layers] - 1,)
+        plan = CapturePlan(layers=chosen, columns=tuple(range(20)), early_exit=layers != "all")
+
+        def fn():
+            with capturing(model, plan):
+                return run_until_captured(model, **inputs)
+
+    peak, _ = peak_bytes(fn, DEVICE)
+    benchmark.extra_info.update(model=name, device=DEVICE, case=case, peak_extra_bytes=peak)
+    benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)

@@ -1,0 +1,268 @@
+"""Run a segmentation setting (or a grid of them) over a dataset; resumable and shardable.
+
+One engine serves ``lava eval`` (one cell) and ``lava sweep`` (timesteps × layers): for each
+image and each timestep it noises once and captures every requested block in one forward pass,
+then aggregates each cell from those slices. Per-image confusion counts go to a journal
+(JSON lines) as they finish, so a killed run resumes where it stopped and sums to the same
+totals. Under ``torchrun`` each rank takes every n-th image and the counts are all-reduced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..aggregate import aggregate
+from ..backends.base import Backend
+from ..capture import capture
+from ..errors import LavaError
+from ..mask import to_mask
+from ..noise import noise
+from ..prompts import encode_prompt
+from ..types import AggregateConfig, MaskConfig, PromptEncoding, Segmentation
+from . import distributed
+from .datasets import DatasetInfo, SegmentationDataset
+from .metrics import ConfusionMatrix
+
+PROTOCOLS = ("all", "present")
+BACKGROUNDS = ("auto", "class", "threshold", "none")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One setting of the grid: a timestep and the blocks averaged into one map."""
+
+    timestep: float
+    layers: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return f"t={self.timestep:g}|layers={','.join(map(str, self.layers))}"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything that decides a prediction besides the timestep and layers.
+
+    ``protocol``: ``"all"`` gives the method every class of the dataset (open vocabulary);
+    ``"present"`` only the classes in that image's ground truth (as Seg4Diff reports).
+    ``background``: ``"class"`` names the dataset's background class in the prompt;
+    ``"threshold"`` labels pixels whose best normalised score is below ``background_threshold``
+    as background; ``"none"`` never predicts background; ``"auto"`` is ``"class"`` when the
+    dataset scores a background class, else ``"none"``.
+    """
+
+    protocol: str = "all"
+    background: str = "auto"
+    background_threshold: float = 0.5
+    direction: str = "image_to_text"
+    softmax: str = "joint"
+    tokens: str = "all"
+    normalize: str = "minmax"
+    seed: int = 0
+    resolution: int | str | None = None
+    impl: str = "auto"
+    template: str = "{}"
+    separator: str = " "
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise LavaError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.background not in BACKGROUNDS:
+            raise LavaError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
+
+    def background_mode(self, info: DatasetInfo) -> str:
+        if self.background == "auto":
+            return "class" if info.background is not None else "none"
+        return self.background
+
+
+@dataclass
+class RunResult:
+    """Confusion counts per cell over every image done (this run and resumed ones)."""
+
+    cells: list[Cell]
+    matrices: dict[str, ConfusionMatrix]
+    num_images: int
+    resumed: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+def vocabulary(
+    info: DatasetInfo, label: np.ndarray, settings: EvalSettings
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """Prompt names given to the method and, for each, the dataset label id it predicts.
+
+    With the ``present`` protocol only classes in ``label`` (ignore excluded) are named. An
+    image whose ground truth names nothing gets the background class (or the first class) so a
+    prediction still exists; its pixels are all ignored anyway.
+    """
+    ids = list(range(info.num_classes))
+    if settings.protocol == "present":
+        present = set(np.unique(label).tolist()) - {info.ignore_index}
+        ids = [i for i in ids if i in present]
+    if settings.background_mode(info) != "class" and info.background is not None:
+        ids = [i for i in ids if i != info.background]
+    if not ids:
+        ids = [info.background if info.background is not None else 0]
+    return tuple(info.prompt_names[i] for i in ids), np.asarray(ids, dtype=np.int64)
+
+
+def to_dataset_ids(
+    seg: Segmentation, index: int, ids: np.ndarray, info: DatasetInfo, threshold: bool
+) -> np.ndarray:
+    """A predicted label map in the dataset's label ids (``ignore_index`` where none applies)."""
+    labels = seg.labels[index].numpy().astype(np.int64)
+    if threshold:
+        background = info.background if info.background is not None else info.ignore_index
+        table = np.concatenate([[background], ids])
+    else:
+        table = ids
+    return table[labels].astype(np.uint8 if info.num_classes < 255 else np.int32)
+
+
+def settings_hash(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Journal:
+    """Per-image results as JSON lines, one file per rank, with the run's settings as header."""
+
+    def __init__(self, folder: Path, config: dict, rank: int = 0):
+        self.folder = folder
+        self.digest = settings_hash(config)
+        self.config = config
+        self.path = folder / f"journal.rank{rank}.jsonl"
+
+    def load(self, num_classes: int) -> dict[str, dict[str, torch.Tensor]]:
+        """``{image id: {cell key: counts [C, C+1]}}`` from every rank's journal in the folder."""
+        done: dict[str, dict[str, torch.Tensor]] = {}
+        for path in sorted(self.folder.glob("journal.rank*.jsonl")):
+            with open(path) as fh:
+                for n, line in enumerate(fh):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill mid-write; that image is simply redone
+                    if n == 0:
+                        if rec.get("settings") != self.digest:
+                            raise LavaError(
+                                f"{path} was written with other settings; use a new --out folder "
+                                "(or delete the journal) to start over"
+                            )
+                        continue
+                    done[rec["id"]] = {k: _dense(v, num_classes) for k, v in rec["cells"].items()}
+        return done
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            with open(self.path, "w") as fh:
+                fh.write(json.dumps({"settings": self.digest, "config": self.config}, default=str) + "\n")
+
+    def append(self, image_id: str, cells: dict[str, torch.Tensor]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"id": image_id, "cells": {k: _sparse(v) for k, v in cells.items()}}) + "\n")
+            fh.flush()
+
+
+def _sparse(counts: torch.Tensor) -> list[list[int]]:
+    nz = counts.nonzero()
+    return [[int(i), int(j), int(counts[i, j])] for i, j in nz.tolist()]
+
+
+def _dense(entries: list[list[int]], num_classes: int) -> torch.Tensor:
+    out = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64)
+    for i, j, c in entries:
+        out[i, j] = c
+    return out
+
+
+def run(
+    backend: Backend,
+    dataset: SegmentationDataset,
+    cells: Sequence[Cell],
+    settings: EvalSettings,
+    out: Path,
+    *,
+    config: dict,
+    on_prediction: Callable[[str, np.ndarray, Segmentation, int], None] | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Evaluate every cell over ``dataset``; resumes from ``out``'s journal; shards over ranks.
+
+    ``on_prediction(image_id, prediction_in_dataset_ids, segmentation, cell_index)`` is called for
+    each new prediction (to save pictures or label maps).
+    """
+    info = dataset.info
+    rank, world = distributed.rank_and_world()
+    journal = Journal(out, config, rank)
+    done = journal.load(info.num_classes)
+    journal.start()
+    distributed.barrier()
+
+    by_time: dict[float, list[int]] = {}
+    for i, cell in enumerate(cells):
+        by_time.setdefault(cell.timestep, []).append(i)
+    capture_layers = {
+        t: tuple(sorted({layer for i in idx for layer in cells[i].layers})) for t, idx in by_time.items()
+    }
+    threshold = settings.background_mode(info) == "threshold"
+    agg = AggregateConfig(tokens=settings.tokens, normalize=settings.normalize)
+    mask_cfg = MaskConfig(background_threshold=settings.background_threshold if threshold else None)
+
+    new = {c.key: ConfusionMatrix(info.num_classes, info.ignore_index) for c in cells}
+    todo = [i for i in range(len(dataset)) if dataset[i].id not in done][rank::world]
+    prompts: dict[tuple[str, ...], PromptEncoding] = {}
+    bar = tqdm(todo, desc=f"{info.name}", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
+    for i in bar:
+        sample = dataset[i]
+        image, label = sample.load()
+        names, ids = vocabulary(info, label, settings)
+        if names not in prompts:
+            prompts[names] = encode_prompt(
+                backend, names, template=settings.template, separator=settings.separator
+            )
+        prompt = prompts[names]
+        per_cell: dict[str, torch.Tensor] = {}
+        for t, idx in by_time.items():
+            noisy = noise(backend, image, timestep=t, seed=settings.seed, resolution=settings.resolution)
+            slices = capture(
+                backend,
+                noisy,
+                prompt,
+                layers=capture_layers[t],
+                direction=settings.direction,
+                softmax=settings.softmax,
+                impl=settings.impl,
+            )
+            for ci in idx:
+                cell = cells[ci]
+                heat = aggregate(slices, prompt, AggregateConfig(**{**asdict(agg), "layers": cell.layers}))
+                seg = to_mask(heat, config=mask_cfg, images=(image,))
+                pred = to_dataset_ids(seg, 0, ids, info, threshold)
+                one = ConfusionMatrix(info.num_classes, info.ignore_index)
+                one.update(pred, label)
+                per_cell[cell.key] = one.counts
+                new[cell.key].add_counts(one.counts)
+                if on_prediction is not None:
+                    on_prediction(sample.id, pred, seg, ci)
+        journal.append(sample.id, per_cell)
+
+    totals = {}
+    for cell in cells:
+        counts = distributed.all_reduce_sum(new[cell.key].counts)
+        for rec in done.values():
+            counts = counts + rec.get(cell.key, torch.zeros_like(counts))
+        totals[cell.key] = ConfusionMatrix(info.num_classes, info.ignore_index).add_counts(counts)
+    num_new = int(distributed.all_reduce_sum(torch.tensor([len(todo)]))[0])
+    return RunResult(cells=list(cells), matrices=totals, num_images=num_new + len(done), resumed=len(done))
