@@ -94,7 +94,8 @@ def test_tiny_tokenizers_are_identical_across_processes():
 
     code = (
         "import json, hashlib; from lava.backends.tiny import _clip_vocab, _t5_vocab;"
-        "v, m = _clip_vocab(); print(hashlib.md5(json.dumps([sorted(v.items()), m, _t5_vocab()]).encode()).hexdigest())"
+        "v, m = _clip_vocab(); blob = json.dumps([sorted(v.items()), m, _t5_vocab()]);"
+        "print(hashlib.md5(blob.encode()).hexdigest())"
     )
     digests = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
