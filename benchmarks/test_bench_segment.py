@@ -17,8 +17,16 @@ from lava.capture import capturing, run_until_captured
 from lava.types import CapturePlan
 
 SD3_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
     pos_embed_max_size=192,
 )
 
@@ -61,11 +69,16 @@ def test_forward(benchmark, model_and_inputs, case, layers):
     name, model, inputs = model_and_inputs
     n = len(model.transformer_blocks)
     if layers is None:
+
         def fn():
             return model(**inputs, return_dict=False)[0]
     else:
         # SD3-medium: blocks 6 / 12 / 24 of 24 (indices 5 / 11 / 23).
-        chosen = tuple(range(n)) if layers == "all" else ({"quarter": n // 4, "half": n // 2, "last": n}[layers] - 1,)
+        chosen = (
+            tuple(range(n))
+            if layers == "all"
+            else ({"quarter": n // 4, "half": n // 2, "last": n}[layers] - 1,)
+        )
         plan = CapturePlan(layers=chosen, columns=tuple(range(20)), early_exit=layers != "all")
 
         def fn():

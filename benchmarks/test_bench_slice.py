@@ -51,17 +51,27 @@ def test_capture_one_layer(benchmark, impl, heads, n_img):
     q, k, v = _inputs(n_img, heads)
     spec = SliceSpec(text_start=n_img, text_len=TEXT, columns=tuple(range(K)))
     if impl == "sdpa":
+
         def fn():
             return F.scaled_dot_product_attention(q, k, v)
     else:
+
         def fn():
             return attention_with_slice(q, k, v, spec, impl=impl)
 
     peak, _ = peak_bytes(fn, DEVICE)
     n = n_img + TEXT
     benchmark.extra_info.update(
-        impl=impl, device=DEVICE, n_img=n_img, heads=heads, head_dim=HEAD_DIM, text=TEXT, columns=K,
-        dtype=str(DTYPE), peak_extra_bytes=peak, nxn_bytes_fp32=heads * n * n * 4,
+        impl=impl,
+        device=DEVICE,
+        n_img=n_img,
+        heads=heads,
+        head_dim=HEAD_DIM,
+        text=TEXT,
+        columns=K,
+        dtype=str(DTYPE),
+        peak_extra_bytes=peak,
+        nxn_bytes_fp32=heads * n * n * 4,
     )
     benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
     flops = 4 * heads * n * n * HEAD_DIM

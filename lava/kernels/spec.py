@@ -86,6 +86,16 @@ class SliceSpec:
         keep = (pos < self.text_start) | (pos >= self.text_start + self.text_len)
         return pos[keep]
 
+    def image_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The image-token rows of ``x [B, H, N, D]``: a view when the text sits at either end
+        (SD3, Flux), so no copy of the image part is made; a gather otherwise."""
+        n = x.shape[-2]
+        if self.text_start + self.text_len == n:
+            return x[:, :, : self.text_start]
+        if self.text_start == 0:
+            return x[:, :, self.text_len :]
+        return x[:, :, self.image_index(n, x.device)]
+
     def text_index(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Joint positions of all text tokens: ``[text_len]`` long."""
         return torch.arange(self.text_start, self.text_start + self.text_len, device=device)

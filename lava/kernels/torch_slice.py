@@ -42,23 +42,19 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
                 q, k, v, None, compute_log_sumexp=True
             )[:2]
             return out, lse[..., : q.shape[-2]].float()
-    return F.scaled_dot_product_attention(q, k, v), chunked_lse(
-        q, k, torch.arange(k.shape[-2], device=k.device)
-    )
+    return F.scaled_dot_product_attention(q, k, v), chunked_lse(q, k)
 
 
-def chunked_lse(
-    q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor, chunk: int = DEFAULT_CHUNK
-) -> torch.Tensor:
-    """Log-sum-exp of every query row of ``q`` over the keys ``k[..., keys, :]``, in fp32.
+def chunked_lse(q: torch.Tensor, keys: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Log-sum-exp of every query row of ``q`` over ``keys``, in fp32.
 
-    q: ``[B, H, M, D]``, k: ``[B, H, N, D]``, keys: ``[N_sel]`` long. Returns ``[B, H, M]``.
-    Works through ``chunk`` query rows at a time, so at most ``[B, H, chunk, N_sel]`` lives.
+    q: ``[B, H, M, D]``, keys: ``[B, H, N_sel, D]``. Returns ``[B, H, M]``. Works through
+    ``chunk`` query rows at a time, so at most ``[B, H, chunk, N_sel]`` scores live at once.
     """
     scale = q.shape[-1] ** -0.5
-    k_sel = k[:, :, keys, :].float()
+    keys_t = keys.float().transpose(-1, -2)
     parts = [
-        torch.logsumexp((q[:, :, s : s + chunk, :].float() @ k_sel.transpose(-1, -2)) * scale, dim=-1)
+        torch.logsumexp((q[:, :, s : s + chunk, :].float() @ keys_t) * scale, dim=-1)
         for s in range(0, q.shape[-2], chunk)
     ]
     return torch.cat(parts, dim=-1)
@@ -95,32 +91,29 @@ def torch_attention_slice(
 
     q, k, v: ``[B, H, N, D]``. Returns ``(O [B, H, N, D] or None, slice [B, H or 1, N_img, K])``.
     """
-    n = q.shape[-2]
-    img = spec.image_index(n, q.device)
-    txt = spec.text_index(q.device)
-    cols = txt[spec.column_index(q.device)]  # joint positions of the wanted text tokens
+    cols = spec.text_index(q.device)[spec.column_index(q.device)]  # joint positions of the wanted tokens
+    k_txt = k[:, :, spec.text_start : spec.text_start + spec.text_len]
 
     out, lse_all = sdpa_with_lse(q, k, v) if v is not None else (None, None)
 
     if spec.direction == "image_to_text":
-        q_img = q[:, :, img, :]
+        q_img = spec.image_rows(q)
         if spec.softmax == "joint":
             lse = (
-                lse_all[:, :, img]
+                spec.image_rows(lse_all[..., None])[..., 0]
                 if lse_all is not None
-                else chunked_lse(q_img, k, torch.arange(n, device=q.device), chunk)
+                else chunked_lse(q_img, k, chunk)
             )
         else:
-            lse = chunked_lse(q_img, k, txt, chunk)
+            lse = chunked_lse(q_img, k_txt, chunk)
         return out, _rows_at_columns(q_img, k[:, :, cols, :], lse, spec.heads, chunk).contiguous()
 
     # text→image: only K query rows, so their scores over all keys are small ([K, N]).
     q_txt = q[:, :, cols, :]
-    keys = torch.arange(n, device=q.device) if spec.softmax == "joint" else img
     if spec.softmax == "joint" and lse_all is not None:
         lse = lse_all[:, :, cols]
     else:
-        lse = chunked_lse(q_txt, k, keys, chunk)
+        lse = chunked_lse(q_txt, k if spec.softmax == "joint" else spec.image_rows(k), chunk)
     # Treat image keys as the "columns" of K text rows, then transpose to [.., N_img, K].
-    probs = _rows_at_columns(q_txt, k[:, :, img, :], lse, spec.heads, chunk)
+    probs = _rows_at_columns(q_txt, spec.image_rows(k), lse, spec.heads, chunk)
     return out, probs.transpose(-1, -2).contiguous()
