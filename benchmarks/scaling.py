@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch.nn.functional as F  # noqa: E402
-from memprobe import median_seconds, peak_bytes  # noqa: E402
+import torch.nn.functional as F
+from memprobe import median_seconds, peak_bytes
 
-from lava.kernels import SliceSpec, attention_with_slice  # noqa: E402
+from lava.kernels import SliceSpec, attention_with_slice
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT, K, HEAD_DIM = 333, 20, 64
@@ -81,9 +81,8 @@ def table(rows: list[dict], device_name: str) -> str:
         ratio = (
             f"{r['seconds'] / base['seconds']:.2f}" if base and r["seconds"] and r["impl"] != "sdpa" else "–"
         )
-        lines.append(
-            f"| {r['n_img']} | {r['px']} | {r['impl']} | {fmt_bytes(r['peak'])} | {over} | {t} | {ratio} | {r['how']} |"
-        )
+        cells = [r["n_img"], r["px"], r["impl"], fmt_bytes(r["peak"]), over, t, ratio, r["how"]]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines.append("")
     for n in sorted({r["n_img"] for r in rows}):
         if ("naive", n) in by and ("torch", n) in by and ("sdpa", n) in by:
