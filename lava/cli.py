@@ -95,6 +95,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--drop-t5", action="store_true", help="do not load or run the T5 text encoder (saves memory)"
     )
     g.add_argument("--offload-text-encoders", action="store_true", help="keep the text encoders on the CPU")
+    g.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="device memory budget, e.g. 8GiB: lava estimates the peak and offloads text encoders, tiles "
+        "the VAE or drops T5 as needed, or refuses with the estimate (see docs/benchmarks.md)",
+    )
 
 
 def _add_reading_options(p: argparse.ArgumentParser) -> None:
@@ -301,7 +308,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes)
     stems = _output_names(args.images)
     images = load_images(args.images)  # every input is read before anything is written
-    backend = _load_backend_for(args)
+    backend = _load_backend_for(args, sizes=[(im.height, im.width) for im in images])
     seg = segment(
         images,
         classes,
@@ -348,7 +355,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_backend_for(args: argparse.Namespace, device: str | None = None):
+def _load_backend_for(args: argparse.Namespace, device: str | None = None, sizes=None):
+    """The backend the options ask for; with ``--max-memory``, placed by the memory planner for
+    images of the given original ``sizes`` (default: a square at the requested resolution)."""
     from .backends import load_backend
 
     model = args.model or DEFAULT_MODEL
@@ -358,13 +367,47 @@ def _load_backend_for(args: argparse.Namespace, device: str | None = None):
             "are meaningless. Use --model sd3-medium (or a hub id / local folder) for real images.",
             file=sys.stderr,
         )
-    return load_backend(
-        model,
-        device=device or args.device,
-        dtype=args.dtype,
-        drop_t5=args.drop_t5,
+    if not args.max_memory:
+        return load_backend(
+            model,
+            device=device or args.device,
+            dtype=args.dtype,
+            drop_t5=args.drop_t5,
+            offload_text_encoders=args.offload_text_encoders,
+        )
+    from .backends.base import resolve_device, resolve_dtype
+    from .noise import input_size
+    from .planner import apply_plan, parse_bytes, plan_memory
+
+    budget = parse_bytes(args.max_memory)
+    target = resolve_device(device or args.device)
+    dtype = resolve_dtype(args.dtype, target)
+    # Load on the CPU first so that planning can still move or drop parts before they reach the device.
+    backend = load_backend(model, device="cpu", dtype=dtype, drop_t5=args.drop_t5)
+    if sizes is None:
+        if args.resolution == "original":
+            raise ValueError(
+                "--max-memory needs a resolution in px (or 'native') to plan for, not 'original'"
+            )
+        side = args.resolution or backend.defaults.resolution
+        sizes = [(side, side)]
+    processed = [input_size(backend, s, args.resolution) for s in sizes]
+    worst = max(processed, key=lambda hw: hw[0] * hw[1])
+    layers = args.layers if getattr(args, "layers", None) else backend.defaults.layers
+    plan = plan_memory(
+        backend.pipe,
+        worst,
+        budget,
+        dtype=dtype,
+        captured_layers=len(layers),
+        text_tokens=backend.text_len,
         offload_text_encoders=args.offload_text_encoders,
     )
+    print(
+        f"lava: memory plan for {worst[1]}x{worst[0]} px within {args.max_memory}: {plan.describe()}",
+        file=sys.stderr,
+    )
+    return apply_plan(backend, plan, device=target, dtype=dtype)
 
 
 def _eval_setup(args: argparse.Namespace, cells_spec: dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,15 @@ from .base import Backend, VariantDefaults, resolve_device, resolve_dtype
 from .sd3 import DEFAULTS, HUB_IDS, detect_variant
 from .tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
 
-__all__ = ["REGISTRY", "Backend", "VariantDefaults", "from_pipeline", "list_backends", "load_backend"]
+__all__ = [
+    "REGISTRY",
+    "Backend",
+    "VariantDefaults",
+    "from_pipeline",
+    "list_backends",
+    "load_backend",
+    "place",
+]
 
 
 def _place(pipe, device: torch.device, dtype: torch.dtype, offload_text_encoders: bool) -> torch.device:
@@ -71,6 +80,25 @@ def from_pipeline(
         dtype=dt,
         text_device=text_device,
         max_sequence_length=max_sequence_length,
+    )
+
+
+def place(
+    backend: Backend,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    offload_text_encoders: bool | None = None,
+) -> Backend:
+    """The same backend (same modules, name, defaults) moved to another device/dtype/offload."""
+    dev = resolve_device(device) if device is not None else backend.device
+    dt = resolve_dtype(dtype, dev) if dtype is not None else backend.dtype
+    offload = (
+        backend.text_device != backend.device if offload_text_encoders is None else offload_text_encoders
+    )
+    text_device = _place(backend.pipe, dev, dt, offload)
+    return dataclasses.replace(
+        backend, device=dev, dtype=dt, text_device=text_device, info=dict(backend.info)
     )
 
 
