@@ -206,3 +206,41 @@ def test_two_process_gloo_equals_one_process(voc, tmp_path):
     assert b["num_images"] == a["num_images"] == 4
     assert a["per_class_iou"] == b["per_class_iou"] and a["miou"] == b["miou"]
     assert len(list(two.glob("journal.rank*.jsonl"))) == 2  # both ranks did work
+
+
+def _make_folder(root: Path, n: int = 3) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("background\nred square\nblue circle\n")
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        label = np.zeros((24, 32), dtype=np.uint8)
+        label[4:12, 4:12] = 1
+        label[14:22, 18:30] = 2
+        label[0, :] = 255
+        img = (rng.random((24, 32, 3)) * 60).astype(np.uint8)
+        img[label == 1] = (220, 30, 30)
+        img[label == 2] = (30, 30, 220)
+        Image.fromarray(img).save(root / "images" / f"s{i}.png")
+        Image.fromarray(label).save(root / "labels" / f"s{i}.png")
+    return root
+
+
+def test_folder_dataset(tmp_path):
+    from lava.evaluation import load_dataset
+
+    root = _make_folder(tmp_path / "shapes")
+    ds = load_dataset("folder", root)
+    assert len(ds) == 3 and ds.info.classes == ("background", "red square", "blue circle")
+    assert ds.info.background == 0
+    image, label = ds[0].load()
+    assert image.size == (32, 24) and set(np.unique(label)) == {0, 1, 2, 255}
+    out = tmp_path / "out"
+    assert (
+        main(["eval", "--dataset", "folder", "--root", str(root), "--model", "tiny-sd3", "--out", str(out)])
+        == 0
+    )
+    assert json.loads((out / "report.json").read_text())["num_images"] == 3
+    (root / "classes.txt").unlink()
+    with pytest.raises(Exception, match=r"missing .*classes.txt"):
+        load_dataset("folder", root)

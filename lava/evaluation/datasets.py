@@ -38,6 +38,9 @@ LAYOUTS: dict[str, str] = {
     "COCO-Stuff-164k root, or a folder holding it as coco_object/, coco_stuff164k/ or coco/",
     "ade20k": "ROOT/images/validation/<id>.jpg, ROOT/annotations/validation/<id>.png (0 = other, "
     "1..150 = classes); ROOT is ADEChallengeData2016 or a folder holding it (directly or as ade/...)",
+    "folder": "ROOT/classes.txt (one class name per line, in label-id order; a class named "
+    "'background' is scored as background), ROOT/images/<id>.png|.jpg, ROOT/labels/<id>.png (class "
+    "ids, 255 = ignore); optional ROOT/<split>.txt lists the ids, else every image is used",
     "cityscapes": "ROOT/leftImg8bit/val/<city>/<id>_leftImg8bit.png, "
     "ROOT/gtFine/val/<city>/<id>_gtFine_labelTrainIds.png (train ids 0..18, 255 = ignore); ROOT is the "
     "Cityscapes root or a folder holding it as cityscapes/",
@@ -431,7 +434,7 @@ _SPECS: dict[str, _Spec] = {
 }
 _ALIASES = {"voc": "voc21", "ade": "ade20k", "ade150": "ade20k", "coco-object": "coco_object"}
 
-DATASET_NAMES: tuple[str, ...] = tuple(sorted([*_SPECS, "voc"]))
+DATASET_NAMES: tuple[str, ...] = tuple(sorted([*_SPECS, "voc", "folder"]))
 
 
 def _spec(name: str) -> _Spec:
@@ -451,7 +454,37 @@ def load_dataset(name: str, root: str | Path, split: str = "val") -> Segmentatio
 
     Every listed image and label must exist; a missing one raises :class:`DatasetError` naming it.
     """
+    if name.lower() == "folder":
+        return _load_folder(Path(root).expanduser(), split)
     spec = _spec(name)
     base, pairs = spec.lister(Path(root).expanduser(), split)
     samples = [Sample(sid, image, label, spec.raw_to_label) for sid, image, label in pairs]
     return SegmentationDataset(spec.info, samples, base)
+
+
+def _load_folder(root: Path, split: str) -> SegmentationDataset:
+    """A user's own dataset: ``classes.txt``, ``images/`` and ``labels/`` (see ``LAYOUTS["folder"]``)."""
+    layout = LAYOUTS["folder"]
+    names_file = root / "classes.txt"
+    if not names_file.is_file():
+        raise DatasetError(f"missing {names_file}; expected layout: {layout}")
+    classes = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
+    if not classes or len(classes) > 255:
+        raise DatasetError(f"{names_file} must name 1..255 classes, one per line; it names {len(classes)}")
+    split_file = root / f"{split}.txt"
+    if split_file.is_file():
+        ids = _ids_from_split_file(split_file, layout)
+    else:
+        ids = sorted(p.stem for p in (root / "labels").glob("*.png"))
+        if not ids:
+            raise DatasetError(f"no label PNGs in {root / 'labels'}; expected layout: {layout}")
+    pairs: _Pairs = []
+    for sid in ids:
+        found = [root / "images" / f"{sid}{ext}" for ext in (".png", ".jpg", ".jpeg")]
+        image = next((p for p in found if p.is_file()), found[0])
+        pairs.append((sid, image, root / "labels" / f"{sid}.png"))
+    _check_all_exist(pairs, layout, _no_hint)
+    background = classes.index("background") if "background" in classes else None
+    info = DatasetInfo(f"folder:{root.name}", classes, cn.prompt_names(classes), IGNORE_INDEX, background)
+    table = _identity_table(len(classes))
+    return SegmentationDataset(info, [Sample(sid, i, lab, table) for sid, i, lab in pairs], root)
