@@ -48,13 +48,22 @@ example:
 """
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated block numbers like 9,10, got {text!r}"
-        ) from err
+def _number_list(cast, example: str):
+    """An argparse type for comma-separated numbers, e.g. ``9,10`` or ``200,500,800``."""
+
+    def parse(text: str) -> list:
+        try:
+            return [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers like {example}, got {text!r}"
+            ) from err
+
+    return parse
+
+
+_int_list = _number_list(int, "9,10")
+_float_list = _number_list(float, "200,500,800")
 
 
 def _resolution(text: str) -> int | str:
@@ -69,15 +78,6 @@ def _resolution(text: str) -> int | str:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"resolution must be positive, got {value}")
     return value
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers like 200,500,800, got {text!r}"
-        ) from err
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

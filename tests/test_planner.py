@@ -114,42 +114,11 @@ def test_cli_max_memory(tmp_path, capsys):
     path = tmp_path / "a.png"
     scene().save(path)
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "segment",
-                str(path),
-                "--classes",
-                "cat",
-                "--model",
-                "tiny-sd3",
-                "--max-memory",
-                "1KiB",
-                "--out",
-                str(out),
-            ]
-        )
-        == 1
-    )
+    args = ["segment", str(path), "--classes", "cat", "--model", "tiny-sd3", "--out", str(out)]
+    assert main([*args, "--max-memory", "1KiB"]) == 1
     err = capsys.readouterr().err
     assert "does not fit in 1.00 KiB" in err and "estimated peak" in err
     assert not out.exists()
-    assert (
-        main(
-            [
-                "segment",
-                str(path),
-                "--classes",
-                "cat",
-                "--model",
-                "tiny-sd3",
-                "--max-memory",
-                "4GiB",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main([*args, "--max-memory", "4GiB"]) == 0
     assert "memory plan" in capsys.readouterr().err
     assert (out / "a_labels.png").exists()
