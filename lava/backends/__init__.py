@@ -213,9 +213,12 @@ def load_backend(
     )
     if name_or_path in REGISTRY:
         return REGISTRY[name_or_path](**opts)
-    if name_or_path in HUB_IDS.values() or os.path.isdir(name_or_path) or name_or_path.count("/") == 1:
-        if not os.path.isdir(name_or_path) and "/" in name_or_path and name_or_path.startswith((".", "/")):
-            raise ModelError(f"model folder not found: {name_or_path}")
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        return _load_sd3(path, **opts)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelError(f"model folder not found: {name_or_path}")
+    if name_or_path.count("/") == 1:  # a hub id: org/name
         return _load_sd3(name_or_path, **opts)
     raise ModelError(
         f"unknown model {name_or_path!r}: expected one of {sorted(REGISTRY)}, a hub id such as "
