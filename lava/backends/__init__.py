@@ -144,7 +144,7 @@ def _load_sd3(
     dt = resolve_dtype(dtype, dev)
     extra = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(source, torch_dtype=dt, **extra, **kw)
+        pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dt, **extra, **kw)
     except (OSError, ValueError) as err:
         raise ModelError(
             f"could not load SD3 weights from {source!r}: {err}. Expected a hub id you have access to "
