@@ -21,14 +21,27 @@ from .kernels import SliceSpec, attention_with_slice, resolve_impl
 from .types import AttentionSlices, CapturePlan, NoisyLatents, PromptEncoding
 
 
+class CaptureStore(dict):
+    """``{block: slice}`` of the plan's primary view, filled as the transformer runs.
+
+    ``views[(direction, softmax)]`` holds the same for every captured view (the primary one
+    included).
+    """
+
+    def __init__(self, plan: CapturePlan):
+        super().__init__()
+        self.views: dict[tuple[str, str], dict[int, torch.Tensor]] = {v: {} for v in plan.views}
+        self.views[plan.views[0]] = self
+
+
 class CaptureProcessor:
-    """Joint attention for SD3 blocks that also stores one ``SliceSpec`` slice in ``store[index]``.
+    """Joint attention for SD3 blocks that also stores the plan's slices in ``store``.
 
     Image-only calls (``encoder_hidden_states=None``, e.g. SD3.5's ``attn2``) are never captured;
     this processor is only installed on the joint ``attn`` of a block.
     """
 
-    def __init__(self, index: int, plan: CapturePlan, store: dict[int, torch.Tensor]):
+    def __init__(self, index: int, plan: CapturePlan, store: CaptureStore):
         self.index = index
         self.plan = plan
         self.store = store
@@ -60,15 +73,21 @@ class CaptureProcessor:
         # diffusers' SD3 joint attention: image tokens first, then text tokens.
         q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
 
-        spec = SliceSpec(
-            text_start=n_img,
-            text_len=encoder_hidden_states.shape[1],
-            columns=self.plan.columns,
-            direction=self.plan.direction,
-            softmax=self.plan.softmax,
-            heads=self.plan.heads,
-        )
-        out, self.store[self.index] = attention_with_slice(q, k, v, spec, impl=self.plan.impl)
+        out = None
+        for view in self.plan.views:
+            spec = SliceSpec(
+                text_start=n_img,
+                text_len=encoder_hidden_states.shape[1],
+                columns=self.plan.columns,
+                direction=view[0],
+                softmax=view[1],
+                heads=self.plan.heads,
+            )
+            # The first view also yields the attention output; the others reuse q, k only.
+            o, self.store.views[view][self.index] = attention_with_slice(
+                q, k, v if out is None else None, spec, impl=self.plan.impl
+            )
+            out = o if out is None else out
 
         out = rearrange(out, "b h n d -> b n (h d)").to(q.dtype)
         hidden, context = out[:, :n_img], out[:, n_img:]
@@ -83,15 +102,16 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def capturing(transformer, plan: CapturePlan) -> Iterator[dict[int, torch.Tensor]]:
+def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
     """Install capture processors on ``plan.layers`` for the duration of the block.
 
-    Yields the dict that fills with ``{block: slice}`` as the transformer runs. With
+    Yields a ``CaptureStore``: the dict that fills with ``{block: slice}`` as the transformer
+    runs (its ``views`` attribute has every ``(direction, softmax)`` view). With
     ``plan.early_exit`` the forward is cut after the deepest captured block; call the
     transformer through ``run_until_captured`` to absorb that.
     """
     blocks = transformer.transformer_blocks
-    store: dict[int, torch.Tensor] = {}
+    store = CaptureStore(plan)
     originals = {i: blocks[i].attn.processor for i in plan.layers}
     hook = None
     try:
@@ -132,6 +152,70 @@ def transformer_inputs(backend: Backend, noisy: NoisyLatents, prompt: PromptEnco
 
 
 @torch.no_grad()
+def capture_views(
+    backend: Backend,
+    noisy: NoisyLatents,
+    prompt: PromptEncoding,
+    *,
+    views: Sequence[tuple[str, str]],
+    layers: Sequence[int] | None = None,
+    heads: str = "mean",
+    columns: Sequence[int] | None = None,
+    impl: str = "auto",
+    early_exit: bool = True,
+) -> dict[tuple[str, str], AttentionSlices]:
+    """Several ``(direction, softmax)`` views from ONE forward pass: ``{view: AttentionSlices}``."""
+    if not views:
+        raise LavaError("views must name at least one (direction, softmax) pair")
+    layer_tuple = backend.check_layers(layers if layers is not None else backend.defaults.layers)
+    cols = tuple(int(c) for c in columns) if columns is not None else prompt.columns()
+    if prompt.text_len != backend.text_len:
+        raise LavaError(
+            f"prompt has {prompt.text_len} text tokens but {backend.name} expects {backend.text_len}; "
+            "encode it with the same backend"
+        )
+    try:
+        for direction, softmax in views:
+            SliceSpec(
+                text_start=0,
+                text_len=prompt.text_len,
+                columns=cols,
+                direction=direction,
+                softmax=softmax,
+                heads=heads,
+            )
+        impl = resolve_impl(impl, backend.device)
+    except ValueError as err:
+        raise LavaError(str(err)) from err
+    (direction, softmax), *extra = [tuple(v) for v in views]
+    plan = CapturePlan(
+        layers=layer_tuple,
+        columns=cols,
+        direction=direction,
+        softmax=softmax,
+        heads=heads,
+        impl=impl,
+        early_exit=early_exit,
+        extra_views=tuple(extra),
+    )
+    with capturing(backend.transformer, plan) as store:
+        run_until_captured(backend.transformer, **transformer_inputs(backend, noisy, prompt))
+    return {
+        view: AttentionSlices(
+            maps=dict(sorted(maps.items())),
+            columns=cols,
+            grid=noisy.grid,
+            direction=view[0],
+            softmax=view[1],
+            heads=heads,
+            timestep=noisy.timestep,
+            sigma=noisy.sigma,
+            image_sizes=noisy.image_sizes,
+        )
+        for view, maps in store.views.items()
+    }
+
+
 def capture(
     backend: Backend,
     noisy: NoisyLatents,
@@ -150,44 +234,15 @@ def capture(
     ``columns`` default to the text positions of the prompt's classes, so only those ``K``
     columns are computed. Each map is float32 ``[B, H or 1, N_img, K]``.
     """
-    layer_tuple = backend.check_layers(layers if layers is not None else backend.defaults.layers)
-    cols = tuple(int(c) for c in columns) if columns is not None else prompt.columns()
-    if prompt.text_len != backend.text_len:
-        raise LavaError(
-            f"prompt has {prompt.text_len} text tokens but {backend.name} expects {backend.text_len}; "
-            "encode it with the same backend"
-        )
-    try:
-        spec = SliceSpec(
-            text_start=0,
-            text_len=prompt.text_len,
-            columns=cols,
-            direction=direction,
-            softmax=softmax,
-            heads=heads,
-        )
-        impl = resolve_impl(impl, backend.device)
-    except ValueError as err:
-        raise LavaError(str(err)) from err
-    plan = CapturePlan(
-        layers=layer_tuple,
-        columns=spec.columns,
-        direction=direction,
-        softmax=softmax,
+    views = capture_views(
+        backend,
+        noisy,
+        prompt,
+        views=[(direction, softmax)],
+        layers=layers,
         heads=heads,
+        columns=columns,
         impl=impl,
         early_exit=early_exit,
     )
-    with capturing(backend.transformer, plan) as store:
-        run_until_captured(backend.transformer, **transformer_inputs(backend, noisy, prompt))
-    return AttentionSlices(
-        maps=dict(sorted(store.items())),
-        columns=cols,
-        grid=noisy.grid,
-        direction=direction,
-        softmax=softmax,
-        heads=heads,
-        timestep=noisy.timestep,
-        sigma=noisy.sigma,
-        image_sizes=noisy.image_sizes,
-    )
+    return views[(direction, softmax)]

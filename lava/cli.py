@@ -62,6 +62,22 @@ def _number_list(cast, example: str):
     return parse
 
 
+def _views(text: str) -> list[tuple[str, str]]:
+    directions, domains = ("image_to_text", "text_to_image"), ("joint", "cross")
+    if text == "all":
+        return [(d, s) for d in directions for s in domains]
+    views = []
+    for item in text.split(","):
+        d, _, sm = item.strip().partition(":")
+        if d not in directions or sm not in domains:
+            raise argparse.ArgumentTypeError(
+                f"expected views like image_to_text:joint (directions {directions}, "
+                f"softmax {domains}), got {item!r}"
+            )
+        views.append((d, sm))
+    return views
+
+
 _int_list = _number_list(int, "9,10")
 _float_list = _number_list(float, "200,500,800")
 
@@ -260,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sw.add_argument(
         "--with-mean", action="store_true", help="also evaluate the mean over all the given blocks"
+    )
+    sw.add_argument(
+        "--views",
+        type=_views,
+        default=None,
+        help="attention views to compare, e.g. image_to_text:joint,text_to_image:cross, or 'all' for the "
+        "four (default: --direction:--softmax); all come from the same forward pass",
     )
     _add_dataset_options(sw)
     _add_model_options(sw)
@@ -475,7 +498,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = run(
         backend,
         dataset,
-        [Cell(float(timestep), layers)],
+        [Cell(float(timestep), layers, settings.direction, settings.softmax)],
         settings,
         out,
         config=config,
@@ -500,13 +523,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .evaluation.runner import Cell, run
 
     dataset, backend, settings, config = _eval_setup(
-        args, {"timesteps": args.timesteps, "layers": args.layers, "with_mean": args.with_mean}
+        args,
+        {
+            "timesteps": args.timesteps,
+            "layers": args.layers,
+            "with_mean": args.with_mean,
+            "views": args.views,
+        },
     )
     for t in args.timesteps:
         backend.check_timestep(t)
     layers = backend.check_layers(args.layers)
     groups = [(layer,) for layer in layers] + ([tuple(layers)] if args.with_mean and len(layers) > 1 else [])
-    cells = [Cell(float(t), g) for t in args.timesteps for g in groups]
+    views = args.views or [(args.direction, args.softmax)]
+    cells = [Cell(float(t), g, d, sm) for d, sm in views for t in args.timesteps for g in groups]
     out = Path(args.out)
     result = run(backend, dataset, cells, settings, out, config=config)
     if distributed.is_main():

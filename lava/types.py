@@ -86,7 +86,8 @@ class CapturePlan:
 
     ``layers``: transformer block indices. ``columns``: text positions to keep (``None`` = all
     text tokens). ``direction``/``softmax``/``heads``: see ``lava.kernels.attention_slice``.
-    ``early_exit`` stops the forward after the deepest captured block.
+    ``early_exit`` stops the forward after the deepest captured block. ``extra_views`` are more
+    ``(direction, softmax)`` pairs read from the same q, k (no extra forward pass).
     """
 
     layers: tuple[int, ...]
@@ -96,6 +97,13 @@ class CapturePlan:
     heads: str = "mean"
     impl: str = "auto"
     early_exit: bool = True
+    extra_views: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def views(self) -> tuple[tuple[str, str], ...]:
+        """Every ``(direction, softmax)`` pair captured, the primary one first."""
+        primary = (self.direction, self.softmax)
+        return (primary, *(v for v in dict.fromkeys(self.extra_views) if v != primary))
 
 
 @dataclass(frozen=True)

@@ -208,3 +208,24 @@ def test_triton_capture_leaves_outputs_unchanged(tiny, image):
     with capturing(tiny.transformer, plan):
         captured = run_until_captured(tiny.transformer, **transformer_inputs(tiny, noisy, prompt))
     torch.testing.assert_close(captured, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_several_views_from_one_forward_equal_separate_captures(tiny, image):
+    from lava.capture import capture_views
+
+    noisy = lava.noise(tiny, image)
+    prompt = lava.encode_prompt(tiny, CLASSES)
+    views = [("image_to_text", "joint"), ("text_to_image", "cross"), ("image_to_text", "cross")]
+    calls = []
+    hook = tiny.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        together = capture_views(tiny, noisy, prompt, views=views, layers=[0, 2])
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    for direction, softmax in views:
+        alone = lava.capture(tiny, noisy, prompt, layers=[0, 2], direction=direction, softmax=softmax)
+        got = together[(direction, softmax)]
+        assert (got.direction, got.softmax) == (direction, softmax)
+        for layer in (0, 2):
+            torch.testing.assert_close(got.maps[layer], alone.maps[layer])

@@ -105,13 +105,13 @@ def test_resume_refuses_other_settings(voc, tmp_path, capsys):
 
 def test_sweep_one_forward_per_timestep(voc, tmp_path, monkeypatch):
     calls = []
-    real = runner.capture
+    real = runner.capture_views
 
     def counting(backend, noisy, prompt, **kw):
-        calls.append((noisy.timestep, tuple(kw["layers"])))
+        calls.append((noisy.timestep, tuple(kw["layers"]), tuple(kw["views"])))
         return real(backend, noisy, prompt, **kw)
 
-    monkeypatch.setattr(runner, "capture", counting)
+    monkeypatch.setattr(runner, "capture_views", counting)
     out = tmp_path / "sweep"
     rc = main(
         [
@@ -131,15 +131,17 @@ def test_sweep_one_forward_per_timestep(voc, tmp_path, monkeypatch):
             "--with-mean",
             "--limit",
             "3",
+            "--views",
+            "image_to_text:joint,text_to_image:cross",
         ]
     )
     assert rc == 0
-    assert len(calls) == 3 * 2  # images × timesteps, every block captured in the same pass
-    assert all(layers == (0, 1, 3) for _, layers in calls)
+    assert len(calls) == 3 * 2  # images × timesteps: every block and both views in the same pass
+    assert all(layers == (0, 1, 3) and len(views) == 2 for _, layers, views in calls)
     for name in ("sweep.csv", "sweep.md", "sweep.png", "sweep.json"):
         assert (out / name).exists()
     summary = json.loads((out / "sweep.json").read_text())
-    assert len(summary["cells"]) == 2 * 4  # 3 single blocks + their mean, at 2 timesteps
+    assert len(summary["cells"]) == 2 * 2 * 4  # 2 views × 2 timesteps × (3 single blocks + their mean)
     best = max(summary["cells"], key=lambda c: c["miou"])
     assert summary["best"]["miou"] == pytest.approx(best["miou"])
     assert "protocol=all" in (out / "sweep.md").read_text()

@@ -46,17 +46,19 @@ def metrics_dict(m: SegMetrics) -> dict:
     }
 
 
-def protocol_line(info: DatasetInfo, settings: EvalSettings) -> str:
-    """The one line that must accompany every number: what the method was told."""
+def protocol_line(
+    info: DatasetInfo, settings: EvalSettings, views: Sequence[tuple[str, str]] | None = None
+) -> str:
+    """The one line that must accompany every number: what the method was told and what it read."""
     vocab = (
         "every class of the dataset"
         if settings.protocol == "all"
         else "only the classes present in each image"
     )
-    return (
-        f"protocol={settings.protocol} ({vocab}); background={settings.background_mode(info)}; "
-        f"attention {settings.direction}, softmax over {settings.softmax} keys"
-    )
+    views = views or [(settings.direction, settings.softmax)]
+    read = "; ".join(f"{d}, softmax over {sm} keys" for d, sm in views)
+    background = settings.background_mode(info)
+    return f"protocol={settings.protocol} ({vocab}); background={background}; attention {read}"
 
 
 def write_eval_report(
@@ -92,13 +94,9 @@ def write_eval_report(
 def sweep_table(
     cells: Sequence[Cell], mious: dict[str, float]
 ) -> tuple[list[float], list[str], list[list[float]]]:
-    """``(timesteps, layer labels, mIoU grid [timestep][layer])`` from per-cell mIoU."""
+    """``(timesteps, block labels, mIoU grid [timestep][block])`` for cells of one view."""
     times = sorted({c.timestep for c in cells})
-    labels = []
-    for c in cells:
-        lab = ",".join(map(str, c.layers))
-        if lab not in labels:
-            labels.append(lab)
+    labels = list(dict.fromkeys(",".join(map(str, c.layers)) for c in cells))
     grid = [[math.nan] * len(labels) for _ in times]
     for c in cells:
         grid[times.index(c.timestep)][labels.index(",".join(map(str, c.layers)))] = mious[c.key]
@@ -115,28 +113,43 @@ def write_sweep(
     config: dict,
     title: str | None = None,
 ) -> dict:
-    """Write ``sweep.csv``, ``sweep.md``, ``sweep.png`` and ``sweep.json``; return the summary."""
+    """Write ``sweep.csv``, ``sweep.md``, ``sweep.png`` and ``sweep.json``; return the summary.
+
+    One table (and one figure panel) per attention view; the best cell over all of them.
+    """
     mious = {c.key: matrices[c.key].compute(info.classes).miou for c in cells}
-    times, labels, grid = sweep_table(cells, mious)
+    views = list(dict.fromkeys(c.view for c in cells))
     best = max(cells, key=lambda c: -1.0 if math.isnan(mious[c.key]) else mious[c.key])
-    proto = protocol_line(info, settings)
+    proto = protocol_line(info, settings, views)
 
     buf = _io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["timestep", "layers", "miou"])
+    w.writerow(["direction", "softmax", "timestep", "layers", "miou"])
     for c in cells:
-        w.writerow([f"{c.timestep:g}", ",".join(map(str, c.layers)), f"{mious[c.key]:.6f}"])
+        w.writerow(
+            [c.direction, c.softmax, f"{c.timestep:g}", ",".join(map(str, c.layers)), f"{mious[c.key]:.6f}"]
+        )
     io.atomic_write(out / "sweep.csv", lambda p: p.write_text(buf.getvalue()))
 
-    md = [
-        f"mIoU on {info.name}, {num_images} images; {proto}.",
+    md = [f"mIoU on {info.name}, {num_images} images; {proto}."]
+    panels = []
+    for view in views:
+        times, labels, grid = sweep_table([c for c in cells if c.view == view], mious)
+        panels.append((view, times, labels, grid))
+        md += [
+            "",
+            f"**{view[0]}, softmax over {view[1]} keys**",
+            "",
+            "| timestep \\ blocks | " + " | ".join(labels) + " |",
+            "|---:|" + "---:|" * len(labels),
+        ]
+        for t, row in zip(times, grid):
+            md.append(f"| {t:g} | " + " | ".join("–" if math.isnan(v) else f"{v:.3f}" for v in row) + " |")
+    md += [
         "",
-        "| timestep \\ blocks | " + " | ".join(labels) + " |",
-        "|---:|" + "---:|" * len(labels),
+        f"Best: {best.direction}/{best.softmax}, timestep {best.timestep:g}, blocks {list(best.layers)}, "
+        f"mIoU {mious[best.key]:.3f}",
     ]
-    for t, row in zip(times, grid):
-        md.append(f"| {t:g} | " + " | ".join("–" if math.isnan(v) else f"{v:.3f}" for v in row) + " |")
-    md += ["", f"Best: timestep {best.timestep:g}, blocks {list(best.layers)}, mIoU {mious[best.key]:.3f}"]
     io.atomic_write(out / "sweep.md", lambda p: p.write_text("\n".join(md) + "\n"))
 
     summary = {
@@ -146,18 +159,28 @@ def write_sweep(
         "num_images": num_images,
         "cells": [
             {
+                "direction": c.direction,
+                "softmax": c.softmax,
                 "timestep": c.timestep,
                 "layers": list(c.layers),
                 **metrics_dict(matrices[c.key].compute(info.classes)),
             }
             for c in cells
         ],
-        "best": {"timestep": best.timestep, "layers": list(best.layers), "miou": _num(mious[best.key])},
+        "best": {
+            "direction": best.direction,
+            "softmax": best.softmax,
+            "timestep": best.timestep,
+            "layers": list(best.layers),
+            "miou": _num(mious[best.key]),
+        },
         "config": config,
         "versions": versions(),
     }
     io.atomic_write(out / "sweep.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
-    fig = sweep_figure(times, labels, grid, title or f"{info.name}: mIoU over timestep × block\n{proto}")
+    fig = sweep_figure(
+        panels, title or f"{info.name}: mIoU over timestep × block, {num_images} images\n{proto}"
+    )
     io.save_figure(fig, out / "sweep.png", dpi=120)
     import matplotlib.pyplot as plt
 
@@ -165,33 +188,43 @@ def write_sweep(
     return summary
 
 
-def sweep_figure(times: Sequence[float], labels: Sequence[str], grid: Sequence[Sequence[float]], title: str):
-    """Heatmap of mIoU: rows = timesteps (noisier at the top), columns = blocks."""
+def sweep_figure(panels, title: str):
+    """Heatmaps of mIoU, one panel per view: rows = timesteps (noisier at the top), columns = blocks.
+
+    ``panels``: ``[((direction, softmax), timesteps, block labels, grid [timestep][block])]``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    arr = np.asarray(grid, dtype=float)[::-1]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(labels), 1.2 + 0.45 * len(times)))
-    im = ax.imshow(arr, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(labels)), labels, rotation=45 if max(map(len, labels)) > 3 else 0)
-    ax.set_yticks(range(len(times)), [f"{t:g}" for t in times[::-1]])
-    ax.set_xlabel("block(s)")
-    ax.set_ylabel("timestep")
-    for (r, c), v in np.ndenumerate(arr):
-        if not np.isnan(v):
-            ax.text(
-                c,
-                r,
-                f"{v:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if v < np.nanmean(arr) else "black",
-            )
-    fig.colorbar(im, ax=ax, label="mIoU")
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
+    values = np.concatenate([np.asarray(g, dtype=float).ravel() for *_, g in panels])
+    lo, hi = np.nanmin(values), np.nanmax(values)
+    n_rows = max(len(times) for _, times, _, _ in panels)
+    n_cols = max(len(labels) for _, _, labels, _ in panels)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(len(panels) * (1.6 + 0.6 * n_cols), 1.6 + 0.45 * n_rows), squeeze=False
+    )
+    for ax, (view, times, labels, grid) in zip(axes[0], panels):
+        arr = np.asarray(grid, dtype=float)[::-1]
+        im = ax.imshow(arr, cmap="viridis", aspect="auto", vmin=lo, vmax=hi)
+        ax.set_xticks(range(len(labels)), labels, rotation=45 if max(map(len, labels)) > 3 else 0)
+        ax.set_yticks(range(len(times)), [f"{t:g}" for t in times[::-1]])
+        ax.set_xlabel("block(s)")
+        ax.set_ylabel("timestep")
+        ax.set_title(f"{view[0]}\nsoftmax over {view[1]} keys", fontsize=8)
+        for (r, c), v in np.ndenumerate(arr):
+            if not np.isnan(v):
+                ax.text(
+                    c,
+                    r,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v < (lo + hi) / 2 else "black",
+                )
+    fig.colorbar(im, ax=axes[0].tolist(), label="mIoU")
+    fig.suptitle(title, fontsize=8)
     return fig

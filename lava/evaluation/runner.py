@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..aggregate import aggregate
 from ..backends.base import Backend
-from ..capture import capture
+from ..capture import capture_views
 from ..errors import LavaError
 from ..mask import to_mask
 from ..noise import noise
@@ -37,14 +37,21 @@ BACKGROUNDS = ("auto", "class", "threshold", "none")
 
 @dataclass(frozen=True)
 class Cell:
-    """One setting of the grid: a timestep and the blocks averaged into one map."""
+    """One setting of the grid: a timestep, the blocks averaged into one map, and the attention
+    view (direction and softmax domain) read."""
 
     timestep: float
     layers: tuple[int, ...]
+    direction: str = "image_to_text"
+    softmax: str = "joint"
+
+    @property
+    def view(self) -> tuple[str, str]:
+        return (self.direction, self.softmax)
 
     @property
     def key(self) -> str:
-        return f"t={self.timestep:g}|layers={','.join(map(str, self.layers))}"
+        return f"t={self.timestep:g}|layers={','.join(map(str, self.layers))}|{self.direction}/{self.softmax}"
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,7 @@ def run(
     by_time: dict[float, list[int]] = {}
     for i, cell in enumerate(cells):
         by_time.setdefault(cell.timestep, []).append(i)
+    capture_views_at = {t: list(dict.fromkeys(cells[i].view for i in idx)) for t, idx in by_time.items()}
     capture_layers = {
         t: tuple(sorted({layer for i in idx for layer in cells[i].layers})) for t, idx in by_time.items()
     }
@@ -236,18 +244,20 @@ def run(
         per_cell: dict[str, torch.Tensor] = {}
         for t, idx in by_time.items():
             noisy = noise(backend, image, timestep=t, seed=settings.seed, resolution=settings.resolution)
-            slices = capture(
+            # One forward per timestep: every block and every view of this timestep's cells at once.
+            views = capture_views(
                 backend,
                 noisy,
                 prompt,
+                views=capture_views_at[t],
                 layers=capture_layers[t],
-                direction=settings.direction,
-                softmax=settings.softmax,
                 impl=settings.impl,
             )
             for ci in idx:
                 cell = cells[ci]
-                heat = aggregate(slices, prompt, AggregateConfig(**{**asdict(agg), "layers": cell.layers}))
+                heat = aggregate(
+                    views[cell.view], prompt, AggregateConfig(**{**asdict(agg), "layers": cell.layers})
+                )
                 seg = to_mask(heat, config=mask_cfg, images=(image,))
                 pred = to_dataset_ids(seg, 0, ids, info, threshold)
                 one = ConfusionMatrix(info.num_classes, info.ignore_index)
