@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-DEFAULT_MODEL = "tiny-sd3"
+DEFAULT_MODEL = "lava-shapes"
 
 SEGMENT_EPILOG = """\
 examples:
@@ -26,8 +26,9 @@ for each IMAGE, --out receives:
   <name>_scores.npz   per-class scores [C, H, W] (with --save-scores)
   <name>_heatmaps.png one heatmap per class (with --heatmaps)
 
-With no --model, lava uses tiny-sd3: a toy model with random weights that runs offline but
-gives meaningless masks. For real photos pass --model sd3-medium (or a hub id / local folder).
+With no --model, lava uses lava-shapes: a small SD3-architecture model trained by lava on
+synthetic scenes of coloured circles, squares and triangles; it runs offline but knows no photos.
+For real photos pass --model sd3-medium (or a hub id / local folder).
 """
 
 
@@ -386,8 +387,14 @@ def _load_backend_for(args: argparse.Namespace, device: str | None = None, sizes
     model = args.model or DEFAULT_MODEL
     if args.model is None:
         print(
-            f"lava: no --model given, using {DEFAULT_MODEL}: a toy model with RANDOM weights, so the masks "
-            "are meaningless. Use --model sd3-medium (or a hub id / local folder) for real images.",
+            f"lava: no --model given, using {DEFAULT_MODEL}: a small model trained on synthetic shape scenes "
+            "(coloured circles, squares, triangles); it knows no photos. For real images use "
+            "--model sd3-medium (or a hub id / local folder).",
+            file=sys.stderr,
+        )
+    elif model == "tiny-sd3":
+        print(
+            "lava: tiny-sd3 has RANDOM weights, so its masks are meaningless (it exists for tests).",
             file=sys.stderr,
         )
     if not args.max_memory:

@@ -30,7 +30,7 @@ def segment(
     images: ImageInput | Sequence[ImageInput],
     classes: str | Sequence[str],
     *,
-    backend: Backend | str = "tiny-sd3",
+    backend: Backend | str = "lava-shapes",
     timestep: float | None = None,
     sigma: float | None = None,
     layers: Sequence[int] | None = None,

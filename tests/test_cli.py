@@ -29,6 +29,8 @@ def test_segment_writes_all_outputs(img_path, tmp_path, capsys):
             str(img_path),
             "--classes",
             "cat,potted plant",
+            "--model",
+            "tiny-sd3",
             "--out",
             str(out),
             "--save-scores",
@@ -41,7 +43,7 @@ def test_segment_writes_all_outputs(img_path, tmp_path, capsys):
     )
     assert rc == 0
     err = capsys.readouterr().err
-    assert "RANDOM weights" in err and "meaningless" in err
+    assert "RANDOM weights" in err and "meaningless" in err  # tiny-sd3 says so
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         "room_classes.txt",
@@ -129,3 +131,13 @@ def test_console_script_help():
         [sys.executable, "-m", "lava.cli", "segment"], capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 2 and "--classes" in res.stderr
+
+
+def test_default_model_is_the_shipped_reference(tmp_path, capsys):
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "lava" / "assets" / "examples" / "scene_0.png"
+    out = tmp_path / "out"
+    assert main(["segment", str(example), "--classes", "red circle,background", "--out", str(out)]) == 0
+    assert "using lava-shapes" in capsys.readouterr().err
+    assert (out / "scene_0_labels.png").exists()

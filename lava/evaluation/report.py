@@ -7,6 +7,7 @@ import io as _io
 import json
 import math
 import platform
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def sweep_figure(panels, title: str):
     n_rows = max(len(times) for _, times, _, _ in panels)
     n_cols = max(len(labels) for _, _, labels, _ in panels)
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(len(panels) * (1.6 + 0.6 * n_cols), 1.6 + 0.45 * n_rows), squeeze=False
+        1, len(panels), figsize=(len(panels) * (1.8 + 0.6 * n_cols) + 1.0, 2.4 + 0.45 * n_rows), squeeze=False
     )
     for ax, (view, times, labels, grid) in zip(axes[0], panels):
         arr = np.asarray(grid, dtype=float)[::-1]
@@ -225,6 +226,8 @@ def sweep_figure(panels, title: str):
                     fontsize=7,
                     color="white" if v < (lo + hi) / 2 else "black",
                 )
+    fig.subplots_adjust(top=0.72, bottom=0.18, wspace=0.45)
     fig.colorbar(im, ax=axes[0].tolist(), label="mIoU")
-    fig.suptitle(title, fontsize=8)
+    width = max(60, int(fig.get_figwidth() * 14))
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=8)
     return fig

@@ -1,0 +1,70 @@
+"""``lava-shapes``: a small SD3-architecture MM-DiT trained by lava on synthetic shape scenes.
+
+It ships inside the package (``lava/assets/lava-shapes``, a few MB of fp16 safetensors) so that
+attention segmentation can be run, tested and measured offline, on a CPU, with real trained
+weights. ``lava.load_backend("lava-shapes")`` loads it. See ``docs/reference-model.md``.
+
+Importing this module is cheap (``list_backends`` reads ``REFERENCE_DEFAULTS``); torch modules
+are only built by ``load_reference_backend``.
+"""
+
+from __future__ import annotations
+
+from ..backends.base import Backend, VariantDefaults
+
+__all__ = ["BACKGROUND_THRESHOLD", "REFERENCE_DEFAULTS", "load_reference_backend"]
+
+# Measured with ``python -m lava.reference.sweep`` on 60 held-out scenes (docs/reference-model.md):
+# block 1 of 4 at t = 200 reads best; background is a 0.4 threshold on the min-max maps
+# (``MaskConfig(background_threshold=0.4)`` / ``--background-threshold 0.4``).
+REFERENCE_DEFAULTS = VariantDefaults(
+    timestep=200.0,
+    layers=(1,),
+    resolution=32,
+    source="measured by lava.reference.sweep on 60 held-out scenes: block 1, t=200, background threshold 0.4",
+)
+# Background is a threshold on the min-max normalised maps (``MaskConfig(background_threshold=…)``):
+# a class named "background" in the prompt does not localise in this model (sweep.py measures both).
+BACKGROUND_THRESHOLD = 0.4
+
+
+def load_reference_backend(
+    *,
+    device=None,
+    dtype=None,
+    drop_t5: bool = False,
+    offload_text_encoders: bool = False,
+    path=None,
+    **kw,
+) -> Backend:
+    """The shipped ``lava-shapes`` model as a ``Backend`` (CPU and fp32 unless asked otherwise).
+
+    ``drop_t5`` is accepted for interface parity and changes nothing: the model has no T5 (its
+    T5 slots are always zeros). ``path`` loads weights from another folder written by
+    ``python -m lava.reference.train --out PATH``.
+    """
+    from ..backends import from_pipeline
+    from ..backends.base import resolve_device, resolve_dtype
+    from ..errors import ModelError
+    from .model import ASSET_DIR, load_pipeline, read_config
+
+    if kw:
+        raise ModelError(f"lava-shapes takes no options {sorted(kw)}")
+    del drop_t5  # no T5 to drop
+    folder = path or ASSET_DIR
+    dev = resolve_device(device if device is not None else "cpu")
+    dt = resolve_dtype(dtype or "float32", dev)
+    pipe = load_pipeline(folder)
+    config, _ = read_config(folder)
+    backend = from_pipeline(
+        pipe,
+        name="lava-shapes",
+        device=dev,
+        dtype=dt,
+        offload_text_encoders=offload_text_encoders,
+        max_sequence_length=config.t5_tokens,
+        defaults=REFERENCE_DEFAULTS,
+    )
+    backend.variant = "lava-shapes"
+    backend.info["weights"] = str(folder)
+    return backend

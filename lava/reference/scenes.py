@@ -1,0 +1,265 @@
+"""Procedural scenes for the ``lava-shapes`` reference model: coloured shapes on a plain background.
+
+A scene is 1–3 objects (circle, square or triangle in red, green, blue or yellow) of varied size
+and position, possibly overlapping, on a neutral background that is plain or lightly textured.
+Everything is drawn from ``numpy.random.default_rng(seed)``, so a seed *is* the scene; geometry
+lives in unit coordinates and can be rendered at any size, with an exact label map.
+
+Splits are seed ranges: training draws seeds below ``HELDOUT_START``, evaluation uses seeds from
+``HELDOUT_START`` on, so no held-out scene was ever seen in training.
+
+Two class vocabularies share one label map:
+
+* ``"colour_shape"`` — ``background`` + the 12 names ``"red circle"`` … ``"yellow triangle"``;
+* ``"shape"`` — ``background`` + ``"circle"``, ``"square"``, ``"triangle"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 45, 40),
+    "green": (45, 165, 65),
+    "blue": (45, 85, 215),
+    "yellow": (235, 205, 40),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+BACKGROUND = "background"
+TEXTURES: tuple[str, ...] = ("plain", "gradient", "noise", "stripes")
+
+TRAIN_SEEDS = range(0, 1_000_000)
+HELDOUT_START = 1_000_000
+VOCABS = ("colour_shape", "shape")
+
+# Shape outlines in units of the object's size ``s`` (its circle radius): the square's half side
+# and the triangle's circumradius are chosen so the three shapes have similar areas.
+_SQUARE_HALF = 0.9
+_TRIANGLE_R = 1.3
+
+
+def class_names(vocab: str = "colour_shape") -> tuple[str, ...]:
+    """Every class of a vocabulary, label id = index (0 is background)."""
+    if vocab == "colour_shape":
+        return (BACKGROUND, *(f"{c} {s}" for c in COLOURS for s in SHAPES))
+    if vocab == "shape":
+        return (BACKGROUND, *SHAPES)
+    raise ValueError(f"vocab must be one of {VOCABS}, got {vocab!r}")
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One shape: centre ``(cx, cy)`` and size ``size`` in unit image coordinates, angle in radians."""
+
+    colour: str
+    shape: str
+    cx: float
+    cy: float
+    size: float
+    angle: float
+    rgb: tuple[float, float, float]
+
+    def name(self, vocab: str = "colour_shape") -> str:
+        return f"{self.colour} {self.shape}" if vocab == "colour_shape" else self.shape
+
+    def inside(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Boolean mask of the points ``(x, y)`` (unit coordinates, y down) covered by the shape."""
+        c, s = math.cos(self.angle), math.sin(self.angle)
+        dx, dy = (x - self.cx) / self.size, (y - self.cy) / self.size
+        u, v = c * dx + s * dy, -s * dx + c * dy
+        if self.shape == "circle":
+            return u * u + v * v <= 1.0
+        if self.shape == "square":
+            return np.maximum(np.abs(u), np.abs(v)) <= _SQUARE_HALF
+        # Equilateral triangle, apex up: inside all three edges, whose outward normals point
+        # away from the opposite vertices (down, lower-left... in image coordinates, y down).
+        inradius = _TRIANGLE_R / 2
+        out = np.ones(np.broadcast(u, v).shape, dtype=bool)
+        for a in (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3):
+            out &= u * math.cos(a) + v * math.sin(a) <= inradius
+        return out
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Objects in drawing order (later ones on top) over a background; see ``make_scene``."""
+
+    seed: int
+    objects: tuple[SceneObject, ...]
+    background_rgb: tuple[float, float, float]
+    texture: str
+    texture_params: tuple[float, ...]
+
+    # ---- text ------------------------------------------------------------------------------
+    def present_classes(self, vocab: str = "colour_shape") -> tuple[str, ...]:
+        """Names of the objects' classes, unique, in object order (no background)."""
+        return tuple(dict.fromkeys(o.name(vocab) for o in self.objects))
+
+    def caption(self) -> str:
+        """A plain-English caption, e.g. ``"a red circle and a blue triangle"``."""
+        return " and ".join(f"a {o.name()}" for o in self.objects)
+
+    # ---- pixels ----------------------------------------------------------------------------
+    def object_map(self, size: int) -> np.ndarray:
+        """``[size, size]`` uint8: 0 background, ``i + 1`` where object ``i`` is the top one.
+
+        Sampled at pixel centres, the same rule the label maps use.
+        """
+        x, y = _grid(size, 1)
+        out = np.zeros((size, size), dtype=np.uint8)
+        for i, obj in enumerate(self.objects):
+            out[obj.inside(x, y)] = i + 1
+        return out
+
+    def labels(self, size: int, vocab: str = "colour_shape") -> np.ndarray:
+        """``[size, size]`` uint8 label map with ids indexing ``class_names(vocab)``."""
+        ids = class_names(vocab)
+        lut = np.array([0] + [ids.index(o.name(vocab)) for o in self.objects], dtype=np.uint8)
+        return lut[self.object_map(size)]
+
+    def render(self, size: int, supersample: int | None = None) -> np.ndarray:
+        """``[size, size, 3]`` uint8 RGB; edges anti-aliased by averaging ``supersample²`` samples."""
+        ss = supersample or (4 if size <= 64 else 2)
+        x, y = _grid(size, ss)
+        img = self._background(x, y, size * ss)
+        for obj in self.objects:
+            img[obj.inside(x, y)] = obj.rgb
+        img = img.reshape(size, ss, size, ss, 3).mean(axis=(1, 3))
+        return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+    def _background(self, x: np.ndarray, y: np.ndarray, n: int) -> np.ndarray:
+        base = np.broadcast_to(np.asarray(self.background_rgb, dtype=np.float64), (n, n, 3)).copy()
+        p = self.texture_params
+        if self.texture == "gradient":  # p = (amplitude, direction angle)
+            base += (p[0] * ((x - 0.5) * math.cos(p[1]) + (y - 0.5) * math.sin(p[1])))[..., None]
+        elif self.texture == "stripes":  # p = (amplitude, frequency in cycles per image, angle)
+            phase = 2 * math.pi * p[1] * (x * math.cos(p[2]) + y * math.sin(p[2]))
+            base += (p[0] * np.sin(phase))[..., None]
+        elif self.texture == "noise":  # p = (amplitude,): grey per-sample noise, seeded by the scene
+            rng = np.random.default_rng([self.seed, n])
+            base += p[0] * rng.standard_normal((n, n, 1))
+        return base
+
+
+def _grid(size: int, ss: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit coordinates of ``(size·ss)²`` sample points, centred in their cells: ``x, y`` ``[n, n]``."""
+    n = size * ss
+    c = (np.arange(n) + 0.5) / n
+    return np.meshgrid(c, c, indexing="xy")
+
+
+def make_scene(seed: int, same_colour: float = 0.0) -> Scene:
+    """The scene of ``seed`` (deterministic): 1–3 distinct colour+shape objects on a background.
+
+    Colours and shapes are drawn independently (a repeated pair is redrawn). ``same_colour``
+    adds that chance of giving each further object the previous object's colour: training raises
+    it (``TrainConfig.same_colour``) so that colour alone often does not tell the objects apart
+    and the shape words have to be used; held-out scenes keep the default, natural rate.
+    """
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([1, 2, 3], p=[0.25, 0.45, 0.30]))
+    combos: list[tuple[str, str]] = []
+    colours, shapes = list(COLOURS), list(SHAPES)
+    while len(combos) < n:
+        if combos and rng.random() < same_colour:
+            colour = combos[-1][0]  # same colour, another shape
+        else:
+            colour = colours[rng.integers(len(colours))]
+        combo = (colour, shapes[rng.integers(len(shapes))])
+        if combo not in combos:
+            combos.append(combo)
+
+    lo, hi = (0.13, 0.26) if n == 1 else (0.11, 0.21)
+    objects: list[SceneObject] = []
+    for colour, shape in combos:
+        for _ in range(100):
+            size = float(rng.uniform(lo, hi))
+            cx, cy = (float(v) for v in rng.uniform(size, 1 - size, 2))
+            # Partial overlaps are allowed, but centres keep apart so every object stays visible.
+            if all(math.hypot(cx - o.cx, cy - o.cy) >= 0.8 * (size + o.size) for o in objects):
+                break
+        angle = float(rng.uniform(-0.25, 0.25)) if shape != "circle" else 0.0
+        rgb = tuple(float(np.clip(v + rng.uniform(-22, 22), 0, 255)) for v in COLOURS[colour])
+        objects.append(SceneObject(colour, shape, cx, cy, size, angle, rgb))
+
+    grey = float(rng.choice([rng.uniform(35, 90), rng.uniform(110, 245)], p=[0.25, 0.75]))
+    tint = rng.uniform(-12, 12, 3)
+    background = tuple(float(np.clip(grey + t, 0, 255)) for t in tint)
+    texture = TEXTURES[int(rng.choice(len(TEXTURES), p=[0.4, 0.2, 0.2, 0.2]))]
+    params: tuple[float, ...] = {
+        "plain": (),
+        "gradient": (float(rng.uniform(20, 50)), float(rng.uniform(0, 2 * math.pi))),
+        "noise": (float(rng.uniform(4, 12)),),
+        "stripes": (float(rng.uniform(6, 14)), float(rng.uniform(2, 6)), float(rng.uniform(0, math.pi))),
+    }[texture]
+    return Scene(int(seed), tuple(objects), background, texture, params)
+
+
+def heldout_seeds(n: int, start: int = HELDOUT_START) -> list[int]:
+    """The first ``n`` held-out seeds."""
+    return list(range(start, start + n))
+
+
+def render_batch(scenes: Sequence[Scene], size: int) -> np.ndarray:
+    """``[B, size, size, 3]`` uint8 images of ``scenes``."""
+    return np.stack([s.render(size) for s in scenes])
+
+
+def training_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A random wording of ``scene``'s caption, as the model sees it in training.
+
+    Three styles, objects in random order: the English caption (``"a red circle and a blue
+    triangle"``), and lava's default prompts — class names joined by spaces — in either
+    vocabulary (``"red circle blue triangle"``, ``"circle triangle"``). A quarter of the name
+    lists also hold the word ``"background"`` at a random place, as a prompt with a background
+    class would. Training on the very prompts lava builds means inference needs no template.
+    Colour+shape lists dominate: shape-only captions name no colour, so a pixel can only bind
+    them through the shape it is part of, which a small model learns slowly.
+    """
+    order = [scene.objects[i] for i in rng.permutation(len(scene.objects))]
+    style = rng.choice(3, p=[0.25, 0.60, 0.15])
+    if style == 0:
+        return " and ".join(f"a {o.name()}" for o in order)
+    names = list(dict.fromkeys(o.name("colour_shape" if style == 1 else "shape") for o in order))
+    if rng.random() < 0.25:
+        names.insert(int(rng.integers(len(names) + 1)), BACKGROUND)
+    return " ".join(names)
+
+
+def save_examples(out_dir: str, seeds: Sequence[int], size: int = 128) -> list[dict]:
+    """Write ``scene_<seed>.png`` and its ``scene_<seed>_labels.png`` (palette, colour+shape ids).
+
+    Also ``examples.json``: per scene its caption and class names in both vocabularies, and the
+    id → name table of the label PNGs. Returns the JSON's ``scenes`` entries.
+    """
+    import json
+    import os
+
+    from PIL import Image
+
+    from ..viz import label_image
+
+    os.makedirs(out_dir, exist_ok=True)
+    entries = []
+    for seed in seeds:
+        scene = make_scene(seed)
+        Image.fromarray(scene.render(size)).save(os.path.join(out_dir, f"scene_{seed}.png"))
+        label_image(scene.labels(size)).save(os.path.join(out_dir, f"scene_{seed}_labels.png"))
+        entries.append(
+            {
+                "image": f"scene_{seed}.png",
+                "labels": f"scene_{seed}_labels.png",
+                "seed": seed,
+                "caption": scene.caption(),
+                "classes": list(scene.present_classes("colour_shape")),
+                "shape_classes": list(scene.present_classes("shape")),
+            }
+        )
+    with open(os.path.join(out_dir, "examples.json"), "w") as f:
+        json.dump({"label_ids": list(class_names("colour_shape")), "scenes": entries}, f, indent=2)
+        f.write("\n")
+    return entries

@@ -1,0 +1,236 @@
+"""Train ``lava-shapes``: SD3's rectified-flow objective on procedurally generated shape scenes.
+
+    python -m lava.reference.train --out lava/assets/lava-shapes --steps 1500 --seed 0
+
+Each step renders a fresh batch of training scenes (seeds below ``HELDOUT_START``), words their
+captions at random (``scenes.training_caption``), and trains the transformer and both text
+encoders together through ``StableDiffusion3Pipeline.encode_prompt``, the embedding lava uses.
+
+Objective (SD3, Esser et al. 2024): ``x_t = (1 - σ)·x_0 + σ·ε``, the model predicts the velocity
+``v = ε - x_0`` from ``x_t`` at timestep ``t = 1000·σ``, with ``σ = sigmoid(u)``, ``u ~ N(0, 1)``
+(logit-normal). Everything is seeded; the learning rate follows the step count (linear warm-up,
+cosine decay), so a run is reproduced by its command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .model import ASSET_DIR, ReferenceConfig, build_pipeline, save_pipeline, text_embeddings
+from .scenes import TRAIN_SEEDS, make_scene, training_caption
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (defaults = the shipped run)."""
+
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    min_lr_ratio: float = 0.05  # cosine decays to lr · min_lr_ratio
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # σ = sigmoid(N(logit_mean, logit_std)), SD3's default. A pilot with the mean shifted to 0.8
+    # (more training at high noise) localised worse after 500 steps (docs/reference-model.md).
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    seed: int = 0
+    same_colour: float = 0.35  # make_scene's chance of repeating a colour (held-out scenes: 0)
+    ema_decay: float = 0.0  # > 0: save an exponential moving average of the weights
+    bf16: bool = True  # bf16 autocast: ~20% faster steps on this CPU; weights stay fp32
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of ``step``: linear warm-up to ``lr``, then cosine to ``lr · min_lr_ratio``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def training_batch(step: int, cfg: TrainConfig, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Pixels ``[B, 3, size, size]`` in [-1, 1] and captions of step ``step``'s scenes.
+
+    Scene seeds run consecutively through the training range, offset by the run seed.
+    """
+    first = cfg.seed * 7_919_000 + step * cfg.batch_size
+    seeds = [(first + i) % len(TRAIN_SEEDS) for i in range(cfg.batch_size)]
+    rng = np.random.default_rng([cfg.seed, step])
+    scenes = [make_scene(s, same_colour=cfg.same_colour) for s in seeds]
+    pixels = np.stack([s.render(size) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    captions = [training_caption(s, rng) for s in scenes]
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def flow_matching_loss(
+    pipe, model_config: ReferenceConfig, x0: torch.Tensor, captions: list[str], gen: torch.Generator, cfg
+) -> torch.Tensor:
+    """Mean squared error of the predicted velocity for clean images ``x0`` ``[B, 3, H, W]``."""
+    b = x0.shape[0]
+    sigma = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(b, generator=gen))
+    eps = torch.randn(x0.shape, generator=gen)
+    s = sigma.view(b, 1, 1, 1)
+    xt = (1 - s) * x0 + s * eps
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        embeds, pooled = text_embeddings(pipe, captions, model_config)
+        pred = pipe.transformer(
+            hidden_states=xt,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=sigma * 1000.0,
+            return_dict=False,
+        )[0]
+    return F.mse_loss(pred.float(), eps - x0)
+
+
+class EMA:
+    """Exponential moving average of ``params`` (decay warmed up as ``(1 + step) / (10 + step)``)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The averaged weights in the model for the duration (to save them)."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+
+def train(
+    out: str,
+    cfg: TrainConfig,
+    model_config: ReferenceConfig | None = None,
+    *,
+    save_every: int = 0,
+    threads: int | None = None,
+) -> dict:
+    """Train from scratch and save to ``out``; returns the run's metadata (also in the config JSON)."""
+    model_config = model_config or ReferenceConfig()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    pipe = build_pipeline(model_config, seed=cfg.seed)
+    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
+    for m in modules:
+        m.train()  # build_pipeline already froze what must stay fixed (the zero pooled projections)
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    # No weight decay on norms, biases and embeddings' 1-d parameters.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    def save(extra: dict) -> None:
+        with ema.swapped() if ema else nullcontext():
+            save_pipeline(pipe, out, model_config, extra)
+
+    meta = {
+        "train": asdict(cfg),
+        "command": (
+            f"python -m lava.reference.train --out {out} --steps {cfg.steps} --seed {cfg.seed} "
+            f"--batch-size {cfg.batch_size} --lr {cfg.lr:g} --logit-mean {cfg.logit_mean:g} "
+            f"--same-colour {cfg.same_colour:g} --ema {cfg.ema_decay:g}" + ("" if cfg.bf16 else " --no-bf16")
+        ),
+    }
+    start = time.time()
+    ema_loss = None
+    bar = tqdm(range(cfg.steps), desc="train", unit="step", mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x0, captions = training_batch(step, cfg, model_config.resolution)
+        loss = flow_matching_loss(pipe, model_config, x0, captions, gen, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if ema:
+            ema.update(step)
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{lr_at(step, cfg):.2e}", refresh=False)
+        if step % 50 == 0 or step == cfg.steps - 1:
+            print(f"step {step} loss {ema_loss:.4f} wall {time.time() - start:.0f}s", flush=True)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
+            save({**meta, "steps_done": step + 1})
+    wall = time.time() - start
+    meta.update(steps_done=cfg.steps, wall_time_s=round(wall, 1), final_loss=round(float(ema_loss), 5))
+    save(meta)
+    print(f"trained {cfg.steps} steps in {wall / 60:.1f} min (final loss {ema_loss:.4f}); saved to {out}")
+    return meta
+
+
+def _passive_openmp(argv: list[str]) -> None:
+    """Re-run this command with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set.
+
+    On a shared CPU, OpenMP threads that spin while waiting made a 2-thread step ~10x slower as
+    soon as one other process competed for the cores (measured: 11.8 s vs 1.1 s). The policy is
+    read when torch loads, so it has to be in the environment before the interpreter starts.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ:
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        os.execve(sys.executable, [sys.executable, "-m", "lava.reference.train", *argv], env)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if __name__ == "__main__":
+        _passive_openmp(argv)
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ASSET_DIR), help="folder to write the weights to")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--logit-mean", type=float, default=d.logit_mean, help="centre of logit-normal σ")
+    p.add_argument("--same-colour", type=float, default=d.same_colour, help="see make_scene")
+    p.add_argument("--ema", type=float, default=d.ema_decay, help="EMA decay of the saved weights (0: off)")
+    p.add_argument("--save-every", type=int, default=250, help="also save every N steps (0: only at the end)")
+    p.add_argument("--no-bf16", action="store_true", help="train in plain fp32 (slower)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a = p.parse_args(argv)
+    cfg = TrainConfig(
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        bf16=not a.no_bf16,
+        logit_mean=a.logit_mean,
+        same_colour=a.same_colour,
+        ema_decay=a.ema,
+    )
+    train(a.out, cfg, save_every=a.save_every, threads=a.threads)
+
+
+if __name__ == "__main__":
+    main()
