@@ -139,7 +139,8 @@ def main() -> None:
     args = parser.parse_args()
     device = args.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    impls = ["sdpa", "naive", "torch"] + (["triton"] if device.startswith("cuda") else [])
+    # naive last: freeing its GiB-sized buffers slows whatever runs right after it.
+    impls = ["sdpa", "torch"] + (["triton"] if device.startswith("cuda") else []) + ["naive"]
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         for impl in impls:
