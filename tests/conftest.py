@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Busy-waiting OpenMP threads make torch ~10x slower when another process shares the 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

@@ -112,6 +112,19 @@ def test_class_spans_decode_to_class_names(shapes):
         assert shapes.pipe.tokenizer.decode([ids[p] for p in prompt.clip_spans[name]]).strip() == name
 
 
+def test_training_rebuilds_the_shipped_tokenizers(shapes):
+    # train.py builds its tokenizers in code (lava.backends.tiny's rule-built BPE); if that rule
+    # changes, retraining would no longer reproduce the shipped model.
+    from lava.reference.model import build_tokenizers, read_config
+
+    config, _ = read_config()
+    for built, shipped in zip(build_tokenizers(config), (shapes.pipe.tokenizer, shapes.pipe.tokenizer_2)):
+        assert built.get_vocab() == shipped.get_vocab()
+        assert built.model_max_length == shipped.model_max_length == shapes.clip_len
+        for text in (" ".join(class_names()), make_scene(HELDOUT_START).caption()):
+            assert built(text)["input_ids"] == shipped(text)["input_ids"]
+
+
 @pytest.mark.parametrize("vocab", ["colour_shape", "shape"])
 def test_quality_gate_on_heldout_scenes(shapes, vocab):
     seeds = heldout_seeds(QUALITY_SCENES)
