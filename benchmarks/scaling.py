@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from memprobe import median_seconds, peak_bytes
 
 from lava.kernels import SliceSpec, attention_with_slice
+from lava.planner import fmt_bytes as planner_fmt_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT, K, HEAD_DIM = 333, 20, 64
@@ -56,10 +57,7 @@ def measure(impl: str, n_img: int, heads: int, device: str, dtype: torch.dtype, 
 
 
 def fmt_bytes(b: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if b >= size:
-            return f"{b / size:.1f} {unit}"
-    return f"{b:.0f} B"
+    return planner_fmt_bytes(b, digits=1)
 
 
 def table(rows: list[dict], device_name: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 
@@ -81,16 +80,3 @@ def fit_to_grid(size: tuple[int, int], resolution: int, unit: int) -> tuple[int,
     h, w = size
     scale = resolution / max(h, w)
     return (max(unit, round(h * scale / unit) * unit), max(unit, round(w * scale / unit) * unit))
-
-
-def grid_limit_px(pos_embed_max_size: int | None, unit: int) -> int | None:
-    """Largest side in pixels the model's position embedding covers (``None`` = no limit)."""
-    return None if pos_embed_max_size is None else pos_embed_max_size * unit
-
-
-def same_size(images: Sequence[Image.Image]) -> bool:
-    return len({im.size for im in images}) == 1
-
-
-def round_up(x: int, unit: int) -> int:
-    return int(math.ceil(x / unit) * unit)

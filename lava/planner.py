@@ -50,10 +50,11 @@ def parse_bytes(text: str | int | float) -> int:
     return int(float(m.group(1)) * 1024**power)
 
 
-def fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float, digits: int = 2) -> str:
+    """``n`` bytes in the largest binary unit it reaches, e.g. ``"1.50 GiB"``."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
-            return f"{n / size:.2f} {unit}"
+            return f"{n / size:.{digits}f} {unit}"
     return f"{n:.0f} B"
 
 

@@ -44,12 +44,6 @@ def overlay(
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8), mode="RGB")
 
 
-def legend(classes: Sequence[str]) -> list[tuple[str, tuple[int, int, int]]]:
-    """``(class, colour)`` pairs in label order, for captions and plots."""
-    pal = palette()
-    return [(c, tuple(int(v) for v in pal[i])) for i, c in enumerate(classes)]
-
-
 def heatmap_figure(heatmaps, index: int = 0, image: Image.Image | None = None):
     """A matplotlib figure: one panel per class with its score map (over ``image`` if given)."""
     import matplotlib
