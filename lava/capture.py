@@ -45,6 +45,16 @@ class CaptureProcessor:
         self.index = index
         self.plan = plan
         self.store = store
+        self.positions, self.gather = _row_gather(plan)
+
+    def _keys(self, sl: torch.Tensor) -> torch.Tensor:
+        """``[B·G, H', N_img, U]`` over the union of positions → ``[B, H', N_img, K]`` over the
+        plan's keys, each read from its own prompt row's batch entry."""
+        if self.gather is None:
+            return sl
+        row_idx, pos_idx = self.gather
+        per_row = sl.unflatten(0, (-1, len(self.plan.prompt_rows)))  # [B, G, H', N, U]
+        return per_row.permute(0, 2, 3, 1, 4)[..., row_idx.to(sl.device), pos_idx.to(sl.device)]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if encoder_hidden_states is None:
@@ -78,15 +88,14 @@ class CaptureProcessor:
             spec = SliceSpec(
                 text_start=n_img,
                 text_len=encoder_hidden_states.shape[1],
-                columns=self.plan.columns,
+                columns=self.positions,
                 direction=view[0],
                 softmax=view[1],
                 heads=self.plan.heads,
             )
             # The first view also yields the attention output; the others reuse q, k only.
-            o, self.store.views[view][self.index] = attention_with_slice(
-                q, k, v if out is None else None, spec, impl=self.plan.impl
-            )
+            o, sl = attention_with_slice(q, k, v if out is None else None, spec, impl=self.plan.impl)
+            self.store.views[view][self.index] = self._keys(sl)
             out = o if out is None else out
 
         out = rearrange(out, "b h n d -> b n (h d)").to(q.dtype)
@@ -95,6 +104,34 @@ class CaptureProcessor:
             context = attn.to_add_out(context)
         hidden = attn.to_out[1](attn.to_out[0](hidden))
         return hidden, context
+
+
+def _row_gather(plan: CapturePlan) -> tuple[tuple[int, ...] | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The text positions the kernel computes and how to pick the plan's keys from them.
+
+    With one prompt row the keys are the positions and nothing is gathered. With several rows in
+    the batch the kernel computes the union of positions for every row, and key
+    ``row · text_len + position`` is then read from that row's batch entry.
+    """
+    if len(plan.prompt_rows) == 1 and plan.prompt_rows[0] == 0:
+        return plan.columns, None
+    if plan.text_len is None:
+        raise LavaError("a capture over several prompt rows needs the plan's text_len")
+    t = plan.text_len
+    where = {row: g for g, row in enumerate(plan.prompt_rows)}
+    keys = plan.columns
+    if keys is None:
+        keys = tuple(row * t + p for row in plan.prompt_rows for p in range(t))
+    outside = [k for k in keys if k // t not in where]
+    if outside:
+        raise LavaError(
+            f"text keys {outside[:5]} belong to prompt rows not in this forward {plan.prompt_rows}"
+        )
+    positions = tuple(sorted({k % t for k in keys}))
+    index = {p: i for i, p in enumerate(positions)}
+    rows = torch.tensor([where[k // t] for k in keys])
+    cols = torch.tensor([index[k % t] for k in keys])
+    return positions, (rows, cols)
 
 
 class _StopForward(Exception):
@@ -139,16 +176,31 @@ def run_until_captured(transformer, **inputs) -> torch.Tensor | None:
         return None
 
 
-def transformer_inputs(backend: Backend, noisy: NoisyLatents, prompt: PromptEncoding) -> dict:
-    """Keyword arguments of one SD3 transformer call for ``noisy`` images and ``prompt``."""
-    b = noisy.batch_size
-    dtype = backend.dtype
+def transformer_inputs(
+    backend: Backend, noisy: NoisyLatents, prompt: PromptEncoding, rows: Sequence[int] = (0,)
+) -> dict:
+    """Keyword arguments of one SD3 transformer call: every image of ``noisy`` with every prompt
+    row in ``rows``, as a batch of ``B · len(rows)`` (image-major: entry ``b · G + g``)."""
+    b, g = noisy.batch_size, len(rows)
+    dtype, dev = backend.dtype, backend.device
+    index = torch.tensor(list(rows), device=prompt.embeds.device)
+    embeds = prompt.embeds.index_select(0, index).to(dev, dtype)
+    pooled = prompt.pooled.index_select(0, index).to(dev, dtype)
     return dict(
-        hidden_states=noisy.latents.to(backend.device, dtype),
-        encoder_hidden_states=prompt.embeds.to(backend.device, dtype).expand(b, -1, -1),
-        pooled_projections=prompt.pooled.to(backend.device, dtype).expand(b, -1),
-        timestep=torch.full((b,), noisy.timestep, device=backend.device, dtype=dtype),
+        hidden_states=noisy.latents.to(dev, dtype).repeat_interleave(g, dim=0),
+        encoder_hidden_states=embeds.repeat(b, 1, 1),
+        pooled_projections=pooled.repeat(b, 1),
+        timestep=torch.full((b * g,), noisy.timestep, device=dev, dtype=dtype),
     )
+
+
+def prompt_groups(prompt: PromptEncoding, prompt_batch: int | None) -> list[tuple[int, ...]]:
+    """Prompt rows split into the groups that share one forward (all rows when ``None``)."""
+    n = prompt.num_prompts
+    size = n if prompt_batch is None else int(prompt_batch)
+    if size < 1:
+        raise LavaError(f"prompt_batch must be a positive number of prompts per forward, got {prompt_batch}")
+    return [tuple(range(s, min(n, s + size))) for s in range(0, n, size)]
 
 
 @torch.no_grad()
@@ -163,23 +215,37 @@ def capture_views(
     columns: Sequence[int] | None = None,
     impl: str = "auto",
     early_exit: bool = True,
+    prompt_batch: int | None = None,
 ) -> dict[tuple[str, str], AttentionSlices]:
-    """Several ``(direction, softmax)`` views from ONE forward pass: ``{view: AttentionSlices}``."""
+    """Several ``(direction, softmax)`` views from one forward pass: ``{view: AttentionSlices}``.
+
+    With several prompt rows, every image runs with every row as one batch (the same noised
+    latents, one prompt per batch entry); ``prompt_batch`` caps the rows per forward to bound
+    memory (then there is one forward per group of rows). ``columns`` are text keys (see
+    ``PromptEncoding.positions``); by default every class token.
+    """
     if not views:
         raise LavaError("views must name at least one (direction, softmax) pair")
     layer_tuple = backend.check_layers(layers if layers is not None else backend.defaults.layers)
-    cols = tuple(int(c) for c in columns) if columns is not None else prompt.columns()
     if prompt.text_len != backend.text_len:
         raise LavaError(
             f"prompt has {prompt.text_len} text tokens but {backend.name} expects {backend.text_len}; "
             "encode it with the same backend"
         )
+    t, n_rows = prompt.text_len, prompt.num_prompts
+    cols = tuple(dict.fromkeys(int(c) for c in columns)) if columns is not None else prompt.columns()
+    bad = [c for c in cols if not 0 <= c < n_rows * t]
+    if bad:
+        raise LavaError(
+            f"text keys {bad[:5]} are out of range: {n_rows} prompt(s) of {t} text tokens hold keys "
+            f"0..{n_rows * t - 1}"
+        )
     try:
         for direction, softmax in views:
             SliceSpec(
                 text_start=0,
-                text_len=prompt.text_len,
-                columns=cols,
+                text_len=t,
+                columns=tuple(sorted({c % t for c in cols})),
                 direction=direction,
                 softmax=softmax,
                 heads=heads,
@@ -188,21 +254,39 @@ def capture_views(
     except ValueError as err:
         raise LavaError(str(err)) from err
     (direction, softmax), *extra = [tuple(v) for v in views]
-    plan = CapturePlan(
-        layers=layer_tuple,
-        columns=cols,
-        direction=direction,
-        softmax=softmax,
-        heads=heads,
-        impl=impl,
-        early_exit=early_exit,
-        extra_views=tuple(extra),
-    )
-    with capturing(backend.transformer, plan) as store:
-        run_until_captured(backend.transformer, **transformer_inputs(backend, noisy, prompt))
-    return {
-        view: AttentionSlices(
-            maps=dict(sorted(maps.items())),
+    per_group: list[dict[tuple[str, str], dict[int, torch.Tensor]]] = []
+    order: list[int] = []
+    for rows in prompt_groups(prompt, prompt_batch):
+        keys = tuple(c for c in cols if c // t in rows)
+        if not keys:
+            continue
+        plan = CapturePlan(
+            layers=layer_tuple,
+            columns=keys,
+            direction=direction,
+            softmax=softmax,
+            heads=heads,
+            impl=impl,
+            early_exit=early_exit,
+            extra_views=tuple(extra),
+            prompt_rows=rows,
+            text_len=t,
+        )
+        with capturing(backend.transformer, plan) as store:
+            run_until_captured(backend.transformer, **transformer_inputs(backend, noisy, prompt, rows))
+        per_group.append(store.views)
+        order += keys
+    # Back to the order of ``cols``; each group's maps hold its own keys, in that order.
+    rank = {c: i for i, c in enumerate(cols)}
+    perm = sorted(range(len(order)), key=lambda i: rank[order[i]])
+    out = {}
+    for view in per_group[0]:
+        maps = {}
+        for block in layer_tuple:
+            joined = torch.cat([g[view][block] for g in per_group], dim=-1)
+            maps[block] = joined if perm == list(range(len(perm))) else joined[..., perm]
+        out[view] = AttentionSlices(
+            maps=maps,
             columns=cols,
             grid=noisy.grid,
             direction=view[0],
@@ -212,8 +296,7 @@ def capture_views(
             sigma=noisy.sigma,
             image_sizes=noisy.image_sizes,
         )
-        for view, maps in store.views.items()
-    }
+    return out
 
 
 def capture(
@@ -228,11 +311,13 @@ def capture(
     columns: Sequence[int] | None = None,
     impl: str = "auto",
     early_exit: bool = True,
+    prompt_batch: int | None = None,
 ) -> AttentionSlices:
     """One forward pass; the slices of ``layers`` (default: the backend's) as ``AttentionSlices``.
 
-    ``columns`` default to the text positions of the prompt's classes, so only those ``K``
-    columns are computed. Each map is float32 ``[B, H or 1, N_img, K]``.
+    ``columns`` default to the text keys of the prompt's classes, so only those ``K`` columns
+    are computed. Each map is float32 ``[B, H or 1, N_img, K]``. A prompt of several rows runs
+    as one batch of ``B × rows`` (at most ``prompt_batch`` rows per forward).
     """
     views = capture_views(
         backend,
@@ -244,5 +329,6 @@ def capture(
         columns=columns,
         impl=impl,
         early_exit=early_exit,
+        prompt_batch=prompt_batch,
     )
     return views[(direction, softmax)]

@@ -152,8 +152,27 @@ def _add_reading_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--normalize",
         choices=("minmax", "classes", "none"),
-        default="minmax",
-        help="per-class score normalisation (default: %(default)s)",
+        default=None,
+        help="per-class score normalisation (default: the model's, see `lava models`)",
+    )
+    g.add_argument(
+        "--max-classes-per-prompt",
+        type=int,
+        default=None,
+        metavar="N",
+        help="put at most N class names in one prompt (default: as many as fit the text window; longer "
+        "class lists are always split into several prompts, run as one batch)",
+    )
+    g.add_argument(
+        "--prompt-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prompts per forward pass when the classes span several prompts (default: all; lower it to "
+        "save memory)",
+    )
+    g.add_argument(
+        "--verbose", "-v", action="store_true", help="print the prompts used and the settings applied"
     )
     g.add_argument(
         "--attention-impl",
@@ -183,10 +202,14 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
         choices=("auto", "class", "threshold", "none"),
         default="auto",
         help="class: name the background class in the prompt; threshold: low scores become background; "
-        "none: never predict it; auto (default): class if the dataset scores background, else none",
+        "none: never predict it; auto (default): for a dataset that scores background, the model's "
+        "threshold (see `lava models`), or the class name when the model has none; else none",
     )
     g.add_argument(
-        "--background-threshold", type=float, default=0.5, help="threshold for --background threshold"
+        "--background-threshold",
+        type=float,
+        default=None,
+        help="threshold for --background threshold/auto (default: the model's)",
     )
     g.add_argument(
         "--out", default="results", help="output folder; a rerun resumes from it (default: %(default)s)"
@@ -228,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--background-threshold",
         type=float,
         default=None,
-        help="label pixels whose best normalised score is below this as background (label 0)",
+        help="label pixels whose best normalised score is below this as background (label 0); "
+        "0 labels no pixel background (default: the model's, see `lava models`)",
     )
     seg.add_argument("--save-scores", action="store_true", help="also write per-class scores as .npz")
     seg.add_argument("--heatmaps", action="store_true", help="also write a per-class heatmap figure (PNG)")
@@ -317,6 +341,8 @@ def cmd_models() -> int:
         print(f"{name:20s} {what}")
         print(f"{'':20s}   timestep {d.timestep:g}, layers {list(d.layers)}, resolution {d.resolution}")
         print(f"{'':20s}   source: {d.source}")
+        print(f"{'':20s}   masks: {d.describe_mask()}")
+        print(f"{'':20s}   source: {d.mask_source}")
     return 0
 
 
@@ -325,14 +351,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     from . import io
     from .images import load_images
-    from .pipeline import segment
+    from .pipeline import resolve_configs, segment
     from .prompts import parse_classes
-    from .types import AggregateConfig, MaskConfig
+    from .types import AggregateConfig
 
     classes = parse_classes(args.classes)
     stems = _output_names(args.images)
     images = load_images(args.images)  # every input is read before anything is written
     backend = _load_backend_for(args, sizes=[(im.height, im.width) for im in images])
+    agg, mask = resolve_configs(
+        backend,
+        AggregateConfig(tokens=args.tokens),
+        normalize=args.normalize,
+        background_threshold=args.background_threshold,
+    )
+    if args.verbose:
+        _describe_reading(backend, classes, args, agg, mask)
     seg = segment(
         images,
         classes,
@@ -345,8 +379,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         direction=args.direction,
         softmax=args.softmax,
         impl=args.attention_impl,
-        aggregate_config=AggregateConfig(tokens=args.tokens, normalize=args.normalize),
-        mask_config=MaskConfig(background_threshold=args.background_threshold),
+        max_classes_per_prompt=args.max_classes_per_prompt,
+        prompt_batch=args.prompt_batch,
+        aggregate_config=agg,
+        mask_config=mask,
         progress=len(images) > 1,
     )
     out = Path(args.out)
@@ -377,6 +413,30 @@ def cmd_segment(args: argparse.Namespace) -> int:
             plt.close(fig)
         print(f"{args.images[i]} -> {out / (stem + '_labels.png')}")
     return 0
+
+
+def _describe_reading(backend, classes, args, agg, mask) -> None:
+    """``--verbose``: the prompts the classes were split into and the settings in force, on stderr."""
+    from .prompts import build_prompt, split_classes
+
+    groups = split_classes(backend, classes, max_classes_per_prompt=args.max_classes_per_prompt)
+    per_forward = len(groups) if args.prompt_batch is None else min(args.prompt_batch, len(groups))
+    print(
+        f"lava: {len(classes)} classes in {len(groups)} prompt(s), {per_forward} per forward pass",
+        file=sys.stderr,
+    )
+    for i, group in enumerate(groups):
+        print(f"lava:   prompt {i + 1}: {build_prompt(group)[0]!r}", file=sys.stderr)
+    d = backend.defaults
+    bg = "none" if mask.background_threshold is None else f"threshold {mask.background_threshold:g}"
+    print(
+        f"lava: {backend.name}: "
+        + (f"sigma {args.sigma:g}, " if getattr(args, "sigma", None) is not None else "")
+        + f"timestep {args.timestep if args.timestep is not None else d.timestep:g}, "
+        f"layers {list(args.layers or d.layers)}, {args.direction} with softmax over {args.softmax} keys, "
+        f"normalize {agg.normalize}, background {bg} (model defaults: {d.source}; {d.mask_source})",
+        file=sys.stderr,
+    )
 
 
 def _load_backend_for(args: argparse.Namespace, device: str | None = None, sizes=None):
@@ -453,14 +513,21 @@ def _eval_setup(args: argparse.Namespace, cells_spec: dict):
             raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
         dataset = dataset[: args.limit]
     backend = _load_backend_for(args, device)
+    d = backend.defaults
+    threshold = args.background_threshold if args.background_threshold is not None else d.background_threshold
+    if args.background == "threshold" and threshold is None:
+        raise ValueError(
+            f"--background threshold needs --background-threshold: {backend.name} has no default"
+        )
     settings = EvalSettings(
         protocol=args.protocol,
         background=args.background,
-        background_threshold=args.background_threshold,
+        background_threshold=threshold,
         direction=args.direction,
         softmax=args.softmax,
         tokens=args.tokens,
-        normalize=args.normalize,
+        normalize=args.normalize or d.normalize,
+        max_classes_per_prompt=args.max_classes_per_prompt,
         seed=args.seed,
         resolution=args.resolution,
         impl=args.attention_impl,
@@ -478,6 +545,21 @@ def _eval_setup(args: argparse.Namespace, cells_spec: dict):
         **{k: v for k, v in vars(settings).items()},
     }
     return dataset, backend, settings, config
+
+
+def _prompt_printer(args: argparse.Namespace):
+    """With ``--verbose``, a callback that prints each distinct set of prompts once (on rank 0)."""
+    from .evaluation import distributed
+
+    if not args.verbose or not distributed.is_main():
+        return None
+
+    def show(prompt) -> None:
+        print(f"lava: {len(prompt.classes)} classes in {prompt.num_prompts} prompt(s):", file=sys.stderr)
+        for i, text in enumerate(prompt.texts):
+            print(f"lava:   prompt {i + 1}: {text!r}", file=sys.stderr)
+
+    return show
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -510,6 +592,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out,
         config=config,
         on_prediction=on_prediction,
+        prompt_batch=args.prompt_batch,
+        on_prompt=_prompt_printer(args),
     )
     if distributed.is_main():
         matrix = result.matrices[result.cells[0].key]
@@ -545,7 +629,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     views = args.views or [(args.direction, args.softmax)]
     cells = [Cell(float(t), g, d, sm) for d, sm in views for t in args.timesteps for g in groups]
     out = Path(args.out)
-    result = run(backend, dataset, cells, settings, out, config=config)
+    result = run(
+        backend,
+        dataset,
+        cells,
+        settings,
+        out,
+        config=config,
+        prompt_batch=args.prompt_batch,
+        on_prompt=_prompt_printer(args),
+    )
     if distributed.is_main():
         summary = write_sweep(out, dataset.info, cells, result.matrices, settings, result.num_images, config)
         best = summary["best"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -26,6 +27,26 @@ def _batches(images, batch_size: int) -> list[list[int]]:
     return [idx[s : s + batch_size] for idx in by_size.values() for s in range(0, len(idx), batch_size)]
 
 
+def resolve_configs(
+    backend: Backend,
+    aggregate_config: AggregateConfig | None = None,
+    mask_config: MaskConfig | None = None,
+    *,
+    normalize: str | None = None,
+    background_threshold: float | None = None,
+) -> tuple[AggregateConfig, MaskConfig]:
+    """The aggregate and mask settings of a call: keywords given, else the configs given, else the
+    backend's defaults (``backend.defaults``). A background threshold of ``0`` means none."""
+    d = backend.defaults
+    agg = aggregate_config or AggregateConfig(normalize=d.normalize)
+    if normalize is not None:
+        agg = dataclasses.replace(agg, normalize=normalize)
+    mask = mask_config or MaskConfig(background_threshold=d.background_threshold)
+    if background_threshold is not None:
+        mask = dataclasses.replace(mask, background_threshold=background_threshold or None)
+    return agg, mask
+
+
 def segment(
     images: ImageInput | Sequence[ImageInput],
     classes: str | Sequence[str],
@@ -42,6 +63,10 @@ def segment(
     impl: str = "auto",
     template: str = DEFAULT_TEMPLATE,
     separator: str = DEFAULT_SEPARATOR,
+    max_classes_per_prompt: int | None = None,
+    prompt_batch: int | None = None,
+    normalize: str | None = None,
+    background_threshold: float | None = None,
     aggregate_config: AggregateConfig | None = None,
     mask_config: MaskConfig | None = None,
     batch_size: int = 1,
@@ -55,15 +80,33 @@ def segment(
         backend: a loaded ``Backend`` or a name for ``load_backend``.
         timestep / sigma: when to read the attention (default: the backend's).
         layers: transformer blocks to read and average (default: the backend's).
-        aggregate_config / mask_config: see ``AggregateConfig`` / ``MaskConfig``.
+        max_classes_per_prompt: split the classes into prompts of at most this many names
+            (default: as many as fit one prompt window; longer lists are always split).
+        prompt_batch: prompts per forward pass when the classes span several prompts
+            (default: all of them in one batch; lower it to bound memory).
+        normalize: how class maps are normalised (``AggregateConfig.normalize``; default: the
+            backend's, see ``lava models``).
+        background_threshold: pixels whose best score is below it are labelled background
+            (default: the backend's; ``0`` labels no pixel background).
+        aggregate_config / mask_config: full configs instead of the keywords above (a keyword
+            given as well overrides that field).
 
     Returns a ``Segmentation`` with one label map per image, in input order, at original size.
     """
     if isinstance(backend, str):
         backend = load_backend(backend)
     pil = load_images(images)
-    prompt = encode_prompt(backend, classes, template=template, separator=separator)
+    prompt = encode_prompt(
+        backend,
+        classes,
+        template=template,
+        separator=separator,
+        max_classes_per_prompt=max_classes_per_prompt,
+    )
     layers = backend.check_layers(layers if layers is not None else backend.defaults.layers)
+    aggregate_config, mask_config = resolve_configs(
+        backend, aggregate_config, mask_config, normalize=normalize, background_threshold=background_threshold
+    )
 
     labels: list[torch.Tensor | None] = [None] * len(pil)
     scores: list[torch.Tensor | None] = [None] * len(pil)
@@ -80,6 +123,7 @@ def segment(
             softmax=softmax,
             heads=heads,
             impl=impl,
+            prompt_batch=prompt_batch,
         )
         seg = to_mask(aggregate(slices, prompt, aggregate_config), config=mask_config)
         seg_classes = seg.classes

@@ -1,8 +1,9 @@
-"""Stage 2: class names → ``PromptEncoding`` (prompt text, embeddings, token span per class).
+"""Stage 2: class names → ``PromptEncoding`` (prompt texts, embeddings, token span per class).
 
 A class's span is found from the tokenizers' character offsets, so multi-word ("potted plant")
 and multi-token ("hydrant" → "hy", "dr", "ant") names get exactly the tokens they occupy, in
-the CLIP part of the text sequence and in the T5 part.
+the CLIP part of the text sequence and in the T5 part. A vocabulary longer than one prompt
+window (SD3's CLIP window holds 75 content tokens) is split over several prompts.
 """
 
 from __future__ import annotations
@@ -76,35 +77,20 @@ def token_spans(tokenizer, text: str, chars: dict[str, tuple[int, int]]) -> dict
     }
 
 
-def _check_fits(spans: dict[str, tuple[int, ...]], limit: int, part: str) -> None:
+def _overflow(spans: dict[str, tuple[int, ...]], limit: int, part: str) -> list[str]:
+    """Names whose tokens reach past ``limit``; raises for a name with no tokens at all."""
     for name, pos in spans.items():
         if not pos:
             raise ClassNameError(f"class {name!r} produced no {part} tokens; use a name made of words")
-        if max(pos) >= limit:
-            raise ClassNameError(
-                f"class {name!r} falls beyond the {part} token limit ({limit} content tokens): "
-                "use fewer or shorter class names"
-            )
+    return [name for name, pos in spans.items() if max(pos) >= limit]
 
 
-def encode_prompt(
-    backend: Backend,
-    classes: str | Sequence[str],
-    *,
-    template: str = DEFAULT_TEMPLATE,
-    separator: str = DEFAULT_SEPARATOR,
-) -> PromptEncoding:
-    """Encode a prompt naming ``classes`` and locate each class in the text sequence.
-
-    The text sequence is ``clip_len`` CLIP tokens (both CLIP encoders share positions) followed
-    by ``max_sequence_length`` T5 tokens; spans count positions in that sequence. With T5
-    dropped its part holds zeros and classes have no T5 positions.
-    """
-    names = parse_classes(classes)
-    text, chars = build_prompt(names, template, separator)
+def locate(backend: Backend, text: str, chars: dict[str, tuple[int, int]]):
+    """``(clip_spans, t5_spans, overflow)`` of one prompt text: each class's positions in the
+    text sequence, and the classes that fall beyond a token window (CLIP's last slot holds the
+    end token, T5's its end-of-sequence token)."""
     pipe = backend.pipe
     clip_len = backend.clip_len
-
     clip_spans = token_spans(pipe.tokenizer, text, chars)
     if (
         getattr(pipe, "tokenizer_2", None) is not None
@@ -113,22 +99,128 @@ def encode_prompt(
         raise ClassNameError(
             "the two CLIP tokenizers place the classes differently; lava expects them to match"
         )
-    _check_fits(clip_spans, clip_len - 1, "CLIP")  # the last slot holds the end token
-
+    overflow = _overflow(clip_spans, clip_len - 1, "CLIP")
     t5_spans: dict[str, tuple[int, ...]] = {}
     if backend.has_t5:
         raw = token_spans(pipe.tokenizer_3, text, chars)
-        _check_fits(raw, backend.max_sequence_length - 1, "T5")
+        overflow += [n for n in _overflow(raw, backend.max_sequence_length - 1, "T5") if n not in overflow]
         t5_spans = {n: tuple(clip_len + p for p in pos) for n, pos in raw.items()}
+    return clip_spans, t5_spans, overflow
 
-    embeds, pooled = backend.encode_text(text)
+
+def _fits(backend: Backend, names: Sequence[str], template: str, separator: str) -> bool:
+    text, chars = build_prompt(names, template, separator)
+    return not locate(backend, text, chars)[2]
+
+
+def split_classes(
+    backend: Backend,
+    classes: Sequence[str],
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    separator: str = DEFAULT_SEPARATOR,
+    max_classes_per_prompt: int | None = None,
+) -> list[tuple[str, ...]]:
+    """The class names cut into consecutive groups that each fit one prompt window.
+
+    Every group fits the CLIP window (77 tokens in SD3) and, with T5, ``max_sequence_length``,
+    and holds at most ``max_classes_per_prompt`` names. The number of groups is the fewest that
+    fit; among cuts into that many groups, the one whose longest prompt is shortest (in CLIP
+    tokens) is taken, so the prompts are alike in length and each class shares its prompt with
+    about as many others.
+    """
+    names = list(classes)
+    if max_classes_per_prompt is not None and max_classes_per_prompt < 1:
+        raise ClassNameError(
+            f"max_classes_per_prompt must be a positive number of classes, got {max_classes_per_prompt}"
+        )
+    cap = max_classes_per_prompt or len(names)
+    tokenizer = backend.pipe.tokenizer
+    cost = {}
+    for name in names:
+        if not _fits(backend, [name], template, separator):
+            raise ClassNameError(
+                f"class {name!r} does not fit one prompt on its own (the CLIP window holds "
+                f"{backend.clip_len - 2} content tokens"
+                + (f", T5 {backend.max_sequence_length - 1}" if backend.has_t5 else "")
+                + "): use a shorter name"
+            )
+        cost[name] = len(tokenizer(separator + name, add_special_tokens=False)["input_ids"])
+
+    def greedy(budget: float) -> list[list[str]]:
+        groups: list[list[str]] = []
+        load = 0
+        for name in names:
+            if (
+                groups
+                and len(groups[-1]) < cap
+                and load + cost[name] <= budget
+                and _fits(backend, [*groups[-1], name], template, separator)
+            ):
+                groups[-1].append(name)
+                load += cost[name]
+            else:
+                groups.append([name])
+                load = cost[name]
+        return groups
+
+    # Greedy filling gives the fewest consecutive groups; the smallest per-prompt token budget
+    # that keeps that count balances them (bisection over the budget).
+    best = greedy(float("inf"))
+    lo, hi = max(cost.values()), sum(cost.values())
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(greedy(mid)) <= len(best):
+            hi = mid
+        else:
+            lo = mid + 1
+    balanced = greedy(lo)
+    if len(balanced) == len(best):
+        best = balanced
+    return [tuple(g) for g in best]
+
+
+def encode_prompt(
+    backend: Backend,
+    classes: str | Sequence[str],
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    separator: str = DEFAULT_SEPARATOR,
+    max_classes_per_prompt: int | None = None,
+) -> PromptEncoding:
+    """Encode prompts naming ``classes`` and locate each class in its prompt's text sequence.
+
+    Names that do not fit one prompt window are split over several prompts
+    (``split_classes``), encoded as one batch: ``embeds`` is ``[P, T, D]``. Each text sequence is
+    ``clip_len`` CLIP tokens (both CLIP encoders share positions) followed by
+    ``max_sequence_length`` T5 tokens; spans count positions in that sequence. With T5 dropped
+    its part holds zeros and classes have no T5 positions.
+    """
+    names = parse_classes(classes)
+    groups = split_classes(
+        backend, names, template=template, separator=separator, max_classes_per_prompt=max_classes_per_prompt
+    )
+    texts: list[str] = []
+    clip_spans: dict[str, tuple[int, ...]] = {}
+    t5_spans: dict[str, tuple[int, ...]] = {}
+    rows: dict[str, int] = {}
+    for row, group in enumerate(groups):
+        text, chars = build_prompt(group, template, separator)
+        clip, t5, _ = locate(backend, text, chars)
+        texts.append(text)
+        clip_spans.update(clip)
+        t5_spans.update(t5)
+        rows.update(dict.fromkeys(group, row))
+
+    embeds, pooled = backend.encode_text(texts)
     return PromptEncoding(
         classes=names,
-        text=text,
+        texts=tuple(texts),
         embeds=embeds,
         pooled=pooled,
         clip_spans=clip_spans,
         t5_spans=t5_spans,
-        clip_len=clip_len,
+        clip_len=backend.clip_len,
         text_len=int(embeds.shape[1]),
+        rows=rows,
     )

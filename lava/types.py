@@ -43,40 +43,69 @@ class NoisyLatents:
 
 @dataclass(frozen=True)
 class PromptEncoding:
-    """A prompt naming the classes, its embeddings, and where each class sits in the text.
+    """Prompts naming the classes, their embeddings, and where each class sits in its prompt.
 
-    ``embeds``: ``[1, T, D]`` joint text sequence (CLIP part of ``clip_len`` tokens first, then
-    the T5 part); ``pooled``: ``[1, P]``. Positions in ``clip_spans``/``t5_spans`` are counted in
-    the text sequence ``0 … T-1`` (so T5 positions start at ``clip_len``), never in the joint
+    A vocabulary too long for one prompt window is split over several prompts (``texts``, one
+    per *row*); ``capture`` runs the rows as batch rows over the same noised latents. ``embeds``:
+    ``[P, T, D]``, one joint text sequence per row (CLIP part of ``clip_len`` tokens first, then
+    the T5 part); ``pooled``: ``[P, Dp]``. ``rows[c]`` is the row that names class ``c`` (0 when
+    absent from the mapping). Positions in ``clip_spans``/``t5_spans`` are counted in that row's
+    text sequence ``0 … T-1`` (so T5 positions start at ``clip_len``), never in the joint
     image+text sequence.
+
+    ``positions``/``columns`` return *keys* ``row · text_len + position``: one index over the
+    text tokens of every row, which is what ``AttentionSlices.columns`` holds. With a single
+    prompt a key is simply the position.
     """
 
     classes: tuple[str, ...]
-    text: str
+    texts: tuple[str, ...]
     embeds: torch.Tensor
     pooled: torch.Tensor
     clip_spans: Mapping[str, tuple[int, ...]]
     t5_spans: Mapping[str, tuple[int, ...]]
     clip_len: int
     text_len: int
+    rows: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.texts)
+
+    @property
+    def text(self) -> str:
+        """The prompt text, when there is one prompt (see ``texts`` for several)."""
+        if len(self.texts) != 1:
+            raise ValueError(f"this encoding holds {len(self.texts)} prompts; read .texts")
+        return self.texts[0]
+
+    def row(self, cls: str) -> int:
+        """The prompt row that names ``cls``."""
+        return self.rows.get(cls, 0)
+
+    def classes_in_row(self, row: int) -> tuple[str, ...]:
+        return tuple(c for c in self.classes if self.row(c) == row)
 
     @property
     def spans(self) -> dict[str, tuple[int, ...]]:
-        """Every text position of each class: CLIP part first, then T5 part."""
+        """Every text position of each class in its row: CLIP part first, then T5 part."""
         return {c: self.clip_spans[c] + self.t5_spans.get(c, ()) for c in self.classes}
 
     def positions(self, cls: str, tokens: str = "all") -> tuple[int, ...]:
-        """Text positions of ``cls`` in the part ``tokens`` (``"all"``, ``"clip"`` or ``"t5"``)."""
+        """Keys of ``cls``'s tokens in the part ``tokens`` (``"all"``, ``"clip"`` or ``"t5"``)."""
         if tokens == "clip":
-            return self.clip_spans[cls]
-        if tokens == "t5":
-            return self.t5_spans.get(cls, ())
-        if tokens == "all":
-            return self.spans[cls]
-        raise ValueError(f"tokens must be 'all', 'clip' or 't5', got {tokens!r}")
+            local = self.clip_spans[cls]
+        elif tokens == "t5":
+            local = self.t5_spans.get(cls, ())
+        elif tokens == "all":
+            local = self.spans[cls]
+        else:
+            raise ValueError(f"tokens must be 'all', 'clip' or 't5', got {tokens!r}")
+        offset = self.row(cls) * self.text_len
+        return tuple(offset + p for p in local)
 
     def columns(self, tokens: str = "all") -> tuple[int, ...]:
-        """Sorted union of the class positions: the only text columns a capture needs."""
+        """Sorted union of the class keys: the only text columns a capture needs."""
         return tuple(sorted({p for c in self.classes for p in self.positions(c, tokens)}))
 
 
@@ -84,10 +113,14 @@ class PromptEncoding:
 class CapturePlan:
     """What one forward pass records.
 
-    ``layers``: transformer block indices. ``columns``: text positions to keep (``None`` = all
-    text tokens). ``direction``/``softmax``/``heads``: see ``lava.kernels.attention_slice``.
+    ``layers``: transformer block indices. ``columns``: text keys to keep (``None`` = every text
+    token of every row). ``direction``/``softmax``/``heads``: see ``lava.kernels.attention_slice``.
     ``early_exit`` stops the forward after the deepest captured block. ``extra_views`` are more
     ``(direction, softmax)`` pairs read from the same q, k (no extra forward pass).
+
+    ``prompt_rows``: the prompt rows in this forward's batch, in order (the batch is
+    ``images × prompt_rows``, image-major); a key ``k`` is position ``k % text_len`` of row
+    ``k // text_len``, so ``text_len`` is needed when there is more than one row.
     """
 
     layers: tuple[int, ...]
@@ -98,6 +131,8 @@ class CapturePlan:
     impl: str = "auto"
     early_exit: bool = True
     extra_views: tuple[tuple[str, str], ...] = ()
+    prompt_rows: tuple[int, ...] = (0,)
+    text_len: int | None = None
 
     @property
     def views(self) -> tuple[tuple[str, str], ...]:
@@ -111,7 +146,9 @@ class AttentionSlices:
     """Text↔image attention probabilities read from chosen blocks at one timestep.
 
     ``maps[block]``: float32 ``[B, H or 1, N_img, K]`` for both directions; entry ``[b, h, i, c]``
-    relates image token ``i`` (row-major over ``grid``) and text position ``columns[c]``.
+    relates image token ``i`` (row-major over ``grid``) and text key ``columns[c]`` (a position
+    of prompt row ``columns[c] // text_len``; see ``PromptEncoding``). Each key's probability
+    comes from the forward of its own prompt row, in that row's softmax.
     """
 
     maps: Mapping[int, torch.Tensor]
@@ -129,11 +166,11 @@ class AttentionSlices:
         return tuple(sorted(self.maps))
 
     def column_indices(self, positions: tuple[int, ...]) -> list[int]:
-        """Indices into the last axis of ``maps`` for the given text positions."""
+        """Indices into the last axis of ``maps`` for the given text keys."""
         where = {p: i for i, p in enumerate(self.columns)}
         missing = [p for p in positions if p not in where]
         if missing:
-            raise ValueError(f"text positions {missing} were not captured; captured: {list(self.columns)}")
+            raise ValueError(f"text keys {missing} were not captured; captured: {list(self.columns)}")
         return [where[p] for p in positions]
 
 

@@ -17,12 +17,26 @@ from ..errors import LavaError, ModelError
 
 @dataclass(frozen=True)
 class VariantDefaults:
-    """Recommended settings for one model variant, with where they come from."""
+    """Recommended settings for one model variant, with where they come from.
+
+    ``timestep``/``layers``/``resolution``: where and how the attention is read (``source``).
+    ``normalize``/``background_threshold``: how heatmaps become labels, the ``AggregateConfig``
+    and ``MaskConfig`` settings ``lava.segment``, ``lava segment``, ``lava eval`` and
+    ``lava sweep`` use unless told otherwise (``mask_source`` says where they come from);
+    a ``None`` threshold labels no pixel background.
+    """
 
     timestep: float
     layers: tuple[int, ...]
     resolution: int
     source: str
+    normalize: str = "minmax"
+    background_threshold: float | None = None
+    mask_source: str = "lava's generic mask settings, not measured for this model"
+
+    def describe_mask(self) -> str:
+        bg = "none" if self.background_threshold is None else f"threshold {self.background_threshold:g}"
+        return f"normalize {self.normalize}, background {bg}"
 
 
 @dataclass
@@ -174,10 +188,11 @@ class Backend:
         return (dist.mean - shift) * vae.config.scaling_factor
 
     @torch.no_grad()
-    def encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint text embeddings ``[1, T, D]`` and pooled ``[1, P]`` via the pipeline's encoder."""
+    def encode_text(self, text: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint text embeddings ``[P, T, D]`` and pooled ``[P, Dp]`` of ``P`` prompts (1 for a str),
+        via the pipeline's own ``encode_prompt``."""
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=text,
+            prompt=text if isinstance(text, str) else list(text),
             prompt_2=None,
             prompt_3=None,
             device=self.text_device,

@@ -36,8 +36,8 @@ def _words() -> list[str]:
     return sorted(set(_CORPUS_WORDS))
 
 
-@lru_cache(maxsize=1)
-def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+@lru_cache(maxsize=4)
+def _clip_vocab(first: tuple[str, ...] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE in CLIP's format, built by rule rather than trained.
 
     (Training with ``tokenizers`` is not reproducible across processes: ties between equally
@@ -45,6 +45,8 @@ def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     (``"x</w>"``), and each corpus word gets the merges that assemble it left to right, so corpus
     words are single tokens — unless an earlier word's merge splits them first — and any other
     word falls apart into several tokens, as rare words do in the real CLIP vocabulary.
+    The words in ``first`` get their merges ahead of the corpus, so each of them is always a
+    single token.
     """
     from tokenizers import pre_tokenizers
 
@@ -53,7 +55,7 @@ def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in _words():
+    for word in [*first, *_words()]:
         pieces = [*word[:-1], word[-1] + "</w>"]
         left = pieces[0]
         for right in pieces[1:]:

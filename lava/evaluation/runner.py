@@ -62,13 +62,15 @@ class EvalSettings:
     ``"present"`` only the classes in that image's ground truth (as Seg4Diff reports).
     ``background``: ``"class"`` names the dataset's background class in the prompt;
     ``"threshold"`` labels pixels whose best normalised score is below ``background_threshold``
-    as background; ``"none"`` never predicts background; ``"auto"`` is ``"class"`` when the
-    dataset scores a background class, else ``"none"``.
+    as background; ``"none"`` never predicts background; ``"auto"``, for a dataset that scores a
+    background class, is ``"threshold"`` when a threshold is set (the CLI sets the model's) and
+    ``"class"`` otherwise, and ``"none"`` for a dataset without one.
+    ``max_classes_per_prompt`` caps the names per prompt (see ``lava.prompts.split_classes``).
     """
 
     protocol: str = "all"
     background: str = "auto"
-    background_threshold: float = 0.5
+    background_threshold: float | None = None
     direction: str = "image_to_text"
     softmax: str = "joint"
     tokens: str = "all"
@@ -78,6 +80,7 @@ class EvalSettings:
     impl: str = "auto"
     template: str = "{}"
     separator: str = " "
+    max_classes_per_prompt: int | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -87,7 +90,9 @@ class EvalSettings:
 
     def background_mode(self, info: DatasetInfo) -> str:
         if self.background == "auto":
-            return "class" if info.background is not None else "none"
+            if info.background is None:
+                return "none"
+            return "threshold" if self.background_threshold is not None else "class"
         return self.background
 
 
@@ -204,11 +209,15 @@ def run(
     config: dict,
     on_prediction: Callable[[str, np.ndarray, Segmentation, int], None] | None = None,
     progress: bool = True,
+    prompt_batch: int | None = None,
+    on_prompt: Callable[[PromptEncoding], None] | None = None,
 ) -> RunResult:
     """Evaluate every cell over ``dataset``; resumes from ``out``'s journal; shards over ranks.
 
     ``on_prediction(image_id, prediction_in_dataset_ids, segmentation, cell_index)`` is called for
-    each new prediction (to save pictures or label maps).
+    each new prediction (to save pictures or label maps); ``on_prompt(prompt)`` for each distinct
+    vocabulary when it is first encoded. ``prompt_batch`` caps the prompts per forward pass (it
+    changes memory, not results).
     """
     info = dataset.info
     rank, world = distributed.rank_and_world()
@@ -238,8 +247,14 @@ def run(
         names, ids = vocabulary(info, label, settings)
         if names not in prompts:
             prompts[names] = encode_prompt(
-                backend, names, template=settings.template, separator=settings.separator
+                backend,
+                names,
+                template=settings.template,
+                separator=settings.separator,
+                max_classes_per_prompt=settings.max_classes_per_prompt,
             )
+            if on_prompt is not None:
+                on_prompt(prompts[names])
         prompt = prompts[names]
         per_cell: dict[str, torch.Tensor] = {}
         for t, idx in by_time.items():
@@ -252,6 +267,7 @@ def run(
                 views=capture_views_at[t],
                 layers=capture_layers[t],
                 impl=settings.impl,
+                prompt_batch=prompt_batch,
             )
             for ci in idx:
                 cell = cells[ci]
