@@ -14,20 +14,27 @@ from einops import rearrange
 from .errors import LavaError
 from .types import AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding
 
-NORMALIZATIONS = ("minmax", "classes", "none")
+NORMALIZATIONS = ("minmax", "global", "classes", "none")
 
 
 def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
-    """Normalise ``[B, C, h, w]`` scores: per-class min-max, per-pixel sum over classes, or none."""
+    """Normalise ``[B, C, h, w]`` scores: per-class min-max, min-max over all classes of an image
+    together, per-pixel sum over classes, or none."""
     if how == "none":
         return scores
-    if how == "minmax":
-        flat = scores.flatten(2)
+    if how in ("minmax", "global"):
+        flat = scores.flatten(2) if how == "minmax" else scores.flatten(1)
         lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
         return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(scores)
     if how == "classes":
         return scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
     raise LavaError(f"normalize must be one of {NORMALIZATIONS}, got {how!r}")
+
+
+def peak_presence(scores: torch.Tensor) -> torch.Tensor:
+    """``[B, C]``: each class's peak over the image ``[B, C, h, w]`` relative to the largest peak."""
+    peak = scores.flatten(2).amax(-1).clamp_min(0)
+    return peak / peak.amax(-1, keepdim=True).clamp_min(1e-12)
 
 
 def class_scores(
@@ -79,4 +86,5 @@ def aggregate(
         classes=prompt.classes,
         image_sizes=runs[0].image_sizes,
         normalize=config.normalize,
+        presence=peak_presence(scores).float(),
     )

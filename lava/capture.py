@@ -181,15 +181,21 @@ def transformer_inputs(
 ) -> dict:
     """Keyword arguments of one SD3 transformer call: every image of ``noisy`` with every prompt
     row in ``rows``, as a batch of ``B · len(rows)`` (image-major: entry ``b · G + g``)."""
-    b, g = noisy.batch_size, len(rows)
-    dtype, dev = backend.dtype, backend.device
     index = torch.tensor(list(rows), device=prompt.embeds.device)
-    embeds = prompt.embeds.index_select(0, index).to(dev, dtype)
-    pooled = prompt.pooled.index_select(0, index).to(dev, dtype)
+    return batch_inputs(
+        backend, noisy, prompt.embeds.index_select(0, index), prompt.pooled.index_select(0, index)
+    )
+
+
+def batch_inputs(backend: Backend, noisy: NoisyLatents, embeds: torch.Tensor, pooled: torch.Tensor) -> dict:
+    """Transformer keyword arguments pairing every image with every text embedding ``[G, T, D]``
+    (pooled ``[G, Dp]``): a batch of ``B · G``, image-major."""
+    b, g = noisy.batch_size, embeds.shape[0]
+    dtype, dev = backend.dtype, backend.device
     return dict(
         hidden_states=noisy.latents.to(dev, dtype).repeat_interleave(g, dim=0),
-        encoder_hidden_states=embeds.repeat(b, 1, 1),
-        pooled_projections=pooled.repeat(b, 1),
+        encoder_hidden_states=embeds.to(dev, dtype).repeat(b, 1, 1),
+        pooled_projections=pooled.to(dev, dtype).repeat(b, 1),
         timestep=torch.full((b * g,), noisy.timestep, device=dev, dtype=dtype),
     )
 

@@ -151,9 +151,18 @@ def _add_reading_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--normalize",
-        choices=("minmax", "classes", "none"),
+        choices=("minmax", "global", "classes", "none"),
         default=None,
-        help="per-class score normalisation (default: the model's, see `lava models`)",
+        help="score normalisation: minmax per class, global over all classes of an image, classes per "
+        "pixel, or none (default: the model's, see `lava models`)",
+    )
+    g.add_argument(
+        "--min-presence",
+        type=float,
+        default=None,
+        metavar="P",
+        help="a class whose peak score is below P times the strongest class's peak in an image takes no "
+        "pixels there; 0 lets every class compete (default: the model's)",
     )
     g.add_argument(
         "--max-classes-per-prompt",
@@ -364,6 +373,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         AggregateConfig(tokens=args.tokens),
         normalize=args.normalize,
         background_threshold=args.background_threshold,
+        min_presence=args.min_presence,
     )
     if args.verbose:
         _describe_reading(backend, classes, args, agg, mask)
@@ -429,6 +439,8 @@ def _describe_reading(backend, classes, args, agg, mask) -> None:
         print(f"lava:   prompt {i + 1}: {build_prompt(group)[0]!r}", file=sys.stderr)
     d = backend.defaults
     bg = "none" if mask.background_threshold is None else f"threshold {mask.background_threshold:g}"
+    if mask.min_presence is not None:
+        bg += f", min presence {mask.min_presence:g}"
     print(
         f"lava: {backend.name}: "
         + (f"sigma {args.sigma:g}, " if getattr(args, "sigma", None) is not None else "")
@@ -527,6 +539,7 @@ def _eval_setup(args: argparse.Namespace, cells_spec: dict):
         softmax=args.softmax,
         tokens=args.tokens,
         normalize=args.normalize or d.normalize,
+        min_presence=(args.min_presence or None) if args.min_presence is not None else d.min_presence,
         max_classes_per_prompt=args.max_classes_per_prompt,
         seed=args.seed,
         resolution=args.resolution,

@@ -20,6 +20,18 @@ def upsample(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
+def present_classes(heatmaps: Heatmaps, min_presence: float | None) -> torch.Tensor | None:
+    """``[B, C]`` bool: the classes allowed to take pixels (``None`` when every class is)."""
+    if min_presence is None:
+        return None
+    if heatmaps.presence is None:
+        raise LavaError("min_presence needs Heatmaps.presence; build the heatmaps with lava.aggregate")
+    keep = heatmaps.presence >= min_presence
+    # An image where no class passes keeps its strongest one, so argmax stays defined.
+    keep[torch.arange(keep.shape[0]), heatmaps.presence.argmax(-1)] = True
+    return keep
+
+
 def to_mask(
     heatmaps: Heatmaps,
     sizes: Sequence[tuple[int, int]] | tuple[int, int] | None = None,
@@ -31,7 +43,9 @@ def to_mask(
     """Upsample each image's class scores to its size ``(H, W)`` and take the best class per pixel.
 
     ``sizes`` default to the sizes the images had when noised. With a background threshold,
-    label 0 is background and class ``i`` becomes label ``i + 1``.
+    label 0 is background and class ``i`` becomes label ``i + 1``. With ``min_presence``, classes
+    whose ``heatmaps.presence`` is below it in an image take no pixels there (the strongest class
+    of an image always may).
     """
     config = config or MaskConfig(background_threshold=background_threshold)
     b = heatmaps.scores.shape[0]
@@ -47,9 +61,11 @@ def to_mask(
     label_dtype = torch.uint8 if len(classes) <= 256 else torch.int32
 
     labels, scores = [], []
+    keep = present_classes(heatmaps, config.min_presence)
     for i, size in enumerate(sizes):
         full = upsample(heatmaps.scores[i], tuple(int(s) for s in size))
-        best, label = full.max(dim=0)
+        ranked = full if keep is None else full.masked_fill(~keep[i, :, None, None], float("-inf"))
+        best, label = ranked.max(dim=0)
         if config.background_threshold is not None:
             label = torch.where(best < config.background_threshold, 0, label + 1)
         labels.append(label.to(label_dtype).cpu())

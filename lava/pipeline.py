@@ -34,16 +34,20 @@ def resolve_configs(
     *,
     normalize: str | None = None,
     background_threshold: float | None = None,
+    min_presence: float | None = None,
 ) -> tuple[AggregateConfig, MaskConfig]:
     """The aggregate and mask settings of a call: keywords given, else the configs given, else the
-    backend's defaults (``backend.defaults``). A background threshold of ``0`` means none."""
+    backend's defaults (``backend.defaults``). A background threshold or presence floor of ``0``
+    means none."""
     d = backend.defaults
     agg = aggregate_config or AggregateConfig(normalize=d.normalize)
     if normalize is not None:
         agg = dataclasses.replace(agg, normalize=normalize)
-    mask = mask_config or MaskConfig(background_threshold=d.background_threshold)
+    mask = mask_config or MaskConfig(background_threshold=d.background_threshold, min_presence=d.min_presence)
     if background_threshold is not None:
         mask = dataclasses.replace(mask, background_threshold=background_threshold or None)
+    if min_presence is not None:
+        mask = dataclasses.replace(mask, min_presence=min_presence or None)
     return agg, mask
 
 
@@ -67,6 +71,7 @@ def segment(
     prompt_batch: int | None = None,
     normalize: str | None = None,
     background_threshold: float | None = None,
+    min_presence: float | None = None,
     aggregate_config: AggregateConfig | None = None,
     mask_config: MaskConfig | None = None,
     batch_size: int = 1,
@@ -88,6 +93,8 @@ def segment(
             backend's, see ``lava models``).
         background_threshold: pixels whose best score is below it are labelled background
             (default: the backend's; ``0`` labels no pixel background).
+        min_presence: a class whose presence in an image (``Heatmaps.presence``) is below it takes
+            no pixels there (default: the backend's; ``0`` lets every class compete).
         aggregate_config / mask_config: full configs instead of the keywords above (a keyword
             given as well overrides that field).
 
@@ -105,7 +112,12 @@ def segment(
     )
     layers = backend.check_layers(layers if layers is not None else backend.defaults.layers)
     aggregate_config, mask_config = resolve_configs(
-        backend, aggregate_config, mask_config, normalize=normalize, background_threshold=background_threshold
+        backend,
+        aggregate_config,
+        mask_config,
+        normalize=normalize,
+        background_threshold=background_threshold,
+        min_presence=min_presence,
     )
 
     labels: list[torch.Tensor | None] = [None] * len(pil)

@@ -70,7 +70,10 @@ def token_spans(tokenizer, text: str, chars: dict[str, tuple[int, int]]) -> dict
     Added special tokens (begin/end) have empty offsets and never match. Token ids are not
     consulted, since SD3's second CLIP tokenizer uses "!" as its pad token.
     """
-    offsets = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)["offset_mapping"]
+    # verbose=False: a text past the window is expected here (that is what is being checked).
+    offsets = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True, verbose=False)[
+        "offset_mapping"
+    ]
     return {
         name: tuple(i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a)
         for name, (a, b) in chars.items()
@@ -145,7 +148,7 @@ def split_classes(
                 + (f", T5 {backend.max_sequence_length - 1}" if backend.has_t5 else "")
                 + "): use a shorter name"
             )
-        cost[name] = len(tokenizer(separator + name, add_special_tokens=False)["input_ids"])
+        cost[name] = len(tokenizer(separator + name, add_special_tokens=False, verbose=False)["input_ids"])
 
     def greedy(budget: float) -> list[list[str]]:
         groups: list[list[str]] = []
@@ -223,4 +226,6 @@ def encode_prompt(
         clip_len=backend.clip_len,
         text_len=int(embeds.shape[1]),
         rows=rows,
+        template=template,
+        separator=separator,
     )

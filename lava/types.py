@@ -51,7 +51,7 @@ class PromptEncoding:
     the T5 part); ``pooled``: ``[P, Dp]``. ``rows[c]`` is the row that names class ``c`` (0 when
     absent from the mapping). Positions in ``clip_spans``/``t5_spans`` are counted in that row's
     text sequence ``0 … T-1`` (so T5 positions start at ``clip_len``), never in the joint
-    image+text sequence.
+    image+text sequence. ``template``/``separator`` are how the names were joined into each text.
 
     ``positions``/``columns`` return *keys* ``row · text_len + position``: one index over the
     text tokens of every row, which is what ``AttentionSlices.columns`` holds. With a single
@@ -67,6 +67,8 @@ class PromptEncoding:
     clip_len: int
     text_len: int
     rows: Mapping[str, int] = field(default_factory=dict)
+    template: str = "{}"
+    separator: str = " "
 
     @property
     def num_prompts(self) -> int:
@@ -180,8 +182,10 @@ class AggregateConfig:
 
     ``layers``: blocks to average (``None`` = every captured block). ``tokens``: which part of
     each class's span to average: ``"all"``, ``"clip"`` or ``"t5"``. ``normalize``:
-    ``"minmax"`` rescales each class map to [0, 1] per image, ``"classes"`` divides by the sum
-    over classes at each pixel, ``"none"`` keeps the mean probabilities.
+    ``"minmax"`` rescales each class map to [0, 1] per image (an absent class's weak map is
+    stretched as much as a present one's), ``"global"`` rescales all class maps of an image
+    together to [0, 1] (relative strengths kept), ``"classes"`` divides by the sum over classes
+    at each pixel, ``"none"`` keeps the mean probabilities.
     """
 
     layers: tuple[int, ...] | None = None
@@ -191,12 +195,18 @@ class AggregateConfig:
 
 @dataclass(frozen=True)
 class Heatmaps:
-    """One score map per class on the image-token grid: ``scores`` is ``[B, C, h, w]`` float32."""
+    """One score map per class on the image-token grid: ``scores`` is ``[B, C, h, w]`` float32.
+
+    ``presence`` ``[B, C]`` in [0, 1] says how strongly each class shows in each image: by default
+    the peak of its map before normalisation divided by the largest peak in that image (1 for the
+    strongest class). ``MaskConfig.min_presence`` keeps classes below it from taking pixels.
+    """
 
     scores: torch.Tensor
     classes: tuple[str, ...]
     image_sizes: tuple[tuple[int, int], ...]
     normalize: str
+    presence: torch.Tensor | None = None
 
     def plot(self, index: int = 0, image: Image.Image | None = None):
         """A matplotlib figure with one heatmap per class (over ``image`` if given)."""
@@ -211,11 +221,14 @@ class MaskConfig:
 
     ``background_threshold``: when set, a pixel whose best score is below it is labelled
     background (label 0, and ``"background"`` is prepended to the classes); meaningful with
-    ``normalize="minmax"`` scores in [0, 1]. ``None`` assigns every pixel to its best class.
+    scores in [0, 1] (``normalize="minmax"`` or ``"global"``). ``None`` assigns every pixel to
+    its best class. ``min_presence``: a class whose ``Heatmaps.presence`` in an image is below
+    it takes no pixels there (``None``: every class competes).
     """
 
     background_threshold: float | None = None
     background_name: str = "background"
+    min_presence: float | None = None
 
 
 @dataclass(frozen=True)

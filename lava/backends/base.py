@@ -20,8 +20,8 @@ class VariantDefaults:
     """Recommended settings for one model variant, with where they come from.
 
     ``timestep``/``layers``/``resolution``: where and how the attention is read (``source``).
-    ``normalize``/``background_threshold``: how heatmaps become labels, the ``AggregateConfig``
-    and ``MaskConfig`` settings ``lava.segment``, ``lava segment``, ``lava eval`` and
+    ``normalize``/``background_threshold``/``min_presence``: how heatmaps become labels, the
+    ``AggregateConfig`` and ``MaskConfig`` settings ``lava.segment``, ``lava segment``, ``lava eval`` and
     ``lava sweep`` use unless told otherwise (``mask_source`` says where they come from);
     a ``None`` threshold labels no pixel background.
     """
@@ -32,11 +32,13 @@ class VariantDefaults:
     source: str
     normalize: str = "minmax"
     background_threshold: float | None = None
+    min_presence: float | None = None
     mask_source: str = "lava's generic mask settings, not measured for this model"
 
     def describe_mask(self) -> str:
         bg = "none" if self.background_threshold is None else f"threshold {self.background_threshold:g}"
-        return f"normalize {self.normalize}, background {bg}"
+        presence = "" if self.min_presence is None else f", min presence {self.min_presence:g}"
+        return f"normalize {self.normalize}, background {bg}{presence}"
 
 
 @dataclass

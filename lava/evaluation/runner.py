@@ -75,6 +75,7 @@ class EvalSettings:
     softmax: str = "joint"
     tokens: str = "all"
     normalize: str = "minmax"
+    min_presence: float | None = None
     seed: int = 0
     resolution: int | str | None = None
     impl: str = "auto"
@@ -235,7 +236,10 @@ def run(
     }
     threshold = settings.background_mode(info) == "threshold"
     agg = AggregateConfig(tokens=settings.tokens, normalize=settings.normalize)
-    mask_cfg = MaskConfig(background_threshold=settings.background_threshold if threshold else None)
+    mask_cfg = MaskConfig(
+        background_threshold=settings.background_threshold if threshold else None,
+        min_presence=settings.min_presence,
+    )
 
     new = {c.key: ConfusionMatrix(info.num_classes, info.ignore_index) for c in cells}
     todo = [i for i in range(len(dataset)) if dataset[i].id not in done][rank::world]
