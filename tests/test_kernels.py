@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import sys
+import weakref
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from lava.kernels import SliceSpec, attention_slice, attention_with_slice, available_impls, resolve_impl
 from lava.kernels.reference import naive_attention
+from lava.kernels.torch_slice import chunk_budget, torch_attention_slice
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 CASES = list(itertools.product(("image_to_text", "text_to_image"), ("joint", "cross"), ("mean", "none")))
 
@@ -98,15 +106,119 @@ def _largest_allocation(fn) -> int:
 
 @pytest.mark.parametrize("direction", ["image_to_text", "text_to_image"])
 @pytest.mark.parametrize("softmax", ["joint", "cross"])
-def test_torch_path_allocates_nothing_of_size_n_squared(direction, softmax):
+@pytest.mark.parametrize("values", [True, False])
+def test_torch_path_allocates_nothing_of_size_n_squared(direction, softmax, values):
     b, h, n, d, t = 1, 2, 600, 16, 40
     q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    v = v if values else None
     spec = SliceSpec(text_start=n - t, text_len=t, columns=(1, 2, 3), direction=direction, softmax=softmax)
     nn_bytes = b * h * n * n * 4
     naive = _largest_allocation(lambda: attention_with_slice(q, k, v, spec, impl="naive"))
-    fused = _largest_allocation(lambda: attention_with_slice(q, k, v, spec, impl="torch"))
+    # Without values the joint lse is computed in chunks of chunk_bytes of scores: at this toy
+    # size the default budget would hold all N×N scores at once, so give it a toy budget too.
+    fused = _largest_allocation(lambda: torch_attention_slice(q, k, v, spec, chunk_bytes=nn_bytes // 16))
     assert naive >= nn_bytes  # the reference really builds the N×N matrix: the probe can see it
     assert fused < nn_bytes / 4, f"torch path allocated {fused} bytes, N×N is {nn_bytes}"
+
+
+@pytest.mark.parametrize(("direction", "softmax", "heads"), CASES)
+@pytest.mark.parametrize("chunk_bytes", [1, 700])
+def test_chunked_paths_match_explicit_softmax_at_any_chunk_size(direction, softmax, heads, chunk_bytes):
+    # chunk_bytes=1: one query row per chunk; 700: a few rows, with a ragged last chunk.
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 3, 39, 16), torch.randn(2, 3, 39, 16)
+    spec = SliceSpec(
+        text_start=30, text_len=9, columns=(0, 4, 8), direction=direction, softmax=softmax, heads=heads
+    )
+    _, got = torch_attention_slice(q, k, None, spec, chunk_bytes=chunk_bytes)
+    want = explicit(q, k, 30, 9, [0, 4, 8], direction, softmax, heads)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created by the ops run under it, from shapes alone.
+
+    On ``meta`` tensors nothing is allocated or computed, so a call at a size far beyond this
+    machine's memory is accounted in milliseconds. Each op's outputs that are new storages add
+    their bytes; a storage's bytes are given back when it is freed. Storages that exist before
+    (inputs, in-place results, views) are not counted. Like the profiler replay, temporaries
+    made and freed inside one op are not seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: weakref.WeakSet = weakref.WeakSet()
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor):
+                self.seen.add(t.untyped_storage())
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.seen:
+                st = t.untyped_storage()
+                self.seen.add(st)
+                self.live += st.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, st.nbytes())
+        return out
+
+
+def _meta_peak(fn) -> int:
+    with _LiveBytes() as acct:
+        fn()
+    return acct.peak
+
+
+@pytest.mark.parametrize("direction", ["image_to_text", "text_to_image"])
+@pytest.mark.parametrize("softmax", ["joint", "cross"])
+@pytest.mark.parametrize("chunk_bytes", [40_000, 10**9])
+def test_meta_accounting_agrees_with_profiler_replay(direction, softmax, chunk_bytes):
+    """The shape-only accounting below sees the same peak as the profiler replay of a real run."""
+    from memprobe import peak_bytes
+
+    b, h, n, d, t = 1, 2, 300, 16, 40
+    spec = SliceSpec(text_start=n - t, text_len=t, columns=(1, 2, 3), direction=direction, softmax=softmax)
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    real, _ = peak_bytes(lambda: torch_attention_slice(q, k, None, spec, chunk_bytes=chunk_bytes))
+    qm, km = q.to("meta"), k.to("meta")
+    meta = _meta_peak(lambda: torch_attention_slice(qm, km, None, spec, chunk_bytes=chunk_bytes))
+    assert abs(meta - real) <= 0.1 * real + 4096, (meta, real)
+
+
+@pytest.mark.parametrize("direction", ["image_to_text", "text_to_image"])
+@pytest.mark.parametrize("softmax", ["joint", "cross"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_standalone_slice_is_memory_flat_at_2048px(direction, softmax, device):
+    """attention_slice with no values at SD3 2048 px: 16384 image + 333 text tokens, 24 heads, fp32.
+
+    Its extra memory is one chunk of scores plus the log-sum-exps and the result, whatever N
+    (the N×N probabilities would be 25 GiB; 4096-row chunks took 12 GiB). Accounted on meta
+    tensors with each device type's default chunk budget.
+    """
+    b, h, n_img, t, d, k_cols = 1, 24, 16384, 333, 64, 20
+    n = n_img + t
+    q, k = torch.empty(b, h, n, d, device="meta"), torch.empty(b, h, n, d, device="meta")
+    spec = SliceSpec(
+        text_start=n_img, text_len=t, columns=tuple(range(k_cols)), direction=direction, softmax=softmax
+    )
+    budget = chunk_budget(torch.device(device))
+    peak = _meta_peak(lambda: torch_attention_slice(q, k, None, spec, chunk_bytes=budget))
+    lse_and_result = 4 * b * h * n_img + 2 * 4 * b * n_img * k_cols
+    assert peak <= budget + lse_and_result + 2**20, (
+        f"peak {peak / 2**20:.1f} MiB, budget {budget / 2**20:.0f} MiB"
+    )
+    # the public function, with its own default for this (meta) device, stays as flat
+    peak = _meta_peak(
+        lambda: attention_slice(
+            q, k, text_start=n_img, text_len=t, columns=range(k_cols), direction=direction, softmax=softmax
+        )
+    )
+    assert peak <= chunk_budget(q.device) + lse_and_result + 2**20
 
 
 def test_bad_arguments_are_named():

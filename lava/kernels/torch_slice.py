@@ -5,9 +5,12 @@ the lse of the image rows, the probability of any text column is one dot product
 ``P[i, c] = exp(q_i · k_c · scale - lse_i)``. So image→text over the joint domain costs one
 ``[N_img, D] × [D, K]`` matmul on top of the attention the layer runs anyway.
 
-The other cases need an lse the model never computes (softmax over text keys only, or over
-image keys only for K text rows). Those are ``[N_img, T]`` or ``[K, N]`` sized and are computed
-in query chunks so that peak memory stays ``O(chunk · T)``, never ``O(N²)``.
+The other cases need an lse the model never computes: softmax over text keys only, over image
+keys only for K text rows, or over all ``N`` keys when no values are given (the standalone
+``attention_slice``, which runs no attention). Those are computed in query chunks sized in
+bytes (``chunk_bytes`` of fp32 scores per chunk, transformed in place), so their extra memory
+is the same at every resolution and never ``O(N²)``: at 2048 px (16717 keys, 24 heads) a
+32 MiB chunk is 20 query rows.
 """
 
 from __future__ import annotations
@@ -17,9 +20,22 @@ import torch.nn.functional as F
 
 from .spec import SliceSpec
 
-# Rows of scores materialised at once by the chunked paths: 4096 rows × 333 keys × 24 heads
-# in fp32 is ~130 MB, a size every GPU and CPU we target holds comfortably.
-DEFAULT_CHUNK = 4096
+# Bytes of fp32 scores materialised at once by the chunked paths; the rows per chunk follow from
+# it and the number of keys, so the extra memory does not grow with the resolution. On CPU, chunks
+# that stay in cache measured fastest (16–32 MiB beat 128 MiB by ~1.5–3×, docs/benchmarks.md); on
+# GPUs, larger chunks mean fewer kernel launches per layer.
+CHUNK_BYTES = {"cpu": 32 * 2**20}
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def chunk_budget(device: torch.device, chunk_bytes: int | None = None) -> int:
+    """``chunk_bytes`` if given, else the default for ``device``'s type."""
+    return chunk_bytes if chunk_bytes is not None else CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
+
+
+def rows_per_chunk(lead: int, keys: int, chunk_bytes: int) -> int:
+    """Query rows per chunk so that ``[lead, rows, keys]`` fp32 scores fit in ``chunk_bytes`` (at least 1)."""
+    return max(1, chunk_bytes // max(1, lead * keys * 4))
 
 
 def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,38 +61,60 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     return F.scaled_dot_product_attention(q, k, v), chunked_lse(q, k)
 
 
-def chunked_lse(q: torch.Tensor, keys: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def chunked_lse(q: torch.Tensor, keys: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
     """Log-sum-exp of every query row of ``q`` over ``keys``, in fp32.
 
-    q: ``[B, H, M, D]``, keys: ``[B, H, N_sel, D]``. Returns ``[B, H, M]``. Works through
-    ``chunk`` query rows at a time, so at most ``[B, H, chunk, N_sel]`` scores live at once.
+    q: ``[B, H, M, D]``, keys: ``[B, H, N_sel, D]``. Returns ``[B, H, M]``. Works through as many
+    query rows at a time as fit in ``chunk_bytes`` of scores (default: ``chunk_budget``), and
+    transforms them in place, so at most one ``[B, H, rows, N_sel]`` fp32 buffer lives at once.
     """
+    b, h, m, _ = q.shape
     scale = q.shape[-1] ** -0.5
     keys_t = keys.float().transpose(-1, -2)
-    parts = [
-        torch.logsumexp((q[:, :, s : s + chunk, :].float() @ keys_t) * scale, dim=-1)
-        for s in range(0, q.shape[-2], chunk)
-    ]
-    return torch.cat(parts, dim=-1)
+    lse = torch.empty(b, h, m, dtype=torch.float32, device=q.device)
+    step = rows_per_chunk(b * h, keys.shape[-2], chunk_budget(q.device, chunk_bytes))
+    for s in range(0, m, step):
+        scores = q[:, :, s : s + step, :].float() @ keys_t
+        scores.mul_(scale)
+        top = scores.amax(dim=-1, keepdim=True)
+        lse[:, :, s : s + step] = scores.sub_(top).exp_().sum(dim=-1).log_().add_(top[..., 0])
+        del scores, top  # free this chunk before the next one is computed
+    return lse
 
 
 def _rows_at_columns(
-    q_rows: torch.Tensor, k_cols: torch.Tensor, lse: torch.Tensor, heads: str, chunk: int
+    q_rows: torch.Tensor,
+    k_cols: torch.Tensor,
+    lse: torch.Tensor,
+    heads: str,
+    chunk_bytes: int,
+    transpose: bool = False,
 ) -> torch.Tensor:
     """``exp(q_rows · k_colsᵀ · scale - lse)``, reduced over heads as asked.
 
     q_rows: ``[B, H, M, D]``, k_cols: ``[B, H, K, D]``, lse: ``[B, H, M]``.
-    Returns ``[B, H or 1, M, K]`` fp32, built ``chunk`` rows at a time so a head mean never
-    holds the per-head tensor for all rows.
+    Returns ``[B, H or 1, M, K]`` fp32 (``[B, H or 1, K, M]`` contiguous if ``transpose``), built
+    as many rows at a time as fit in ``chunk_bytes``, so a head mean never holds the per-head
+    tensor for all rows, and written straight into the result.
     """
+    b, h, m, _ = q_rows.shape
+    n_cols = k_cols.shape[-2]
     scale = q_rows.shape[-1] ** -0.5
-    k_cols = k_cols.float()
-    parts = []
-    for s in range(0, q_rows.shape[-2], chunk):
-        scores = (q_rows[:, :, s : s + chunk, :].float() @ k_cols.transpose(-1, -2)) * scale
-        probs = torch.exp(scores - lse[:, :, s : s + chunk, None])
-        parts.append(probs.mean(dim=1, keepdim=True) if heads == "mean" else probs)
-    return torch.cat(parts, dim=-2)
+    k_t = k_cols.float().transpose(-1, -2)
+    h_out = 1 if heads == "mean" else h
+    out = torch.empty(b, h_out, *((n_cols, m) if transpose else (m, n_cols)), device=q_rows.device)
+    step = rows_per_chunk(b * h, n_cols, chunk_bytes)
+    for s in range(0, m, step):
+        probs = q_rows[:, :, s : s + step, :].float() @ k_t
+        probs.mul_(scale).sub_(lse[:, :, s : s + step, None]).exp_()
+        if heads == "mean":
+            probs = probs.mean(dim=1, keepdim=True)
+        if transpose:
+            out[:, :, :, s : s + step] = probs.transpose(-1, -2)
+        else:
+            out[:, :, s : s + step, :] = probs
+        del probs
+    return out
 
 
 def torch_attention_slice(
@@ -85,12 +123,15 @@ def torch_attention_slice(
     v: torch.Tensor | None,
     spec: SliceSpec,
     *,
-    chunk: int = DEFAULT_CHUNK,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The slice of ``spec`` and, when ``v`` is given, the layer's attention output.
 
     q, k, v: ``[B, H, N, D]``. Returns ``(O [B, H, N, D] or None, slice [B, H or 1, N_img, K])``.
+    Besides ``O`` and the result, at most ``chunk_bytes`` of scores (default: ``chunk_budget``)
+    and ``[B, H, N_img]`` log-sum-exps are allocated, whatever ``N``.
     """
+    chunk_bytes = chunk_budget(q.device, chunk_bytes)
     cols = spec.text_index(q.device)[spec.column_index(q.device)]  # joint positions of the wanted tokens
     k_txt = k[:, :, spec.text_start : spec.text_start + spec.text_len]
 
@@ -102,18 +143,17 @@ def torch_attention_slice(
             lse = (
                 spec.image_rows(lse_all[..., None])[..., 0]
                 if lse_all is not None
-                else chunked_lse(q_img, k, chunk)
+                else chunked_lse(q_img, k, chunk_bytes)
             )
         else:
-            lse = chunked_lse(q_img, k_txt, chunk)
-        return out, _rows_at_columns(q_img, k[:, :, cols, :], lse, spec.heads, chunk).contiguous()
+            lse = chunked_lse(q_img, k_txt, chunk_bytes)
+        return out, _rows_at_columns(q_img, k[:, :, cols, :], lse, spec.heads, chunk_bytes)
 
     # text→image: only K query rows, so their scores over all keys are small ([K, N]).
     q_txt = q[:, :, cols, :]
     if spec.softmax == "joint" and lse_all is not None:
         lse = lse_all[:, :, cols]
     else:
-        lse = chunked_lse(q_txt, k if spec.softmax == "joint" else spec.image_rows(k), chunk)
+        lse = chunked_lse(q_txt, k if spec.softmax == "joint" else spec.image_rows(k), chunk_bytes)
     # Treat image keys as the "columns" of K text rows, then transpose to [.., N_img, K].
-    probs = _rows_at_columns(q_txt, spec.image_rows(k), lse, spec.heads, chunk)
-    return out, probs.transpose(-1, -2).contiguous()
+    return out, _rows_at_columns(q_txt, spec.image_rows(k), lse, spec.heads, chunk_bytes, transpose=True)
