@@ -254,11 +254,15 @@ class Segmentation:
 
         return label_image(self.labels[index])
 
-    def overlay(self, index: int = 0, image: Image.Image | None = None, alpha: float = 0.5) -> Image.Image:
-        """The label colours blended over the image (the one segmented, unless given)."""
+    def overlay(
+        self, index: int = 0, image: Image.Image | None = None, alpha: float = 0.5, legend: bool = True
+    ) -> Image.Image:
+        """The label colours blended over the image (the one segmented, unless given), same size as
+        the label map, with a legend of the classes present drawn in a corner (``legend=False``: none;
+        see ``lava.viz.overlay``)."""
         from .viz import overlay
 
         base = image if image is not None else (self.images[index] if index < len(self.images) else None)
         if base is None:
             raise ValueError("overlay needs the image: pass image=..., or segment through lava.segment()")
-        return overlay(base, self.labels[index], self.classes, alpha=alpha)
+        return overlay(base, self.labels[index], self.classes, alpha=alpha, legend=legend)

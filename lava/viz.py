@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def palette(n: int = 256) -> np.ndarray:
@@ -33,19 +34,198 @@ def label_image(labels: torch.Tensor | np.ndarray) -> Image.Image:
     return img
 
 
+def legend_entries(
+    labels: torch.Tensor | np.ndarray, classes: Sequence[str]
+) -> list[tuple[int, str, tuple[int, int, int]]]:
+    """``(label id, class name, palette colour)`` of every class present in ``labels``, in label order."""
+    arr = _as_array(labels)
+    pal = palette()
+    present = np.unique(arr)
+    return [
+        (int(i), classes[i], tuple(int(v) for v in pal[i % 256])) for i in present if 0 <= i < len(classes)
+    ]
+
+
+def _as_array(labels: torch.Tensor | np.ndarray) -> np.ndarray:
+    return np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
+
+
+def _font(px: int):
+    try:
+        return ImageFont.load_default(size=px)  # scalable (Pillow >= 10.1 with FreeType)
+    except (TypeError, AttributeError, OSError):
+        return ImageFont.load_default()
+
+
+def _fit(text: str, font, width: int) -> str:
+    """``text`` shortened with an ellipsis until it is at most ``width`` pixels wide."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text.rstrip() + "…" if text else ""
+
+
+@dataclass(frozen=True)
+class LegendRow:
+    """One legend line: colour ``swatch`` box (``x0, y0, x1, y1``, inclusive), text, text position."""
+
+    label: int | None  # None for the "+N more" line
+    text: str
+    color: tuple[int, int, int] | None
+    swatch: tuple[int, int, int, int] | None
+    text_xy: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class LegendLayout:
+    """Where the legend box sits in the overlay (``x0, y0, x1, y1``, inclusive), its font size and rows."""
+
+    box: tuple[int, int, int, int]
+    font_px: int
+    rows: tuple[LegendRow, ...]
+
+
+def legend_layout(labels: torch.Tensor | np.ndarray, classes: Sequence[str]) -> LegendLayout | None:
+    """The legend ``overlay`` draws on an ``[H, W]`` label map, or ``None`` when it gets none.
+
+    One line per class present (colour swatch + name, in label order) in a dark box in the corner
+    that hides the smallest share of the labelled regions. The text is about 1/30 of the shorter
+    side (9 to 40 px); the box takes at most 60% of the width (longer names end in "…") and half
+    the height: with more classes than fit, the largest ones are listed and a last line says how
+    many more there are. Images too small for one line at 9 px (under ~40 px high) get no legend.
+    """
+    arr = _as_array(labels)
+    entries = legend_entries(arr, classes)
+    height, width = arr.shape
+    if not entries:
+        return None
+    margin = max(2, min(width, height) // 64)
+    # the largest text size (from ~1/30 of the shorter side down to 9 px) at which every line fits
+    # in half the height; at 9 px, as many lines as fit
+    for px in range(min(40, max(9, round(min(width, height) / 30))), 8, -1):
+        font = _font(px)
+        ascent, descent = font.getmetrics()
+        line = ascent + descent
+        row_h, sw, gap, pad = line + max(2, px // 4), line - 2, max(3, px // 3), max(3, px // 3)
+        rows_fit = (height // 2 - 2 * pad) // row_h
+        if len(entries) <= rows_fit:
+            break
+    if rows_fit < 1 or (len(entries) > rows_fit and rows_fit < 2):
+        return None
+    shown = entries
+    if len(entries) > rows_fit:  # keep the largest classes, in label order, and say how many are left out
+        counts = np.bincount(arr.ravel(), minlength=len(classes))
+        keep = sorted(entries, key=lambda e: -counts[e[0]])[: max(rows_fit - 1, 0)]
+        shown = sorted(keep)
+    more = len(entries) - len(shown)
+    text_w = int(0.6 * width) - 2 * pad - sw - gap
+    if text_w < 3 * px:
+        return None
+    texts = [_fit(name, font, text_w) for _, name, _ in shown] + ([f"+{more} more"] if more else [])
+    box_w = 2 * pad + sw + gap + max(int(np.ceil(font.getlength(t))) for t in texts)
+    box_h = 2 * pad + len(texts) * row_h - (row_h - line)
+    if box_w > width - 2 * margin or box_h > height - 2 * margin:
+        return None
+
+    # the corner whose box hides the smallest share of the classes' areas (ties: reading order)
+    area = np.bincount(arr.ravel(), minlength=1).astype(np.float64)
+    corners = [
+        (margin, margin),
+        (width - margin - box_w, margin),
+        (margin, height - margin - box_h),
+        (width - margin - box_w, height - margin - box_h),
+    ]
+
+    def hidden(xy: tuple[int, int]) -> float:
+        x, y = xy
+        under = np.bincount(arr[y : y + box_h, x : x + box_w].ravel(), minlength=len(area))
+        return float((under / np.maximum(area, 1)).sum())
+
+    x0, y0 = min(corners, key=hidden)
+    rows = []
+    for r, text in enumerate(texts):
+        top = y0 + pad + r * row_h
+        if r < len(shown):
+            i, _, color = shown[r]
+            sy = top + (line - sw) // 2
+            swatch = (x0 + pad, sy, x0 + pad + sw - 1, sy + sw - 1)
+            rows.append(LegendRow(i, text, color, swatch, (x0 + pad + sw + gap, top)))
+        else:
+            rows.append(LegendRow(None, text, None, None, (x0 + pad, top)))
+    return LegendLayout((x0, y0, x0 + box_w - 1, y0 + box_h - 1), px, tuple(rows))
+
+
 def overlay(
-    image: Image.Image, labels: torch.Tensor | np.ndarray, classes: Sequence[str] = (), alpha: float = 0.5
+    image: Image.Image,
+    labels: torch.Tensor | np.ndarray,
+    classes: Sequence[str] = (),
+    alpha: float = 0.5,
+    legend: bool = True,
 ) -> Image.Image:
-    """Label colours blended over ``image`` (RGB), at the label map's size."""
-    arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
+    """Label colours blended over ``image`` (RGB), at the label map's size, with a legend.
+
+    The palette is the PASCAL VOC one (colour ``i`` for label ``i``, as in the label PNGs), so
+    colours say nothing about the class names: the legend (``legend_layout``) lists every class
+    present with its colour, drawn inside the image in the corner that hides the least of the
+    labelled regions, so the overlay stays pixel-aligned with the image and the label map.
+    ``legend=False``, no ``classes``, or an image too small for it (under ~40 px high) gives the
+    plain blend.
+    """
+    arr = _as_array(labels)
     colors = palette()[arr % 256]
     base = np.asarray(image.convert("RGB").resize((arr.shape[1], arr.shape[0])), dtype=np.float32)
     out = (1 - alpha) * base + alpha * colors.astype(np.float32)
-    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8), mode="RGB")
+    img = Image.fromarray(out.round().clip(0, 255).astype(np.uint8), mode="RGB")
+    layout = legend_layout(arr, classes) if legend and classes else None
+    if layout is not None:
+        draw = ImageDraw.Draw(img, "RGBA")
+        draw.rectangle(layout.box, fill=(0, 0, 0, 180))
+        font = _font(layout.font_px)
+        for row in layout.rows:
+            if row.swatch is not None:
+                x0, y0, x1, y1 = row.swatch
+                draw.rectangle((x0 - 1, y0 - 1, x1 + 1, y1 + 1), outline=(255, 255, 255, 255))
+                draw.rectangle(row.swatch, fill=(*row.color, 255))
+            draw.text(row.text_xy, row.text, font=font, fill=(255, 255, 255, 255))
+    return img
 
 
-def heatmap_figure(heatmaps, index: int = 0, image: Image.Image | None = None):
-    """A matplotlib figure: one panel per class with its score map (over ``image`` if given)."""
+def _wrap_to_width(text, width_px: float, renderer) -> None:
+    """Wrap a matplotlib ``Text`` at word boundaries (breaking over-long words) to ``width_px``."""
+    words = text.get_text().split()
+    if text.get_window_extent(renderer).width <= width_px or not words:
+        return
+
+    def fits(s: str) -> bool:
+        text.set_text(s)
+        return text.get_window_extent(renderer).width <= width_px
+
+    lines, cur = [], ""
+    for word in words:
+        cand = f"{cur} {word}".strip()
+        if fits(cand):
+            cur = cand
+            continue
+        if cur:
+            lines.append(cur)
+        cur = word
+        while not fits(cur) and len(cur) > 1:  # a single word wider than the panel: break it
+            cut = len(cur) - 1
+            while cut > 1 and not fits(cur[:cut] + "-"):
+                cut -= 1
+            lines.append(cur[:cut] + "-")
+            cur = cur[cut:]
+    lines.append(cur)
+    text.set_text("\n".join(lines))
+
+
+def heatmap_figure(heatmaps, index: int = 0, image: Image.Image | None = None, columns: int = 5):
+    """A matplotlib figure: one panel per class with its score map (over ``image`` if given).
+
+    Panels are laid out ``columns`` to a row; class names wider than their panel are wrapped
+    (over-long words broken with a hyphen), so no title is clipped or runs into its neighbour.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,12 +236,33 @@ def heatmap_figure(heatmaps, index: int = 0, image: Image.Image | None = None):
     size = heatmaps.image_sizes[index]
     up = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0].cpu().numpy()
     n = len(heatmaps.classes)
-    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.2), squeeze=False)
-    for ax, name, m in zip(axes[0], heatmaps.classes, up):
+    ncols = max(1, min(n, columns))
+    nrows = -(-n // ncols)
+    panel_w = 3.0
+    panel_h = panel_w * size[0] / size[1]
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(panel_w * ncols, (panel_h + 0.6) * nrows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, name, m in zip(axes.flat, heatmaps.classes, up):
         if image is not None:
             ax.imshow(image.resize((size[1], size[0])))
         ax.imshow(m, cmap="jet", alpha=0.55 if image is not None else 1.0)
         ax.set_title(name)
         ax.axis("off")
-    fig.tight_layout()
+    # wrap each title to its panel's layout cell (known once the layout has run): a title no wider
+    # than its cell stays inside the figure and clear of its neighbours
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    fig_w = fig.get_figwidth() * fig.dpi
+    for ax in axes.flat[:n]:
+        _wrap_to_width(ax.title, 0.95 * ax.get_position(original=True).width * fig_w, renderer)
+    # make room for the extra title lines rather than shrinking the maps, then settle the layout
+    # (constrained layout needs a pass with the final titles)
+    lines = [ax.title.get_text().count("\n") for ax in axes.flat[:n]]
+    extra = sum(max(lines[r * ncols : (r + 1) * ncols]) for r in range(nrows))
+    line_in = 1.25 * axes.flat[0].title.get_fontsize() / 72
+    fig.set_figheight(fig.get_figheight() + extra * line_in)
+    fig.canvas.draw()
     return fig
