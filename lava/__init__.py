@@ -9,30 +9,48 @@ The five stages are plain functions over frozen dataclasses (``lava.types``)::
     seg     = lava.to_mask(heat)
 
 and ``lava.segment(images, classes, backend=...)`` composes them.
+
+The public names are imported on first use (PEP 562), so ``import lava`` and the ``lava``
+command's ``--help`` stay fast: torch and diffusers load only when a stage is needed.
 """
 
-from . import kernels
-from .aggregate import aggregate
-from .backends import Backend, from_pipeline, list_backends, load_backend
-from .capture import capture, capturing
-from .errors import ClassNameError, ImageError, LavaError, ModelError
-from .images import load_image
-from .mask import to_mask
-from .noise import noise
-from .pipeline import segment
-from .prompts import encode_prompt
-from .types import (
-    AggregateConfig,
-    AttentionSlices,
-    CapturePlan,
-    Heatmaps,
-    MaskConfig,
-    NoisyLatents,
-    PromptEncoding,
-    Segmentation,
-)
+from __future__ import annotations
+
+import importlib as _importlib
+import sys as _sys
+import types as _types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "AggregateConfig": "types",
+    "AttentionSlices": "types",
+    "Backend": "backends",
+    "CapturePlan": "types",
+    "ClassNameError": "errors",
+    "Heatmaps": "types",
+    "ImageError": "errors",
+    "LavaError": "errors",
+    "MaskConfig": "types",
+    "ModelError": "errors",
+    "NoisyLatents": "types",
+    "PromptEncoding": "types",
+    "Segmentation": "types",
+    "aggregate": "aggregate",
+    "capture": "capture",
+    "capturing": "capture",
+    "encode_prompt": "prompts",
+    "from_pipeline": "backends",
+    "list_backends": "backends",
+    "load_backend": "backends",
+    "load_image": "images",
+    "noise": "noise",
+    "segment": "pipeline",
+    "segment_iter": "pipeline",
+    "to_mask": "mask",
+}
 
 __all__ = [
     "AggregateConfig",
@@ -59,5 +77,64 @@ __all__ = [
     "load_image",
     "noise",
     "segment",
+    "segment_iter",
     "to_mask",
 ]
+
+
+def __getattr__(name: str):
+    if name == "kernels":
+        return _importlib.import_module(".kernels", __name__)
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(_types.ModuleType):
+    """The ``lava`` package object: keeps ``lava.noise``, ``lava.capture`` and ``lava.aggregate``
+    the stage functions even after their submodules of the same name are imported.
+
+    The import system binds every submodule it loads onto its package (``lava.noise =
+    <module lava.noise>``). With eager imports the function was bound afterwards and won; with
+    lazy ones a submodule imported first (by ``lava.segment``, say) would shadow the function.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if (
+            isinstance(value, _types.ModuleType)
+            and _EXPORTS.get(name) == name
+            and callable(getattr(value, name, None))
+        ):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
+
+if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ provides them
+    from . import kernels
+    from .aggregate import aggregate
+    from .backends import Backend, from_pipeline, list_backends, load_backend
+    from .capture import capture, capturing
+    from .errors import ClassNameError, ImageError, LavaError, ModelError
+    from .images import load_image
+    from .mask import to_mask
+    from .noise import noise
+    from .pipeline import segment, segment_iter
+    from .prompts import encode_prompt
+    from .types import (
+        AggregateConfig,
+        AttentionSlices,
+        CapturePlan,
+        Heatmaps,
+        MaskConfig,
+        NoisyLatents,
+        PromptEncoding,
+        Segmentation,
+    )

@@ -1,16 +1,28 @@
-"""Evaluation harness pieces: benchmark dataset readers, class-name tables and mIoU metrics."""
+"""Evaluation harness pieces: benchmark dataset readers, class-name tables and mIoU metrics.
 
-from lava.evaluation.datasets import (
-    DATASET_NAMES,
-    LAYOUTS,
-    DatasetError,
-    DatasetInfo,
-    Sample,
-    SegmentationDataset,
-    dataset_info,
-    load_dataset,
-)
-from lava.evaluation.metrics import ConfusionMatrix, SegMetrics, compute_metrics, confusion_matrix
+Names are imported on first use (PEP 562) so that the ``lava`` command can list the datasets in
+its ``--help`` without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib as _importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "DATASET_NAMES": "datasets",
+    "LAYOUTS": "datasets",
+    "DatasetError": "datasets",
+    "DatasetInfo": "datasets",
+    "Sample": "datasets",
+    "SegmentationDataset": "datasets",
+    "dataset_info": "datasets",
+    "load_dataset": "datasets",
+    "ConfusionMatrix": "metrics",
+    "SegMetrics": "metrics",
+    "compute_metrics": "metrics",
+    "confusion_matrix": "metrics",
+}
 
 __all__ = [
     "DATASET_NAMES",
@@ -26,3 +38,29 @@ __all__ = [
     "dataset_info",
     "load_dataset",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:
+    from .datasets import (
+        DATASET_NAMES,
+        LAYOUTS,
+        DatasetError,
+        DatasetInfo,
+        Sample,
+        SegmentationDataset,
+        dataset_info,
+        load_dataset,
+    )
+    from .metrics import ConfusionMatrix, SegMetrics, compute_metrics, confusion_matrix
