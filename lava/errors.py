@@ -21,3 +21,7 @@ class ClassNameError(LavaError):
 
 class ModelError(LavaError):
     """An unknown model name or an unusable model option."""
+
+
+class OutputError(LavaError, OSError):
+    """A result that cannot be written where it was asked to go (also an ``OSError``)."""

@@ -48,27 +48,68 @@ def load_image(image: ImageInput) -> Image.Image:
         )
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
-        if not os.path.exists(path):
-            raise ImageError(f"image file not found: {path}")
-        if os.path.isdir(path):
-            raise ImageError(f"expected an image file, got a directory: {path}")
+        _check_path(path)
         try:
             with Image.open(path) as img:
                 img.load()
                 return _to_rgb(img, path)
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise ImageError(f"cannot read {path} as an image (PNG, JPEG, ...): {err}") from err
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        raise ImageError(
+            "got raw bytes: pass a file path, or decode them first with PIL.Image.open(io.BytesIO(data))"
+        )
     raise ImageError(f"expected an image path, a PIL image or a uint8 array, got {type(image).__name__}")
+
+
+def _check_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise ImageError(f"image file not found: {path}")
+    if os.path.isdir(path):
+        raise ImageError(f"expected an image file, got a directory: {path}")
+
+
+def as_image_list(images) -> list[ImageInput]:
+    """One input or a list of them as a list, without reading anything; refuses what is no image."""
+    if images is None:
+        raise ImageError("no images given (got None): expected an image path, a PIL image or a uint8 array")
+    if isinstance(images, (bytes, bytearray, memoryview)):
+        raise ImageError(
+            "got raw bytes: pass a file path, or decode them first with PIL.Image.open(io.BytesIO(data))"
+        )
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        return [images]
+    try:
+        items = list(images)
+    except TypeError:
+        raise ImageError(
+            f"expected an image path, a PIL image, a uint8 array or a list of them, "
+            f"got {type(images).__name__}"
+        ) from None
+    if not items:
+        raise ImageError("no images given: expected at least one image")
+    return items
 
 
 def load_images(images: ImageInput | Sequence[ImageInput]) -> list[Image.Image]:
     """``load_image`` over one input or a list of them."""
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
-        images = [images]
-    loaded = [load_image(im) for im in images]
-    if not loaded:
-        raise ImageError("no images given: expected at least one image")
-    return loaded
+    return [load_image(im) for im in as_image_list(images)]
+
+
+def image_size(image: ImageInput) -> tuple[int, int]:
+    """``(H, W)`` of an input without decoding its pixels (a file's header is read and checked)."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        _check_path(path)
+        try:
+            with Image.open(path) as img:
+                return img.height, img.width
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise ImageError(f"cannot read {path} as an image (PNG, JPEG, ...): {err}") from err
+    loaded = load_image(image)  # an array (already in memory), or the usual error for anything else
+    return loaded.height, loaded.width
 
 
 def fit_to_grid(size: tuple[int, int], resolution: int, unit: int) -> tuple[int, int]:

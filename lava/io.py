@@ -1,21 +1,46 @@
-"""Writing result files atomically: a failure leaves the old file or none, never half of one."""
+"""Writing result files atomically: a failure leaves the old file or none, never half of one.
+
+``atomic_files`` extends that to a set of files (one image's label map, overlay, classes...):
+all of them appear, or none does.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import signal
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .errors import OutputError
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
-    path = Path(path)
+_REASONS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EISDIR: "a folder of that name is in the way",
+    errno.ENOTDIR: "a file is in the way where a folder should be",
+    errno.EEXIST: "a file of that name is in the way",
+    errno.ENAMETOOLONG: "the file name is too long",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """Why ``err`` happened, in words (``"the file system is read-only"``), without ``[Errno N]``."""
+    if err.errno in _REASONS:
+        return _REASONS[err.errno]
+    return (err.strerror or str(err) or type(err).__name__).lower()
+
+
+def _temp_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
@@ -23,12 +48,85 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
+    return Path(tmp)
+
+
+def _output_error(path: Path, err: OSError) -> OutputError:
+    """``err`` reworded about the result ``path`` (never the temporary name it was written to)."""
+    if isinstance(err, OutputError):
+        return err
+    if err.errno is None:
+        return OutputError(f"cannot write {path}: {err}")
+    return OutputError(f"cannot write {path}: {describe_os_error(err)}")
+
+
+def _result_for(err: OSError, tmps: Sequence[Path], paths: Sequence[Path]) -> Path:
+    """The result path whose temporary ``err`` is about (the only one, or the first, if unknown)."""
+    for tmp, path in zip(tmps, paths):
+        if err.filename is not None and os.fspath(err.filename) == os.fspath(tmp):
+            return path
+    return paths[0]
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done, then deliver it (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[tuple] = []
+    previous = signal.signal(signal.SIGINT, lambda *a: received.append(a))
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(*received[0])
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def atomic_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Yield one temporary path beside each of ``paths``; when the block succeeds, all are renamed
+    into place together (an interrupt is held back until the renames are done), else all are
+    removed. A failure of any rename removes the files already moved, so a set is whole or absent.
+
+    Errors writing or moving come out as ``OutputError`` naming the result path.
+    """
+    paths = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    try:
+        for path in paths:
+            try:
+                tmps.append(_temp_beside(path))
+            except OSError as err:
+                raise _output_error(path, err) from err
+        try:
+            yield list(tmps)
+        except OSError as err:
+            raise _output_error(_result_for(err, tmps, paths), err) from err
+        moved: list[Path] = []
+        with _interrupts_deferred():
+            for tmp, path in zip(tmps, paths):
+                try:
+                    os.replace(tmp, path)
+                except OSError as err:
+                    for done in moved:
+                        done.unlink(missing_ok=True)
+                    raise _output_error(path, err) from err
+                moved.append(path)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
+    with atomic_files([path]) as (tmp,):
+        yield tmp
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
