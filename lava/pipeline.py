@@ -1,30 +1,50 @@
-"""``segment``: the five stages composed, over any number of images of any sizes."""
+"""``segment``: the five stages composed, over any number of images of any sizes.
+
+``segment_iter`` yields each image's result as soon as it is done, so a caller that writes and
+drops each one (the ``lava segment`` command) holds one image at a time however many there are;
+``segment`` collects them into one ``Segmentation``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .aggregate import aggregate
 from .backends import Backend, load_backend
 from .capture import capture
-from .images import ImageInput, load_images
+from .errors import ClassNameError, LavaError
+from .images import ImageInput, as_image_list, image_size, load_image, load_images
 from .mask import to_mask
 from .noise import noise
 from .prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, encode_prompt
 from .types import AggregateConfig, MaskConfig, Segmentation
 
 
-def _batches(images, batch_size: int) -> list[list[int]]:
-    """Indices grouped by image size (one forward needs one token grid), then chunked."""
+def _batches(images: Sequence[ImageInput], batch_size: int) -> list[list[int]]:
+    """Indices grouped by image size (one forward needs one token grid), then chunked.
+
+    With ``batch_size == 1`` this is simply the input order and no image is opened."""
+    if batch_size == 1:
+        return [[i] for i in range(len(images))]
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, im in enumerate(images):
-        by_size[im.size].append(i)
+        by_size[image_size(im)].append(i)
     return [idx[s : s + batch_size] for idx in by_size.values() for s in range(0, len(idx), batch_size)]
+
+
+def _is_rgb(image) -> bool:
+    return isinstance(image, Image.Image) and image.mode == "RGB"
+
+
+def _check_unit(name: str, value: float | None) -> None:
+    if value is not None and (math.isnan(value) or not 0.0 <= value <= 1.0):
+        raise LavaError(f"{name} must be between 0 and 1 (scores are normalised to [0, 1]), got {value!r}")
 
 
 def resolve_configs(
@@ -35,10 +55,19 @@ def resolve_configs(
     normalize: str | None = None,
     background_threshold: float | None = None,
     min_presence: float | None = None,
+    classes: Sequence[str] | None = None,
 ) -> tuple[AggregateConfig, MaskConfig]:
     """The aggregate and mask settings of a call: keywords given, else the configs given, else the
     backend's defaults (``backend.defaults``). A background threshold or presence floor of ``0``
-    means none."""
+    means none; both must lie in [0, 1].
+
+    With ``classes``, a class named like the background label (``MaskConfig.background_name``,
+    ``"background"``) and a background threshold cannot both label pixels "background": a
+    threshold the caller asked for is refused (``ClassNameError``), a threshold that is only the
+    backend's default gives way to the named class.
+    """
+    _check_unit("background_threshold", background_threshold)
+    _check_unit("min_presence", min_presence)
     d = backend.defaults
     agg = aggregate_config or AggregateConfig(normalize=d.normalize)
     if normalize is not None:
@@ -48,6 +77,18 @@ def resolve_configs(
         mask = dataclasses.replace(mask, background_threshold=background_threshold or None)
     if min_presence is not None:
         mask = dataclasses.replace(mask, min_presence=min_presence or None)
+    _check_unit("background_threshold", mask.background_threshold)
+    _check_unit("min_presence", mask.min_presence)
+    if classes is not None and mask.background_threshold is not None and mask.background_name in classes:
+        asked = mask_config is not None or background_threshold is not None
+        if asked:
+            raise ClassNameError(
+                f"a class is named {mask.background_name!r} and a background threshold "
+                f"({mask.background_threshold:g}) is set: both would label pixels {mask.background_name!r}. "
+                f"Drop the class (the threshold labels weak pixels {mask.background_name!r} itself), or drop "
+                "the threshold (set it to 0) to let the named class compete"
+            )
+        mask = dataclasses.replace(mask, background_threshold=None)
     return agg, mask
 
 
@@ -84,25 +125,98 @@ def segment(
         classes: class names, or one comma-separated string.
         backend: a loaded ``Backend`` or a name for ``load_backend``.
         timestep / sigma: when to read the attention (default: the backend's).
-        layers: transformer blocks to read and average (default: the backend's).
+        layers: transformer blocks to read and average (default: the backend's; negative
+            indices count from the last block).
         max_classes_per_prompt: split the classes into prompts of at most this many names
             (default: as many as fit one prompt window; longer lists are always split).
         prompt_batch: prompts per forward pass when the classes span several prompts
             (default: all of them in one batch; lower it to bound memory).
         normalize: how class maps are normalised (``AggregateConfig.normalize``; default: the
             backend's, see ``lava models``).
-        background_threshold: pixels whose best score is below it are labelled background
-            (default: the backend's; ``0`` labels no pixel background).
+        background_threshold: pixels whose best score is below it (in [0, 1]) are labelled
+            background (default: the backend's; ``0`` labels no pixel background). Refused
+            together with a class named ``"background"``; a backend's default threshold gives
+            way to such a class.
         min_presence: a class whose presence in an image (``Heatmaps.presence``) is below it takes
             no pixels there (default: the backend's; ``0`` lets every class compete).
         aggregate_config / mask_config: full configs instead of the keywords above (a keyword
             given as well overrides that field).
 
-    Returns a ``Segmentation`` with one label map per image, in input order, at original size.
+    Every image is read before any work starts. Returns a ``Segmentation`` with one label map
+    per image, in input order, at original size. To handle each image as soon as it is done
+    (and hold only one in memory), use ``segment_iter`` with the same arguments.
+    """
+    pil = load_images(images)
+    labels: list = [None] * len(pil)
+    scores: list = [None] * len(pil)
+    seg_classes: tuple[str, ...] = ()
+    for i, one in segment_iter(
+        pil,
+        classes,
+        backend=backend,
+        timestep=timestep,
+        sigma=sigma,
+        layers=layers,
+        seed=seed,
+        resolution=resolution,
+        direction=direction,
+        softmax=softmax,
+        heads=heads,
+        impl=impl,
+        template=template,
+        separator=separator,
+        max_classes_per_prompt=max_classes_per_prompt,
+        prompt_batch=prompt_batch,
+        normalize=normalize,
+        background_threshold=background_threshold,
+        min_presence=min_presence,
+        aggregate_config=aggregate_config,
+        mask_config=mask_config,
+        batch_size=batch_size,
+        progress=progress,
+    ):
+        labels[i], scores[i], seg_classes = one.labels[0], one.scores[0], one.classes
+    return Segmentation(labels=tuple(labels), scores=tuple(scores), classes=seg_classes, images=tuple(pil))
+
+
+def segment_iter(
+    images: ImageInput | Sequence[ImageInput],
+    classes: str | Sequence[str],
+    *,
+    backend: Backend | str = "lava-shapes",
+    timestep: float | None = None,
+    sigma: float | None = None,
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+    resolution: int | str | None = None,
+    direction: str = "image_to_text",
+    softmax: str = "joint",
+    heads: str = "mean",
+    impl: str = "auto",
+    template: str = DEFAULT_TEMPLATE,
+    separator: str = DEFAULT_SEPARATOR,
+    max_classes_per_prompt: int | None = None,
+    prompt_batch: int | None = None,
+    normalize: str | None = None,
+    background_threshold: float | None = None,
+    min_presence: float | None = None,
+    aggregate_config: AggregateConfig | None = None,
+    mask_config: MaskConfig | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> Iterator[tuple[int, Segmentation]]:
+    """``segment`` one batch at a time: yields ``(index into images, Segmentation of that image)``.
+
+    Arguments as for ``segment``. Each image is read when its batch is run (paths are opened
+    only then), and each result is yielded as soon as it exists and not kept, so memory stays
+    that of one batch however many images there are. With ``batch_size=1`` (the default) results
+    come in input order; larger batches group images by size, so indices may come out of order.
+    Each yielded ``Segmentation`` holds one image (``labels[0]`` ``[H, W]``, ``scores[0]``
+    ``[C, H, W]``, ``images[0]``).
     """
     if isinstance(backend, str):
         backend = load_backend(backend)
-    pil = load_images(images)
+    inputs = as_image_list(images)
     prompt = encode_prompt(
         backend,
         classes,
@@ -118,13 +232,12 @@ def segment(
         normalize=normalize,
         background_threshold=background_threshold,
         min_presence=min_presence,
+        classes=prompt.classes,
     )
-
-    labels: list[torch.Tensor | None] = [None] * len(pil)
-    scores: list[torch.Tensor | None] = [None] * len(pil)
-    seg_classes: tuple[str, ...] = ()
-    for idx in tqdm(_batches(pil, max(1, batch_size)), desc="segment", unit="batch", disable=not progress):
-        batch = [pil[i] for i in idx]
+    batches = _batches(inputs, max(1, batch_size))
+    for idx in tqdm(batches, desc="segment", unit="batch", disable=not progress):
+        # An RGB PIL image (as ``segment`` passes) is used as is: converting would copy it.
+        batch = [inputs[i] if _is_rgb(inputs[i]) else load_image(inputs[i]) for i in idx]
         noisy = noise(backend, batch, timestep=timestep, sigma=sigma, seed=seed, resolution=resolution)
         slices = capture(
             backend,
@@ -138,7 +251,12 @@ def segment(
             prompt_batch=prompt_batch,
         )
         seg = to_mask(aggregate(slices, prompt, aggregate_config), config=mask_config)
-        seg_classes = seg.classes
+        del noisy, slices
         for j, i in enumerate(idx):
-            labels[i], scores[i] = seg.labels[j], seg.scores[j]
-    return Segmentation(labels=tuple(labels), scores=tuple(scores), classes=seg_classes, images=tuple(pil))
+            one = Segmentation(
+                labels=(seg.labels[j],), scores=(seg.scores[j],), classes=seg.classes, images=(batch[j],)
+            )
+            yield i, one
+            del one
+        # Drop this batch before the next is read: the caller may be keeping nothing.
+        del seg, batch
