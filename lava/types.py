@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL import Image
 
 
@@ -231,6 +232,15 @@ class MaskConfig:
     min_presence: float | None = None
 
 
+class SegmentationArrays(NamedTuple):
+    """One image's result as numpy arrays (``Segmentation.numpy``): ``labels`` ``[H, W]``,
+    ``scores`` ``[C, H, W]`` float32, and the ``classes`` the label values index."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    classes: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class Segmentation:
     """Label maps at each image's original size.
@@ -247,6 +257,16 @@ class Segmentation:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def numpy(self, index: int = 0) -> SegmentationArrays:
+        """Image ``index``'s labels ``[H, W]`` and scores ``[C, H, W]`` as numpy arrays, for code
+        that never touches torch: ``labels, scores, classes = seg.numpy(0)``.
+
+        The arrays are read-only views of the result's tensors (no copy; they stay valid as long
+        as you hold them); ``np.array(...)`` gives a writable copy.
+        """
+        labels, scores = _readonly(self.labels[index]), _readonly(self.scores[index])
+        return SegmentationArrays(labels=labels, scores=scores, classes=self.classes)
 
     def label_image(self, index: int = 0) -> Image.Image:
         """The label map as a palette PNG-ready image (colour i = class i)."""
@@ -266,3 +286,9 @@ class Segmentation:
         if base is None:
             raise ValueError("overlay needs the image: pass image=..., or segment through lava.segment()")
         return overlay(base, self.labels[index], self.classes, alpha=alpha, legend=legend)
+
+
+def _readonly(tensor: torch.Tensor) -> np.ndarray:
+    array = tensor.detach().cpu().numpy()
+    array.flags.writeable = False
+    return array
