@@ -146,10 +146,7 @@ def _load_sd3(
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dt, **extra, **kw)
     except (OSError, ValueError) as err:
-        raise ModelError(
-            f"could not load SD3 weights from {source!r}: {err}. Expected a hub id you have access to "
-            "(and network) or a local folder saved with save_pretrained()"
-        ) from err
+        raise ModelError(load_error_message(source, err)) from err
     return from_pipeline(
         pipe,
         name=source,
@@ -157,6 +154,59 @@ def _load_sd3(
         dtype=dt,
         offload_text_encoders=offload_text_encoders,
         max_sequence_length=max_sequence_length,
+    )
+
+
+def _causes(err: BaseException):
+    """``err`` and every exception it was raised from or during, outermost first."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def load_error_message(source: str, err: BaseException) -> str:
+    """Why ``from_pretrained(source)`` failed, in plain words, with what to do about it.
+
+    diffusers reports every hub failure as one ``OSError`` that points at "the stacktrace above"
+    (which the command line never shows); the hub's own exception is further down the chain.
+    """
+    from huggingface_hub import errors as hub
+
+    causes = list(_causes(err))
+    folder = "a local folder saved with save_pretrained()"
+    local = f"pass {folder} instead of the hub id"
+    if os.path.isdir(os.path.expanduser(source)):
+        return f"could not load SD3 weights from the folder {source}: {err}"
+    if any(isinstance(c, hub.GatedRepoError) for c in causes):
+        return (
+            f"{source} is a gated repository on the Hugging Face hub: accept its licence at "
+            f"https://huggingface.co/{source} and log in (`hf auth login`, or set HF_TOKEN), or {local}"
+        )
+    if any(isinstance(c, hub.RepositoryNotFoundError) for c in causes):
+        return (
+            f"{source} was not found on the Hugging Face hub (check the spelling; a private repository "
+            f"needs `hf auth login`), or {local}"
+        )
+    offline = any(isinstance(c, hub.OfflineModeIsEnabled) for c in causes) or os.environ.get(
+        "HF_HUB_OFFLINE", ""
+    ).lower() in ("1", "true", "yes", "on")
+    unreachable = offline or any(
+        isinstance(c, (hub.LocalEntryNotFoundError, ConnectionError, TimeoutError))
+        or type(c).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout", "NetworkError")
+        for c in causes
+    )
+    if unreachable or "not fully cached" in str(err) or "connect" in str(err).lower():
+        why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the hub cannot be reached (no network?)"
+        return (
+            f"{source} is not in the local Hugging Face cache and {why}: download it once with network "
+            f"(`hf download {source}`; gated models need their licence accepted and a login first), "
+            f"or {local}"
+        )
+    return (
+        f"could not load SD3 weights from {source!r}: {err}. Expected a hub id you have access to, "
+        f"or {folder}"
     )
 
 
