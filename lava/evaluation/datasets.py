@@ -40,7 +40,8 @@ LAYOUTS: dict[str, str] = {
     "1..150 = classes); ROOT is ADEChallengeData2016 or a folder holding it (directly or as ade/...)",
     "folder": "ROOT/classes.txt (one class name per line, in label-id order; a class named "
     "'background' is scored as background), ROOT/images/<id>.png|.jpg, ROOT/labels/<id>.png (class "
-    "ids, 255 = ignore); optional ROOT/<split>.txt lists the ids, else every image is used",
+    "ids, 255 = ignore); optional ROOT/<split>.txt lists the ids (required when a split is named), else "
+    "every image is used",
     "cityscapes": "ROOT/leftImg8bit/val/<city>/<id>_leftImg8bit.png, "
     "ROOT/gtFine/val/<city>/<id>_gtFine_labelTrainIds.png (train ids 0..18, 255 = ignore); ROOT is the "
     "Cityscapes root or a folder holding it as cityscapes/",
@@ -449,20 +450,24 @@ def dataset_info(name: str) -> DatasetInfo:
     return _spec(name).info
 
 
-def load_dataset(name: str, root: str | Path, split: str = "val") -> SegmentationDataset:
+def load_dataset(name: str, root: str | Path, split: str | None = None) -> SegmentationDataset:
     """Index a dataset in its standard layout (see ``LAYOUTS``) without reading any pixels.
 
+    ``split`` defaults to ``"val"``; for the ``folder`` layout, to ``ROOT/val.txt`` when it exists
+    and every image otherwise, while a split named explicitly must have its ``ROOT/<split>.txt``.
     Every listed image and label must exist; a missing one raises :class:`DatasetError` naming it.
     """
     if name.lower() == "folder":
         return _load_folder(Path(root).expanduser(), split)
+    if split is None:
+        split = "val"
     spec = _spec(name)
     base, pairs = spec.lister(Path(root).expanduser(), split)
     samples = [Sample(sid, image, label, spec.raw_to_label) for sid, image, label in pairs]
     return SegmentationDataset(spec.info, samples, base)
 
 
-def _load_folder(root: Path, split: str) -> SegmentationDataset:
+def _load_folder(root: Path, split: str | None) -> SegmentationDataset:
     """A user's own dataset: ``classes.txt``, ``images/`` and ``labels/`` (see ``LAYOUTS["folder"]``)."""
     layout = LAYOUTS["folder"]
     names_file = root / "classes.txt"
@@ -471,9 +476,16 @@ def _load_folder(root: Path, split: str) -> SegmentationDataset:
     classes = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
     if not classes or len(classes) > 255:
         raise DatasetError(f"{names_file} must name 1..255 classes, one per line; it names {len(classes)}")
-    split_file = root / f"{split}.txt"
+    split_file = root / f"{split or 'val'}.txt"
     if split_file.is_file():
         ids = _ids_from_split_file(split_file, layout)
+    elif split is not None:
+        # Asked for by name: falling back to every image would evaluate on the wrong images.
+        present = sorted(p.stem for p in root.glob("*.txt") if p.name != "classes.txt")
+        raise DatasetError(
+            f"split {split!r} asked for, but {split_file} is missing (split files present: "
+            f"{present or 'none'}); leave --split out to use every image, or list the ids in {split_file}"
+        )
     else:
         ids = sorted(p.stem for p in (root / "labels").glob("*.png"))
         if not ids:

@@ -146,7 +146,12 @@ def settings_hash(payload: dict) -> str:
 
 
 class Journal:
-    """Per-image results as JSON lines, one file per rank, with the run's settings as header."""
+    """Per-image results as JSON lines, one file per rank, with the run's settings as header.
+
+    A journal whose header names other settings is refused only when it holds results: one that
+    holds only its header (a run that failed or was stopped before its first image) is stale and
+    is replaced, so a failed run never locks its output folder.
+    """
 
     def __init__(self, folder: Path, config: dict, rank: int = 0):
         self.folder = folder
@@ -155,37 +160,76 @@ class Journal:
         self.path = folder / f"journal.rank{rank}.jsonl"
 
     def load(self, num_classes: int) -> dict[str, dict[str, torch.Tensor]]:
-        """``{image id: {cell key: counts [C, C+1]}}`` from every rank's journal in the folder."""
+        """``{image id: {cell key: counts [C, C+1]}}`` from every rank's journal in the folder.
+
+        Raises ``LavaError`` naming the settings that differ when a journal with results was
+        written with other settings.
+        """
         done: dict[str, dict[str, torch.Tensor]] = {}
         for path in sorted(self.folder.glob("journal.rank*.jsonl")):
-            with open(path) as fh:
-                for n, line in enumerate(fh):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a kill mid-write; that image is simply redone
-                    if n == 0:
-                        if rec.get("settings") != self.digest:
-                            raise LavaError(
-                                f"{path} was written with other settings; use a new --out folder "
-                                "(or delete the journal) to start over"
-                            )
-                        continue
-                    done[rec["id"]] = {k: _dense(v, num_classes) for k, v in rec["cells"].items()}
+            header, records = _read_journal(path)
+            if not records:
+                continue  # nothing finished: whatever its settings, it holds nothing to keep
+            if header is None or header.get("settings") != self.digest:
+                raise LavaError(self._mismatch(path, header, len(records)))
+            for rec in records:
+                done[rec["id"]] = {k: _dense(v, num_classes) for k, v in rec["cells"].items()}
         return done
 
+    def _mismatch(self, path: Path, header: dict | None, count: int) -> str:
+        old = (header or {}).get("config") or {}
+        new = json.loads(json.dumps(self.config, default=str))
+        diffs = [
+            f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}"
+            for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)
+        ]
+        what = "; ".join(diffs) if diffs else "its settings header is unreadable"
+        return (
+            f"{path} holds results for {count} image(s) made with other settings ({what}). "
+            f"Use a new --out folder, run again with the settings it was made with, or delete "
+            f"{self.folder / 'journal.rank*.jsonl'} to start over"
+        )
+
     def start(self) -> None:
+        """Write this rank's header, replacing a stale journal (one with no finished image)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            with open(self.path, "w") as fh:
-                fh.write(json.dumps({"settings": self.digest, "config": self.config}, default=str) + "\n")
+        if self.path.exists():
+            header, records = _read_journal(self.path)
+            if header is not None and header.get("settings") == self.digest:
+                return
+            if records:  # load() refuses this before start() is called; never overwrite results
+                raise LavaError(self._mismatch(self.path, header, len(records)))
+        with open(self.path, "w") as fh:
+            fh.write(json.dumps({"settings": self.digest, "config": self.config}, default=str) + "\n")
 
     def append(self, image_id: str, cells: dict[str, torch.Tensor]) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"id": image_id, "cells": {k: _sparse(v) for k, v in cells.items()}}) + "\n")
             fh.flush()
+
+
+def _read_journal(path: Path) -> tuple[dict | None, list[dict]]:
+    """``(header, finished-image records)`` of one journal file; lines cut by a kill are skipped
+    (that image is simply redone)."""
+    header, records = None, []
+    with open(path) as fh:
+        for n, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if n == 0 and "settings" in rec:
+                header = rec
+            elif "id" in rec and "cells" in rec:
+                records.append(rec)
+    return header, records
+
+
+def _show(value) -> str:
+    return "(unset)" if value is None else json.dumps(value)
 
 
 def _sparse(counts: torch.Tensor) -> list[list[int]]:
