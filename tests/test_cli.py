@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,17 +99,14 @@ def test_errors_exit_nonzero_with_one_line_and_write_nothing(args, message, img_
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_failure_mid_write_leaves_no_partial_file(img_path, tmp_path, monkeypatch):
-    from lava import io
+def test_failure_mid_write_leaves_no_partial_set(img_path, tmp_path, monkeypatch):
+    from lava.types import Segmentation
 
-    def broken_save(image, path):
-        def write(tmp):
-            tmp.write_bytes(b"\x89PNG half")
-            raise OSError("disk full")
+    def broken_overlay(self, *a, **kw):
+        raise OSError("disk full")
 
-        return io.atomic_write(path, write)
-
-    monkeypatch.setattr(io, "save_png", broken_save)
+    # The label map is written first; the overlay fails: the set must vanish whole.
+    monkeypatch.setattr(Segmentation, "overlay", broken_overlay)
     out = tmp_path / "out"
     rc = main(["segment", str(img_path), "--classes", "cat", "--out", str(out)])
     assert rc == 1
@@ -134,10 +133,320 @@ def test_console_script_help():
 
 
 def test_default_model_is_the_shipped_reference(tmp_path, capsys):
-    from pathlib import Path
-
     example = Path(__file__).parents[1] / "lava" / "assets" / "examples" / "scene_0.png"
     out = tmp_path / "out"
     assert main(["segment", str(example), "--classes", "red circle,background", "--out", str(out)]) == 0
     assert "using lava-shapes" in capsys.readouterr().err
     assert (out / "scene_0_labels.png").exists()
+
+
+# ---- start-up: --version, --help without heavy imports -----------------------------------------
+
+
+def test_version(capsys):
+    import lava
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lava {lava.__version__}"
+
+
+def test_building_the_parser_imports_nothing_heavy():
+    code = (
+        "import sys, lava.cli; lava.cli.build_parser(); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'matplotlib') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+def test_every_command_has_its_module_and_verbose_flag():
+    import importlib
+
+    from lava.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    for name in COMMANDS:
+        module = importlib.import_module(f"lava.cli.{name}")
+        assert callable(module.add_parser) and callable(module.run)
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, command in sub.choices.items():
+        assert any("--verbose" in a.option_strings for a in command._actions), name
+
+
+def test_lazy_package_keeps_stage_functions_over_same_named_submodules():
+    # lava.noise / lava.capture / lava.aggregate are functions even after their submodules load.
+    code = (
+        "import lava; import lava.noise, lava.capture, lava.aggregate; "
+        "from lava.capture import capture_views; "
+        "print(all(callable(f) and not isinstance(f, type(lava)) "
+        "for f in (lava.noise, lava.capture, lava.aggregate, lava.segment)))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "True", res.stderr
+
+
+# ---- quiet by default ----------------------------------------------------------------------------
+
+
+def test_library_chatter_only_with_verbose(tmp_path):
+    example = Path(__file__).parents[1] / "lava" / "assets" / "examples" / "scene_0.png"
+    classes = ",".join(f"shape number {i}" for i in range(30))  # several prompts, long token lists
+    base = [sys.executable, "-m", "lava.cli", "segment", str(example), "--classes", classes]
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([*base, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    noise = [line for line in res.stderr.splitlines() if not line.startswith("lava:")]
+    assert noise == []
+    res = subprocess.run([*base, "--out", str(tmp_path / "b"), "-v"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "prompt 1:" in res.stderr
+
+
+def test_quiet_libraries_switches_levels_and_tokenizer_warnings():
+    code = (
+        "import sys\n"
+        "from lava.cli.common import quiet_libraries\n"
+        "quiet_libraries(sys.argv[1] == 'v')\n"
+        "from lava.backends.tiny import build_tokenizers\n"
+        "build_tokenizers()[0]('word ' * 500)\n"
+    )
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": ""}
+    quiet = subprocess.run([sys.executable, "-c", code, "q"], capture_output=True, text=True, env=env)
+    loud = subprocess.run([sys.executable, "-c", code, "v"], capture_output=True, text=True, env=env)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "Token indices" not in quiet.stderr
+    assert "Token indices" in loud.stderr
+
+
+# ---- streaming many images -------------------------------------------------------------------------
+
+
+def _images(tmp_path, n):
+    paths = []
+    for i in range(n):
+        paths.append(tmp_path / "in" / f"img{i}.png")
+        paths[-1].parent.mkdir(exist_ok=True)
+        scene(seed=i).save(paths[-1])
+    return paths
+
+
+def test_each_image_is_written_before_the_next_is_segmented(tmp_path, monkeypatch, capsys):
+    import lava.cli.segment as seg_cmd
+
+    paths = _images(tmp_path, 3)
+    out = tmp_path / "out"
+    real = seg_cmd.write_set
+    seen = []
+
+    def checking(files, seg, classes):
+        # When image i is written, images < i are complete on disk and none after it has started.
+        i = len(seen)
+        assert sorted(p.name for p in out.glob("*")) == sorted(
+            f"img{j}_{k}" for j in range(i) for k in ("labels.png", "overlay.png", "classes.txt")
+        )
+        seen.append(i)
+        real(files, seg, classes)
+
+    monkeypatch.setattr(seg_cmd, "write_set", checking)
+    args = ["segment", *map(str, paths), "--classes", "cat,dog", "--model", "tiny-sd3", "--out", str(out)]
+    assert main(args) == 0
+    assert seen == [0, 1, 2]
+
+
+def test_interrupt_leaves_whole_sets_only(tmp_path, monkeypatch):
+    import lava.cli.segment as seg_cmd
+
+    paths = _images(tmp_path, 3)
+    out = tmp_path / "out"
+    real = seg_cmd.write_set
+    calls = {"n": 0}
+
+    def interrupted(files, seg, classes):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            from lava import io
+
+            # Ctrl-C in the middle of writing the second set, after its label map is on disk (as a temp).
+            with io.atomic_files(list(files.values())) as tmps:
+                seg.label_image(0).save(tmps[0], format="PNG")
+                raise KeyboardInterrupt
+        real(files, seg, classes)
+
+    monkeypatch.setattr(seg_cmd, "write_set", interrupted)
+    args = ["segment", *map(str, paths), "--classes", "cat", "--model", "tiny-sd3", "--out", str(out)]
+    args += ["--save-scores"]
+    assert main(args) == 130
+    assert sorted(p.name for p in out.iterdir()) == [
+        "img0_classes.txt",
+        "img0_labels.png",
+        "img0_overlay.png",
+        "img0_scores.npz",
+    ]
+
+
+def test_interrupt_during_the_renames_is_held_until_the_set_is_complete(tmp_path):
+    import os as os_
+    import signal
+
+    from lava import io
+
+    files = [tmp_path / f"f{i}.txt" for i in range(3)]
+    real_replace = os_.replace
+    moved = []
+
+    def replace_and_signal(src, dst):
+        real_replace(src, dst)
+        moved.append(dst)
+        if len(moved) == 1:
+            signal.raise_signal(signal.SIGINT)  # arrives after the first rename of three
+
+    with pytest.raises(KeyboardInterrupt), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(io.os, "replace", replace_and_signal)
+        with io.atomic_files(files) as tmps:
+            for t in tmps:
+                t.write_text("x")
+    assert all(f.read_text() == "x" for f in files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.txt", "f1.txt", "f2.txt"]
+
+
+# ---- the output folder, checked before the model loads ---------------------------------------------
+
+
+def test_out_is_a_file(img_path, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    # An unknown model would fail first if the model were loaded before the output check.
+    rc = main(["segment", str(img_path), "--classes", "cat", "--model", "nope-model", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1
+    assert (
+        err == f"lava: error: --out {out} is a file, not a folder: pass a folder (it is created if missing)"
+    )
+
+
+def test_out_below_a_file(img_path, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "sub"
+    assert (
+        main(["segment", str(img_path), "--classes", "cat", "--model", "nope-model", "--out", str(out)]) == 1
+    )
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Errno" not in err
+
+
+def test_folder_in_the_way_of_an_output_file(img_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "room_overlay.png").mkdir(parents=True)
+    assert (
+        main(["segment", str(img_path), "--classes", "cat", "--model", "nope-model", "--out", str(out)]) == 1
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"lava: error: cannot write {out / 'room_overlay.png'}: a folder of that name is in the way"
+
+
+def test_read_only_output_folder_in_plain_words(img_path, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import lava.cli.common as common
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def read_only(*a, dir=None, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / ".room_labels.png.x1y2.tmp.png"))
+
+    monkeypatch.setattr(common.tempfile, "TemporaryFile", read_only)
+    assert (
+        main(["segment", str(img_path), "--classes", "cat", "--model", "nope-model", "--out", str(out)]) == 1
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"lava: error: cannot write to the output folder {out}: the file system is read-only"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_unwritable_output_folder(img_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert main(["segment", str(img_path), "--classes", "cat", "--out", str(out)]) == 1
+    finally:
+        out.chmod(0o755)
+    assert "permission denied" in capsys.readouterr().err
+
+
+def test_write_errors_name_the_result_not_the_temporary(tmp_path):
+    import errno
+
+    from lava import io
+    from lava.errors import OutputError
+
+    target = tmp_path / "a_labels.png"
+    with pytest.raises(OutputError) as caught, io.atomic_files([target]) as (tmp,):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert str(caught.value) == f"cannot write {target}: no space left on the device"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- odd values --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["2", "-0.5", "nan", "abc"])
+def test_background_threshold_outside_unit_interval_is_refused(img_path, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", str(img_path), "--classes", "cat", "--background-threshold", value])
+    assert exit_.value.code == 2
+    assert "expected a number between 0 and 1" in capsys.readouterr().err
+
+
+def test_background_class_with_threshold_is_refused(img_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["segment", str(img_path), "--classes", "cat,background", "--model", "tiny-sd3", "--out", str(out)]
+    assert main([*args, "--background-threshold", "0.4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "a class is named 'background' and a background threshold (0.4) is set" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_help_documents_negative_layers_and_resolution_rounding(capsys):
+    for command in ("segment", "eval", "sweep"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "negative numbers count from the last block (-1 = the last)" in text, command
+        assert "rounded to the model's token grid" in text, command
+
+
+def test_resolution_off_the_grid_is_said_once(img_path, tmp_path, capsys):
+    args = ["segment", str(img_path), "--classes", "cat", "--model", "tiny-sd3", "--out", str(tmp_path / "o")]
+    assert main([*args, "--resolution", "33"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("--resolution 33 is not a multiple of tiny-sd3's token size") == 1
+    assert main([*args, "--resolution", "32"]) == 0
+    assert "not a multiple" not in capsys.readouterr().err
+
+
+# ---- models that cannot be loaded --------------------------------------------------------------------
+
+
+def test_uncached_model_offline_says_so(img_path, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    args = ["segment", str(img_path), "--classes", "cat", "--model", "lava-tests/not-cached-anywhere"]
+    res = subprocess.run(
+        [sys.executable, "-m", "lava.cli", *args, "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 1
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1, res.stderr
+    assert err[0].startswith(
+        "lava: error: lava-tests/not-cached-anywhere is not in the local Hugging Face cache"
+    )
+    assert "offline mode is on (HF_HUB_OFFLINE)" in err[0] and "save_pretrained" in err[0]
+    assert "stacktrace" not in res.stderr

@@ -96,11 +96,35 @@ def test_resume_after_kill_gives_identical_totals(voc, tmp_path, monkeypatch):
     assert a["per_class_iou"] == b["per_class_iou"] and a["miou"] == b["miou"]
 
 
-def test_resume_refuses_other_settings(voc, tmp_path, capsys):
+def test_resume_refuses_other_settings_and_names_them(voc, tmp_path, capsys):
     out = tmp_path / "run"
     assert _eval(voc, out, "--limit", "1") == 0
+    capsys.readouterr()
+    assert _eval(voc, out, "--timestep", "123", "--seed", "7") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "holds results for 1 image(s) made with other settings (seed: 0 -> 7; timestep: 500.0 -> 123.0)"
+        in err
+    )
+
+
+def test_failed_run_does_not_lock_its_output_folder(voc, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+
+    def failing(*a, **kw):
+        raise ValueError("out of memory (simulated)")
+
+    # A run that dies before its first image leaves a journal holding its settings only.
+    monkeypatch.setattr(runner, "capture_views", failing)
     assert _eval(voc, out, "--timestep", "123") == 1
-    assert "other settings" in capsys.readouterr().err
+    journal = out / "journal.rank0.jsonl"
+    assert len(journal.read_text().splitlines()) == 1
+    monkeypatch.undo()
+    # Corrected flags, same folder: the stale journal is replaced, not a reason to refuse.
+    assert _eval(voc, out, "--limit", "2") == 0
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["config"]["timestep"] == 500.0
+    assert json.loads((out / "report.json").read_text())["num_images"] == 2
 
 
 def test_sweep_one_forward_per_timestep(voc, tmp_path, monkeypatch):
@@ -246,3 +270,18 @@ def test_folder_dataset(tmp_path):
     (root / "classes.txt").unlink()
     with pytest.raises(Exception, match=r"missing .*classes.txt"):
         load_dataset("folder", root)
+
+
+def test_folder_dataset_named_split_must_exist(tmp_path, capsys):
+    from lava.evaluation import DatasetError, load_dataset
+
+    root = _make_folder(tmp_path / "shapes")
+    assert len(load_dataset("folder", root)) == 3  # no split named, no split files: every image
+    with pytest.raises(DatasetError, match=r"split 'test' asked for, but .*test.txt is missing"):
+        load_dataset("folder", root, "test")
+    (root / "val.txt").write_text("s1\n")
+    assert [s.id for s in load_dataset("folder", root)] == ["s1"]  # the default split is val
+    args = ["eval", "--dataset", "folder", "--root", str(root), "--model", "tiny-sd3"]
+    assert main([*args, "--split", "test", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "split files present: ['val']" in err

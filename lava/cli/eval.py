@@ -1,0 +1,108 @@
+"""``lava eval``: one setting over a dataset split, reported as mIoU, per-class IoU and pixel accuracy."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import (
+    LAYERS_HELP,
+    add_dataset_options,
+    add_model_options,
+    add_reading_options,
+    eval_setup,
+    int_list,
+    prompt_printer,
+)
+
+EPILOG = """\
+examples:
+  lava eval --dataset voc --root ~/data/VOCdevkit --model sd3-medium --protocol present --out results/voc
+  torchrun --nproc-per-node=4 -m lava.cli eval --dataset ade20k --root ~/data/ADEChallengeData2016 \\
+      --model sd3-medium --out results/ade
+
+writes report.json (miou, per_class_iou, pixel_accuracy, protocol, config, versions), per_class.csv,
+a journal (journal.rank*.jsonl) from which a stopped run resumes, and optionally vis/ and predictions/.
+A journal that holds no finished image yet is replaced by a run with other settings; one with
+results is not (the error names the settings that differ).
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate on a segmentation benchmark (mIoU)",
+        description="Segment every image of a dataset split and report mIoU, per-class IoU and pixel "
+        "accuracy from one confusion matrix over the whole split. Resumable; shards over processes "
+        "under torchrun.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--timestep", type=float, default=None, help="model timestep to read (default: the model's)"
+    )
+    p.add_argument(
+        "--layers",
+        type=int_list,
+        default=None,
+        help=f"blocks averaged into one map; {LAYERS_HELP} (default: the model's)",
+    )
+    p.add_argument(
+        "--visualize", type=int, default=0, metavar="K", help="write overlays of the first K images"
+    )
+    p.add_argument(
+        "--save-predictions",
+        action="store_true",
+        help="write every predicted label map as predictions/<id>.png (dataset ids, 255 = ignore)",
+    )
+    add_dataset_options(p)
+    add_model_options(p)
+    add_reading_options(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import io
+    from ..evaluation import distributed
+    from ..evaluation.report import protocol_line, write_eval_report
+    from ..evaluation.runner import Cell
+    from ..evaluation.runner import run as run_cells
+    from ..viz import label_image
+
+    dataset, backend, settings, config = eval_setup(args, {})
+    timestep = args.timestep if args.timestep is not None else backend.defaults.timestep
+    layers = backend.check_layers(args.layers if args.layers is not None else backend.defaults.layers)
+    backend.check_timestep(timestep)
+    config.update(timestep=timestep, layers=list(layers))
+    out = Path(args.out)
+    shown = {"n": 0}
+
+    def on_prediction(image_id, pred, seg, _cell):
+        if args.save_predictions:
+            io.save_png(label_image(pred), out / "predictions" / f"{image_id}.png")
+        if shown["n"] < args.visualize:
+            shown["n"] += 1
+            io.save_png(seg.overlay(0), out / "vis" / f"{image_id}_overlay.png")
+
+    result = run_cells(
+        backend,
+        dataset,
+        [Cell(float(timestep), layers, settings.direction, settings.softmax)],
+        settings,
+        out,
+        config=config,
+        on_prediction=on_prediction,
+        prompt_batch=args.prompt_batch,
+        on_prompt=prompt_printer(args),
+    )
+    if distributed.is_main():
+        matrix = result.matrices[result.cells[0].key]
+        report = write_eval_report(out, dataset.info, matrix, settings, result.num_images, config)
+        print(
+            f"{dataset.info.name}: mIoU {report['miou']:.4f}, pixel accuracy {report['pixel_accuracy']:.4f} "
+            f"over {result.num_images} images ({result.resumed} resumed)"
+        )
+        print(f"  {protocol_line(dataset.info, settings)}")
+        print(f"  report: {out / 'report.json'}")
+    distributed.shutdown()
+    return 0

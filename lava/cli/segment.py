@@ -1,0 +1,210 @@
+"""``lava segment``: label images with named classes and write one set of files per image."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .common import (
+    LAYERS_HELP,
+    add_model_options,
+    add_reading_options,
+    check_output_folder,
+    int_list,
+    load_backend_for,
+    note,
+    unit_interval,
+)
+
+EPILOG = """\
+examples:
+  lava segment photo.jpg --classes "cat,dog,sofa" --model sd3-medium --out results/
+  lava segment a.png b.png --classes "person,bicycle" --layers 8,9,10 --timestep 515 --save-scores
+
+for each IMAGE, --out receives:
+  <name>_labels.png   label map (palette PNG; pixel value i = i-th class, see <name>_classes.txt)
+  <name>_overlay.png  label colours over the image
+  <name>_classes.txt  the class of each label value, one per line
+  <name>_scores.npz   per-class scores [C, H, W] (with --save-scores)
+  <name>_heatmaps.png one heatmap per class (with --heatmaps)
+Each image's files are written as soon as it is done, all together: an interrupted run leaves
+whole sets for the images finished and nothing of the others.
+
+background: with --background-threshold, weak pixels are labelled "background" (label 0). A class
+named "background" in --classes is refused together with --background-threshold; it replaces a
+threshold that is only the model's default.
+
+With no --model, lava uses lava-shapes: a small SD3-architecture model trained by lava on
+synthetic scenes of coloured circles, squares and triangles; it runs offline but knows no photos.
+For real photos pass --model sd3-medium (or a hub id / local folder).
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "segment",
+        help="segment images into named classes",
+        description="Segment each IMAGE into the given classes by reading the text-image attention of one "
+        "SD3 transformer pass on the noised image.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...; any colour mode)")
+    p.add_argument(
+        "--classes", required=True, help='comma-separated class names, e.g. "cat,dog,potted plant"'
+    )
+    p.add_argument("--out", default="lava_out", help="output folder (default: %(default)s)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
+        "--timestep", type=float, help="model timestep in [0, 1000) to read (default: the model's)"
+    )
+    when.add_argument("--sigma", type=float, help="noise level σ in [0, 1) instead of --timestep")
+    p.add_argument(
+        "--layers",
+        type=int_list,
+        help=f"transformer blocks to read, e.g. 9 or 8,9,10; {LAYERS_HELP} (default: the model's)",
+    )
+    p.add_argument(
+        "--background-threshold",
+        type=unit_interval,
+        default=None,
+        help="label pixels whose best normalised score is below this (in [0, 1]) as background (label 0); "
+        "0 labels no pixel background (default: the model's, see `lava models`)",
+    )
+    p.add_argument("--save-scores", action="store_true", help="also write per-class scores as .npz")
+    p.add_argument("--heatmaps", action="store_true", help="also write a per-class heatmap figure (PNG)")
+    add_model_options(p)
+    add_reading_options(p)
+    return p
+
+
+def output_names(images: Sequence[str]) -> list[str]:
+    stems = [Path(p).stem for p in images]
+    seen: dict[str, str] = {}
+    for path, stem in zip(images, stems):
+        if stem in seen:
+            raise ValueError(
+                f"{seen[stem]} and {path} would write the same output files ({stem}_*.png); "
+                "rename one or run them separately"
+            )
+        seen[stem] = path
+    return stems
+
+
+def output_files(out: Path, stem: str, args: argparse.Namespace) -> dict[str, Path]:
+    """The files one image's set consists of, by kind."""
+    files = {kind: out / f"{stem}_{kind}{ext}" for kind, ext in (("labels", ".png"), ("overlay", ".png"))}
+    files["classes"] = out / f"{stem}_classes.txt"
+    if args.save_scores:
+        files["scores"] = out / f"{stem}_scores.npz"
+    if args.heatmaps:
+        files["heatmaps"] = out / f"{stem}_heatmaps.png"
+    return files
+
+
+def write_set(files: dict[str, Path], seg, classes: Sequence[str]) -> None:
+    """Write one image's files (``seg`` holds that image alone) as a set: all appear, or none."""
+    import numpy as np
+
+    from .. import io
+
+    with io.atomic_files(list(files.values())) as tmps:
+        tmp = dict(zip(files, tmps))
+        seg.label_image(0).save(tmp["labels"], format="PNG")
+        seg.overlay(0).save(tmp["overlay"], format="PNG")
+        tmp["classes"].write_text("\n".join(seg.classes) + "\n")
+        if "scores" in tmp:
+            with open(tmp["scores"], "wb") as fh:
+                np.savez_compressed(fh, scores=seg.scores[0].numpy(), classes=np.array(list(classes)))
+        if "heatmaps" in tmp:
+            import matplotlib.pyplot as plt
+
+            from ..aggregate import normalize_scores
+            from ..types import Heatmaps
+
+            heat = Heatmaps(
+                scores=normalize_scores(seg.scores[0][None], "minmax"),
+                classes=tuple(classes),
+                image_sizes=(tuple(seg.scores[0].shape[-2:]),),
+                normalize="minmax",
+            )
+            fig = heat.plot(0, image=seg.images[0])
+            try:
+                fig.savefig(tmp["heatmaps"], format="png", dpi=100)
+            finally:
+                plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..images import image_size
+    from ..pipeline import resolve_configs, segment_iter
+    from ..prompts import parse_classes
+    from ..types import AggregateConfig
+
+    classes = parse_classes(args.classes)
+    stems = output_names(args.images)
+    # Every input is checked (opened, header read) before the model loads; pixels are read one
+    # image at a time later, so memory does not grow with the number of images.
+    sizes = [image_size(path) for path in args.images]
+    out = Path(args.out)
+    sets = [output_files(out, stem, args) for stem in stems]
+    check_output_folder(out, [path for files in sets for path in files.values()])
+    backend = load_backend_for(args, sizes=sizes)
+    agg, mask = resolve_configs(
+        backend,
+        AggregateConfig(tokens=args.tokens),
+        normalize=args.normalize,
+        background_threshold=args.background_threshold,
+        min_presence=args.min_presence,
+        classes=classes,
+    )
+    if args.verbose:
+        describe_reading(backend, classes, args, agg, mask)
+    results = segment_iter(
+        args.images,
+        classes,
+        backend=backend,
+        timestep=args.timestep,
+        sigma=args.sigma,
+        layers=args.layers,
+        seed=args.seed,
+        resolution=args.resolution,
+        direction=args.direction,
+        softmax=args.softmax,
+        impl=args.attention_impl,
+        max_classes_per_prompt=args.max_classes_per_prompt,
+        prompt_batch=args.prompt_batch,
+        aggregate_config=agg,
+        mask_config=mask,
+        progress=len(args.images) > 1,
+    )
+    for i, seg in results:
+        write_set(sets[i], seg, classes)
+        del seg  # hold nothing of this image while the next one runs
+        print(f"{args.images[i]} -> {sets[i]['labels']}", flush=True)
+    return 0
+
+
+def describe_reading(backend, classes, args, agg, mask) -> None:
+    """``--verbose``: the prompts the classes were split into and the settings in force, on stderr."""
+    from ..prompts import build_prompt, split_classes
+
+    groups = split_classes(backend, classes, max_classes_per_prompt=args.max_classes_per_prompt)
+    per_forward = len(groups) if args.prompt_batch is None else min(args.prompt_batch, len(groups))
+    note(f"{len(classes)} classes in {len(groups)} prompt(s), {per_forward} per forward pass")
+    for i, group in enumerate(groups):
+        note(f"  prompt {i + 1}: {build_prompt(group)[0]!r}")
+    d = backend.defaults
+    bg = "none" if mask.background_threshold is None else f"threshold {mask.background_threshold:g}"
+    if mask.min_presence is not None:
+        bg += f", min presence {mask.min_presence:g}"
+    note(
+        f"{backend.name}: "
+        + (f"sigma {args.sigma:g}, " if args.sigma is not None else "")
+        + f"timestep {args.timestep if args.timestep is not None else d.timestep:g}, "
+        f"layers {list(args.layers or d.layers)}, {args.direction} with softmax over {args.softmax} keys, "
+        f"normalize {agg.normalize}, background {bg} (model defaults: {d.source}; {d.mask_source})"
+    )
+    sys.stderr.flush()
