@@ -137,7 +137,7 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
         type=resolution,
         default=None,
         help="long image side fed to the model in px, 'native' (default) or 'original'; sides are "
-        "rounded to the model's token grid (multiples of 16 px for SD3: 1000 becomes 1008)",
+        "rounded to the model's token grid (multiples of 16 px for SD3: 1020 becomes 1024)",
     )
     g.add_argument(
         "--direction",
