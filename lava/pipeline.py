@@ -80,16 +80,21 @@ def resolve_configs(
     _check_unit("background_threshold", mask.background_threshold)
     _check_unit("min_presence", mask.min_presence)
     if classes is not None and mask.background_threshold is not None and mask.background_name in classes:
-        asked = mask_config is not None or background_threshold is not None
-        if asked:
-            raise ClassNameError(
-                f"a class is named {mask.background_name!r} and a background threshold "
-                f"({mask.background_threshold:g}) is set: both would label pixels {mask.background_name!r}. "
-                f"Drop the class (the threshold labels weak pixels {mask.background_name!r} itself), or drop "
-                "the threshold (set it to 0) to let the named class compete"
-            )
+        if mask_config is not None or background_threshold is not None:
+            check_background_class(classes, mask.background_threshold, mask.background_name)
         mask = dataclasses.replace(mask, background_threshold=None)
     return agg, mask
+
+
+def check_background_class(classes: Sequence[str], threshold: float | None, name: str = "background") -> None:
+    """Refuse a class called ``name`` next to a background ``threshold``: both would label pixels
+    ``name`` (the rule ``resolve_configs`` applies to a threshold the caller asked for)."""
+    if threshold and name in classes:
+        raise ClassNameError(
+            f"a class is named {name!r} and a background threshold ({threshold:g}) is set: both would "
+            f"label pixels {name!r}. Drop the class (the threshold labels weak pixels {name!r} itself), "
+            "or drop the threshold (set it to 0) to let the named class compete"
+        )
 
 
 def segment(

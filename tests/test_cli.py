@@ -404,7 +404,8 @@ def test_background_threshold_outside_unit_interval_is_refused(img_path, value, 
 
 def test_background_class_with_threshold_is_refused(img_path, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["segment", str(img_path), "--classes", "cat,background", "--model", "tiny-sd3", "--out", str(out)]
+    # Refused before any model loads: the unknown model would be reported otherwise.
+    args = ["segment", str(img_path), "--classes", "cat,background", "--model", "nope", "--out", str(out)]
     assert main([*args, "--background-threshold", "0.4"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "a class is named 'background' and a background threshold (0.4) is set" in err

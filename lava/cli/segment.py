@@ -139,11 +139,12 @@ def write_set(files: dict[str, Path], seg, classes: Sequence[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..images import image_size
-    from ..pipeline import resolve_configs, segment_iter
+    from ..pipeline import check_background_class, resolve_configs, segment_iter
     from ..prompts import parse_classes
     from ..types import AggregateConfig
 
     classes = parse_classes(args.classes)
+    check_background_class(classes, args.background_threshold)
     stems = output_names(args.images)
     # Every input is checked (opened, header read) before the model loads; pixels are read one
     # image at a time later, so memory does not grow with the number of images.
