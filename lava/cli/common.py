@@ -416,7 +416,8 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
     config = {
         "command": args.command,
         "dataset": args.dataset,
-        "split": args.split,
+        # "val" when not given, as before --split could be left out: older journals still resume.
+        "split": args.split or "val",
         "model": backend.name,
         "variant": backend.variant,
         "dtype": str(backend.dtype),
