@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .errors import LavaError
+from .errors import ClassNameError, LavaError
 from .types import Heatmaps, MaskConfig, Segmentation
+
+
+def check_background_class(classes: Sequence[str], threshold: float | None, name: str = "background") -> None:
+    """Refuse a class called ``name`` next to a background ``threshold``: both would label pixels
+    ``name`` (the rule ``resolve_configs`` applies to a threshold the caller asked for)."""
+    if threshold and name in classes:
+        raise ClassNameError(
+            f"a class is named {name!r} and a background threshold ({threshold:g}) is set: both would "
+            f"label pixels {name!r}. Drop the class (the threshold labels weak pixels {name!r} itself), "
+            "or drop the threshold (set it to 0) to let the named class compete"
+        )
 
 
 def upsample(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -38,6 +50,7 @@ def to_mask(
     config: MaskConfig | None = None,
     *,
     background_threshold: float | None = None,
+    min_presence: float | None = None,
     images=(),
 ) -> Segmentation:
     """Upsample each image's class scores to its size ``(H, W)`` and take the best class per pixel.
@@ -45,9 +58,14 @@ def to_mask(
     ``sizes`` default to the sizes the images had when noised. With a background threshold,
     label 0 is background and class ``i`` becomes label ``i + 1``. With ``min_presence``, classes
     whose ``heatmaps.presence`` is below it in an image take no pixels there (the strongest class
-    of an image always may).
+    of an image always may). The keywords override ``config``'s fields; ``0`` turns either off.
     """
-    config = config or MaskConfig(background_threshold=background_threshold)
+    config = config or MaskConfig()
+    if background_threshold is not None:
+        config = dataclasses.replace(config, background_threshold=background_threshold or None)
+    if min_presence is not None:
+        config = dataclasses.replace(config, min_presence=min_presence or None)
+    check_background_class(heatmaps.classes, config.background_threshold, config.background_name)
     b = heatmaps.scores.shape[0]
     if sizes is None:
         sizes = heatmaps.image_sizes

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from .aggregate import aggregate
 from .backends import Backend, load_backend
 from .capture import capture
-from .errors import ClassNameError, LavaError
+from .errors import LavaError
 from .images import ImageInput, as_image_list, image_size, load_image, load_images
-from .mask import to_mask
+from .mask import check_background_class, to_mask
 from .noise import noise
 from .prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, encode_prompt
 from .types import AggregateConfig, MaskConfig, Segmentation
@@ -84,17 +84,6 @@ def resolve_configs(
             check_background_class(classes, mask.background_threshold, mask.background_name)
         mask = dataclasses.replace(mask, background_threshold=None)
     return agg, mask
-
-
-def check_background_class(classes: Sequence[str], threshold: float | None, name: str = "background") -> None:
-    """Refuse a class called ``name`` next to a background ``threshold``: both would label pixels
-    ``name`` (the rule ``resolve_configs`` applies to a threshold the caller asked for)."""
-    if threshold and name in classes:
-        raise ClassNameError(
-            f"a class is named {name!r} and a background threshold ({threshold:g}) is set: both would "
-            f"label pixels {name!r}. Drop the class (the threshold labels weak pixels {name!r} itself), "
-            "or drop the threshold (set it to 0) to let the named class compete"
-        )
 
 
 def segment(

@@ -124,3 +124,21 @@ def test_denoising_presence_equals_explicit_errors(tiny, image):
     ).clamp_min(0)
     torch.testing.assert_close(got[0], delta / delta.max(), rtol=1e-4, atol=1e-5)
     assert got.shape == (1, 3)
+
+
+def test_to_mask_keywords_override_the_config(absent_case):
+    heat = _normalized(absent_case, "minmax")
+    config = MaskConfig(background_threshold=0.5, min_presence=0.5)
+    by_config = lava.to_mask(heat, config=config)
+    assert (by_config.labels[0] == by_config.classes.index("dog")).sum() == 0  # presence drops it
+    freed = lava.to_mask(heat, config=config, min_presence=0)
+    assert (freed.labels[0] == freed.classes.index("dog")).sum() == 4
+    no_bg = lava.to_mask(heat, config=config, background_threshold=0)
+    assert no_bg.classes == ("cat", "dog")
+
+
+def test_to_mask_refuses_a_background_class_next_to_a_threshold(absent_case):
+    heat = Heatmaps(absent_case.scores, ("cat", "background"), absent_case.image_sizes, "none", absent_case.presence)
+    with pytest.raises(lava.ClassNameError, match="background"):
+        lava.to_mask(heat, background_threshold=0.3)
+    assert lava.to_mask(heat).classes == ("cat", "background")

@@ -25,7 +25,7 @@ examples:
 
 for each IMAGE, --out receives:
   <name>_labels.png   label map (palette PNG; pixel value i = i-th class, see <name>_classes.txt)
-  <name>_overlay.png  label colours over the image
+  <name>_overlay.png  label colours over the image, with a legend (class -> colour)
   <name>_classes.txt  the class of each label value, one per line
   <name>_scores.npz   per-class scores [C, H, W] (with --save-scores)
   <name>_heatmaps.png one heatmap per class (with --heatmaps)
