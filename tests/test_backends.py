@@ -73,3 +73,69 @@ def test_bad_device_and_dtype():
         lava.load_backend("tiny-sd3", dtype="float8")
     with pytest.raises(ModelError, match="unknown device"):
         lava.load_backend("tiny-sd3", device="tpu-9")
+
+
+# ---- a model folder saved without T5 -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def t5less_folder(tmp_path_factory):
+    """tiny-sd3 without T5, saved with save_pretrained: model_index.json lists text_encoder_3 as null."""
+    from lava.backends.tiny import build_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("t5less") / "model"
+    build_tiny_pipeline(t5=False).save_pretrained(folder)
+    return folder
+
+
+def test_model_index_without_t5():
+    from lava.backends import lacks_t5
+
+    full = {
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer_3": ["transformers", "T5Tokenizer"],
+    }
+    assert not lacks_t5(full)
+    assert lacks_t5({**full, "text_encoder_3": [None, None]})
+    assert lacks_t5({**full, "tokenizer_3": None})
+    assert lacks_t5({k: v for k, v in full.items() if k != "text_encoder_3"})
+    assert not lacks_t5(None)  # unreadable: from_pretrained reports the problem itself
+
+
+def test_folder_saved_without_t5_loads_without_drop_t5(t5less_folder, monkeypatch):
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+
+    assert json.loads((t5less_folder / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    asked = {}
+    real = StableDiffusion3Pipeline.from_pretrained
+
+    def spying(source, **kw):
+        asked.update(kw)
+        return real(source, **kw)
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "from_pretrained", spying)
+    backend = lava.load_backend(str(t5less_folder), device="cpu")
+    # Detected from model_index.json before loading: from_pretrained is told there is no T5.
+    assert asked["text_encoder_3"] is None and asked["tokenizer_3"] is None
+    assert not backend.has_t5 and backend.text_encoders == "CLIP"
+    assert "model_index.json lists none" in backend.info["no_t5"]
+    assert "no T5 in the model" in backend.describe()
+    # Asked for explicitly, dropping T5 is not news.
+    assert "no_t5" not in lava.load_backend(str(t5less_folder), device="cpu", drop_t5=True).info
+
+
+def test_cli_runs_a_t5less_folder_and_says_so_once(t5less_folder, tmp_path, capsys):
+    from conftest import scene
+
+    from lava.cli import main
+
+    image = tmp_path / "img.png"
+    scene().save(image)
+    args = ["segment", str(image), "--classes", "cat,dog", "--model", str(t5less_folder), "--layers", "1"]
+    assert main([*args, "--resolution", "32", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("has no T5 text encoder (its model_index.json lists none): running with the CLIP") == 1
+    assert "as with --drop-t5" in err and "error" not in err
+    assert (tmp_path / "out" / "img_labels.png").exists()

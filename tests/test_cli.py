@@ -451,3 +451,36 @@ def test_uncached_model_offline_says_so(img_path, tmp_path):
     )
     assert "offline mode is on (HF_HUB_OFFLINE)" in err[0] and "save_pretrained" in err[0]
     assert "stacktrace" not in res.stderr
+
+
+# ---- what segment runs, in one line ------------------------------------------------------------------
+
+
+def _summary(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("lava: running ")]
+
+
+def test_segment_says_what_it_runs_in_one_line(img_path, tmp_path, capsys):
+    base = ["segment", str(img_path), "--classes", "cat,dog", "--model", "tiny-sd3"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    (line,) = _summary(capsys.readouterr().err)
+    assert line == (
+        "lava: running tiny-sd3 (variant tiny-sd3): timestep 500, blocks [1, 2], resolution 32 px (native), "
+        "float32 on cpu, text encoders CLIP+T5"
+    )
+    args = ["--sigma", "0.25", "--layers", "-1", "--resolution", "64", "--drop-t5", "--max-memory", "1GiB"]
+    assert main([*base, *args, "--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    (line,) = _summary(err)
+    assert line.startswith(
+        "lava: running tiny-sd3 (variant tiny-sd3): timestep 250 (sigma 0.25), blocks [3], resolution 64 px, "
+        "float32 on cpu, text encoders CLIP; memory plan for 64x44 px within 1GiB: estimated peak "
+    )
+    assert "memory plan" not in err.replace(line, "")  # the plan is part of the line, not said twice
+
+
+def test_segment_summary_waits_for_valid_settings(img_path, tmp_path, capsys):
+    args = ["segment", str(img_path), "--classes", "cat", "--model", "tiny-sd3", "--timestep", "1000"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert _summary(err) == [] and "timestep must be in" in err

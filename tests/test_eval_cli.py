@@ -15,6 +15,7 @@ from PIL import Image
 
 import lava.evaluation.runner as runner
 from lava.cli import main
+from lava.errors import LavaError
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,67 @@ def test_resume_refuses_other_settings_and_names_them(voc, tmp_path, capsys):
         "holds results for 1 image(s) made with other settings (seed: 0 -> 7; timestep: 500.0 -> 123.0)"
         in err
     )
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "named"),
+    [
+        ((), ("--drop-t5",), 'text_encoders: "CLIP+T5" -> "CLIP"'),
+        (("--dtype", "float32"), ("--dtype", "bfloat16"), 'dtype: "torch.float32" -> "torch.bfloat16"'),
+        ((), ("--normalize", "global"), 'normalize: "minmax" -> "global"'),
+    ],
+)
+def test_resume_refuses_other_prediction_settings(voc, tmp_path, capsys, first, then, named):
+    out = tmp_path / "run"
+    assert _eval(voc, out, "--limit", "1", *first) == 0
+    capsys.readouterr()
+    assert _eval(voc, out, *then) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"holds results for 1 image(s) made with other settings ({named})" in err
+
+
+def test_journal_records_what_changes_a_prediction(voc, tmp_path):
+    out = tmp_path / "run"
+    assert _eval(voc, out, "--limit", "1", "--device", "cpu") == 0
+    config = json.loads((out / "journal.rank0.jsonl").read_text().splitlines()[0])["config"]
+    assert config["text_encoders"] == "CLIP+T5" and config["text_dtype"] == "torch.float32"
+    assert config["dtype"] == "torch.float32" and config["attention_impl"] == "torch"
+    assert config["vae_tiling"] is False and config["input_resolution"] == 32
+    assert config["classes"][:2] == ["background", "aeroplane"] and len(config["classes"]) == 21
+    for key in ("template", "separator", "normalize", "background", "background_threshold", "min_presence"):
+        assert key in config
+    assert "max_classes_per_prompt" in config and "resolution" in config
+
+
+def test_journal_names_a_changed_class_list_briefly(tmp_path):
+    old = {"classes": [f"c{i}" for i in range(21)], "seed": 0}
+    journal = runner.Journal(tmp_path, {"classes": [f"c{i}" for i in range(20)] + ["sofa"], "seed": 0})
+    (tmp_path / "journal.rank0.jsonl").write_text(
+        json.dumps({"settings": "x", "config": old}) + "\n" + json.dumps({"id": "a", "cells": {}}) + "\n"
+    )
+    with pytest.raises(LavaError) as caught:
+        journal.load(21)
+    assert 'classes: 21 entries -> 21 entries (added "sofa"; removed "c20")' in str(caught.value)
+
+
+def test_journal_of_an_older_lava_resumes_and_says_what_it_did_not_record(voc, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _eval(voc, out, "--limit", "2") == 0
+    journal = out / "journal.rank0.jsonl"
+    lines = journal.read_text().splitlines()
+    header = json.loads(lines[0])
+    for key in ("text_encoders", "attention_impl"):  # not recorded by lava before they were added
+        del header["config"][key]
+    header["settings"] = runner.settings_hash(header["config"])
+    journal.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    capsys.readouterr()
+    assert _eval(voc, out) == 0
+    captured = capsys.readouterr()
+    assert "over 4 images (2 resumed)" in captured.out
+    assert "does not record attention_impl, text_encoders: those are assumed unchanged" in captured.err
+    # A setting the older journal does record is still checked.
+    assert _eval(voc, out, "--seed", "3") == 1
+    assert "(seed: 0 -> 3)" in capsys.readouterr().err
 
 
 def test_failed_run_does_not_lock_its_output_folder(voc, tmp_path, monkeypatch, capsys):

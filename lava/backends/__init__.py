@@ -142,12 +142,14 @@ def _load_sd3(
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    extra = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
+    # A folder saved without T5 says so in its model_index.json; read it before any weights load.
+    no_t5 = not drop_t5 and lacks_t5(model_index(source, kw.get("revision")))
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 or no_t5 else {}
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dt, **extra, **kw)
     except (OSError, ValueError) as err:
         raise ModelError(load_error_message(source, err)) from err
-    return from_pipeline(
+    backend = from_pipeline(
         pipe,
         name=source,
         device=dev,
@@ -155,6 +157,44 @@ def _load_sd3(
         offload_text_encoders=offload_text_encoders,
         max_sequence_length=max_sequence_length,
     )
+    if no_t5:
+        backend.info["no_t5"] = f"{source} has no T5 text encoder (its model_index.json lists none)"
+    return backend
+
+
+def model_index(source: str, revision: str | None = None) -> dict | None:
+    """The ``model_index.json`` of a local folder or hub repository, or ``None`` when it cannot be
+    read (no such file, no network): then ``from_pretrained`` reports the problem itself.
+
+    For a hub id this fetches that one small file (diffusers fetches it first anyway) and nothing
+    else.
+    """
+    import json
+
+    path = os.path.join(os.path.expanduser(source), "model_index.json")
+    try:
+        if os.path.isdir(os.path.expanduser(source)):
+            with open(path) as fh:
+                return json.load(fh)
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(source, "model_index.json", revision=revision)) as fh:
+            return json.load(fh)
+    except Exception:  # unreadable here: let from_pretrained say why, in its own words
+        return None
+
+
+def lacks_t5(index: dict | None) -> bool:
+    """Whether a pipeline's ``model_index.json`` lists no T5 encoder or tokenizer (a folder saved with
+    ``save_pretrained`` after dropping T5 writes ``[null, null]`` for both, or omits them)."""
+    if not isinstance(index, dict):
+        return False
+
+    def missing(name: str) -> bool:
+        entry = index.get(name)
+        return entry is None or (isinstance(entry, (list, tuple)) and (not entry or entry[0] is None))
+
+    return missing("text_encoder_3") or missing("tokenizer_3")
 
 
 def _causes(err: BaseException):

@@ -203,11 +203,19 @@ class Backend:
         )
         return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
 
+    @property
+    def text_encoders(self) -> str:
+        """``"CLIP+T5"``, or ``"CLIP"`` when T5 was dropped or the model has none."""
+        return "CLIP+T5" if self.has_t5 else "CLIP"
+
     def describe(self) -> str:
         d = self.defaults
+        t5 = "CLIP+T5" if self.has_t5 else "CLIP, T5 dropped"
+        if "no_t5" in self.info:
+            t5 = "CLIP, no T5 in the model"
         return (
             f"{self.name} ({self.variant}): {self.num_blocks} blocks, patch {self.patch_size}, "
-            f"text tokens {self.text_len} ({'CLIP+T5' if self.has_t5 else 'CLIP, T5 dropped'}), "
+            f"text tokens {self.text_len} ({t5}), "
             f"default timestep {d.timestep:g}, layers {list(d.layers)}, resolution {d.resolution}"
         )
 

@@ -307,9 +307,14 @@ def check_output_folder(out: Path, files: Sequence[Path] = ()) -> None:
 # ---- backends ------------------------------------------------------------------------------------
 
 
-def load_backend_for(args: argparse.Namespace, device: str | None = None, sizes=None):
+def load_backend_for(
+    args: argparse.Namespace, device: str | None = None, sizes=None, announce_plan: bool = True
+):
     """The backend the options ask for; with ``--max-memory``, placed by the memory planner for
-    images of the given original ``sizes`` (default: a square at the requested resolution)."""
+    images of the given original ``sizes`` (default: a square at the requested resolution).
+
+    The plan is noted on stderr unless ``announce_plan`` is false (``lava segment`` puts it in its
+    one-line summary instead); either way ``backend.info["memory_plan"]`` describes it."""
     from ..backends import load_backend
 
     model = args.model or DEFAULT_MODEL
@@ -329,7 +334,7 @@ def load_backend_for(args: argparse.Namespace, device: str | None = None, sizes=
             drop_t5=args.drop_t5,
             offload_text_encoders=args.offload_text_encoders,
         )
-        note_resolution(backend, args.resolution)
+        note_loaded(backend, args.resolution)
         return backend
     from ..backends.base import resolve_device, resolve_dtype
     from ..noise import input_size
@@ -340,7 +345,7 @@ def load_backend_for(args: argparse.Namespace, device: str | None = None, sizes=
     dtype = resolve_dtype(args.dtype, target)
     # Load on the CPU first so that planning can still move or drop parts before they reach the device.
     backend = load_backend(model, device="cpu", dtype=dtype, drop_t5=args.drop_t5)
-    note_resolution(backend, args.resolution)
+    note_loaded(backend, args.resolution)
     if sizes is None:
         if args.resolution == "original":
             raise ValueError(
@@ -360,8 +365,20 @@ def load_backend_for(args: argparse.Namespace, device: str | None = None, sizes=
         text_tokens=backend.text_len,
         offload_text_encoders=args.offload_text_encoders,
     )
-    note(f"memory plan for {worst[1]}x{worst[0]} px within {args.max_memory}: {plan.describe()}")
-    return apply_plan(backend, plan, device=target, dtype=dtype)
+    within = f"for {worst[1]}x{worst[0]} px within {args.max_memory}"
+    if announce_plan:
+        note(f"memory plan {within}: {plan.describe()}")
+    placed = apply_plan(backend, plan, device=target, dtype=dtype)
+    placed.info["memory_plan_for"] = within
+    return placed
+
+
+def note_loaded(backend, requested_resolution) -> None:
+    """What the user should know once the model is loaded: a model without T5 (run without it, as
+    with --drop-t5), a --resolution off the token grid."""
+    if "no_t5" in backend.info:
+        note(f"{backend.info['no_t5']}: running with the CLIP text encoders only, as with --drop-t5")
+    note_resolution(backend, requested_resolution)
 
 
 def note_resolution(backend, requested) -> None:
@@ -424,8 +441,33 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         "text_tokens": backend.text_len,
         **cells_spec,
         **{k: v for k, v in vars(settings).items()},
+        **prediction_settings(backend, settings, dataset.info),
     }
     return dataset, backend, settings, config
+
+
+def prediction_settings(backend, settings, info) -> dict:
+    """What else changes a prediction, resolved as it will run: the text encoders used (T5 or not,
+    and their dtype: offloaded encoders stay float32), VAE tiling, the attention-slice
+    implementation ``auto`` picks, the long side in pixels ``native`` means, and the class list.
+
+    Recorded in the eval/sweep journal (see ``Journal``) so that a resume cannot mix them.
+    """
+    from ..kernels import resolve_impl
+
+    encoder = getattr(backend.pipe, "text_encoder", None)
+    param = next(encoder.parameters(), None) if hasattr(encoder, "parameters") else None
+    vae = backend.vae
+    return {
+        "text_encoders": backend.text_encoders,
+        "text_dtype": str(param.dtype) if param is not None else None,
+        "vae_tiling": bool(getattr(vae, "use_tiling", False)) if vae is not None else False,
+        "attention_impl": resolve_impl(settings.impl, backend.device),
+        "input_resolution": settings.resolution
+        if settings.resolution is not None
+        else backend.defaults.resolution,
+        "classes": list(info.prompt_names),
+    }
 
 
 def prompt_printer(args: argparse.Namespace):

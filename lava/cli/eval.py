@@ -12,6 +12,7 @@ from .common import (
     add_reading_options,
     eval_setup,
     int_list,
+    note,
     prompt_printer,
 )
 
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         on_prediction=on_prediction,
         prompt_batch=args.prompt_batch,
         on_prompt=prompt_printer(args),
+        on_note=note if distributed.is_main() else None,
     )
     if distributed.is_main():
         matrix = result.matrices[result.cells[0].key]

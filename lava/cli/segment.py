@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     sets = [output_files(out, stem, args) for stem in stems]
     check_output_folder(out, [path for files in sets for path in files.values()])
-    backend = load_backend_for(args, sizes=sizes)
+    backend = load_backend_for(args, sizes=sizes, announce_plan=False)
+    note(run_summary(backend, args, sizes))
     agg, mask = resolve_configs(
         backend,
         AggregateConfig(tokens=args.tokens),
@@ -186,6 +187,45 @@ def run(args: argparse.Namespace) -> int:
         del seg  # hold nothing of this image while the next one runs
         print(f"{args.images[i]} -> {sets[i]['labels']}", flush=True)
     return 0
+
+
+def run_summary(backend, args: argparse.Namespace, sizes) -> str:
+    """The one line ``lava segment`` prints before it starts: model, variant, timestep, blocks,
+    resolution, dtype, device, text encoders and the memory plan when ``--max-memory`` made one.
+
+    The timestep, blocks and resolution are checked here, so a run that would fail on them says
+    so instead of announcing itself.
+    """
+    from ..noise import input_size
+
+    d = backend.defaults
+    if args.sigma is not None:
+        when = f"timestep {backend.timestep_for_sigma(args.sigma):g} (sigma {args.sigma:g})"
+    else:
+        timestep = args.timestep if args.timestep is not None else d.timestep
+        backend.check_timestep(timestep)
+        when = f"timestep {timestep:g}"
+    blocks = list(backend.check_layers(args.layers if args.layers is not None else d.layers))
+    for size in sizes:
+        input_size(backend, size, args.resolution)  # refuses a side beyond the position embedding
+    if args.resolution is None:
+        res = f"resolution {d.resolution} px (native)"
+    elif args.resolution == "original":
+        res = "resolution original (each image's own size)"
+    else:
+        res = f"resolution {args.resolution} px"
+    dtype = str(backend.dtype).removeprefix("torch.")
+    text = f"text encoders {backend.text_encoders}"
+    if backend.text_device != backend.device:
+        text += f" on {backend.text_device}"
+    line = (
+        f"running {backend.name} (variant {backend.variant}): {when}, blocks {blocks}, {res}, "
+        f"{dtype} on {backend.device}, {text}"
+    )
+    if "memory_plan" in backend.info:
+        within = backend.info.get("memory_plan_for")
+        line += f"; memory plan{' ' + within if within else ''}: {backend.info['memory_plan']}"
+    return line
 
 
 def describe_reading(backend, classes, args, agg, mask) -> None:

@@ -13,6 +13,7 @@ from .common import (
     eval_setup,
     float_list,
     int_list,
+    note,
     prompt_printer,
     views,
 )
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         config=config,
         prompt_batch=args.prompt_batch,
         on_prompt=prompt_printer(args),
+        on_note=note if distributed.is_main() else None,
     )
     if distributed.is_main():
         summary = write_sweep(out, dataset.info, cells, result.matrices, settings, result.num_images, config)

@@ -148,9 +148,13 @@ def settings_hash(payload: dict) -> str:
 class Journal:
     """Per-image results as JSON lines, one file per rank, with the run's settings as header.
 
-    A journal whose header names other settings is refused only when it holds results: one that
-    holds only its header (a run that failed or was stopped before its first image) is stale and
-    is replaced, so a failed run never locks its output folder.
+    The header records every setting that changes a prediction (``config``). A journal with
+    results is resumed only when each setting it records equals this run's; otherwise it is
+    refused, naming each setting that differs. A setting the journal does not record (it was
+    written by an older lava that did not record it yet) cannot be checked: it is listed in
+    ``unrecorded`` for the caller to say so. A journal that holds only its header (a run that
+    failed or was stopped before its first image) is stale and is replaced, whatever its
+    settings, so a failed run never locks its output folder.
     """
 
     def __init__(self, folder: Path, config: dict, rank: int = 0):
@@ -158,6 +162,7 @@ class Journal:
         self.digest = settings_hash(config)
         self.config = config
         self.path = folder / f"journal.rank{rank}.jsonl"
+        self.unrecorded: list[str] = []
 
     def load(self, num_classes: int) -> dict[str, dict[str, torch.Tensor]]:
         """``{image id: {cell key: counts [C, C+1]}}`` from every rank's journal in the folder.
@@ -166,24 +171,38 @@ class Journal:
         written with other settings.
         """
         done: dict[str, dict[str, torch.Tensor]] = {}
+        unrecorded: set[str] = set()
         for path in sorted(self.folder.glob("journal.rank*.jsonl")):
             header, records = _read_journal(path)
             if not records:
                 continue  # nothing finished: whatever its settings, it holds nothing to keep
-            if header is None or header.get("settings") != self.digest:
+            if not self._matches(header):
                 raise LavaError(self._mismatch(path, header, len(records)))
+            unrecorded |= set(self._json_config()) - set(header["config"])
             for rec in records:
                 done[rec["id"]] = {k: _dense(v, num_classes) for k, v in rec["cells"].items()}
+        self.unrecorded = sorted(unrecorded)
         return done
 
+    def _json_config(self) -> dict:
+        return json.loads(json.dumps(self.config, default=str))
+
+    def _matches(self, header: dict | None) -> bool:
+        if header is None:
+            return False
+        if header.get("settings") == self.digest:
+            return True
+        return isinstance(header.get("config"), dict) and not self._differences(header["config"])
+
+    def _differences(self, old: dict) -> list[str]:
+        """``"key: old -> new"`` for each setting ``old`` records with another value (or that this
+        run no longer has); settings ``old`` does not record are not differences."""
+        new = self._json_config()
+        return [_change(key, old[key], new.get(key)) for key in sorted(old) if old[key] != new.get(key)]
+
     def _mismatch(self, path: Path, header: dict | None, count: int) -> str:
-        old = (header or {}).get("config") or {}
-        new = json.loads(json.dumps(self.config, default=str))
-        diffs = [
-            f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}"
-            for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key)
-        ]
+        old = (header or {}).get("config")
+        diffs = self._differences(old) if isinstance(old, dict) else []
         what = "; ".join(diffs) if diffs else "its settings header is unreadable"
         return (
             f"{path} holds results for {count} image(s) made with other settings ({what}). "
@@ -196,7 +215,7 @@ class Journal:
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             header, records = _read_journal(self.path)
-            if header is not None and header.get("settings") == self.digest:
+            if self._matches(header):
                 return
             if records:  # load() refuses this before start() is called; never overwrite results
                 raise LavaError(self._mismatch(self.path, header, len(records)))
@@ -232,6 +251,23 @@ def _show(value) -> str:
     return "(unset)" if value is None else json.dumps(value)
 
 
+def _change(key: str, old, new) -> str:
+    """``"key: old -> new"``; long lists (a class list) are summarised by what was added or removed."""
+    if isinstance(old, list) and isinstance(new, list) and max(len(old), len(new)) > 6:
+        added = [x for x in new if x not in old]
+        removed = [x for x in old if x not in new]
+        if not added and not removed:
+            what = "same entries in another order"
+        else:
+            what = "; ".join(
+                f"{label} {', '.join(map(_show, items[:5]))}{', ...' if len(items) > 5 else ''}"
+                for label, items in (("added", added), ("removed", removed))
+                if items
+            )
+        return f"{key}: {len(old)} entries -> {len(new)} entries ({what})"
+    return f"{key}: {_show(old)} -> {_show(new)}"
+
+
 def _sparse(counts: torch.Tensor) -> list[list[int]]:
     nz = counts.nonzero()
     return [[int(i), int(j), int(counts[i, j])] for i, j in nz.tolist()]
@@ -256,18 +292,25 @@ def run(
     progress: bool = True,
     prompt_batch: int | None = None,
     on_prompt: Callable[[PromptEncoding], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Evaluate every cell over ``dataset``; resumes from ``out``'s journal; shards over ranks.
 
     ``on_prediction(image_id, prediction_in_dataset_ids, segmentation, cell_index)`` is called for
     each new prediction (to save pictures or label maps); ``on_prompt(prompt)`` for each distinct
     vocabulary when it is first encoded. ``prompt_batch`` caps the prompts per forward pass (it
-    changes memory, not results).
+    changes memory, not results). ``on_note(message)`` hears what the user should know before the
+    run starts (a resumed journal that does not record some of today's settings).
     """
     info = dataset.info
     rank, world = distributed.rank_and_world()
     journal = Journal(out, config, rank)
     done = journal.load(info.num_classes)
+    if journal.unrecorded and on_note is not None:
+        on_note(
+            f"resuming {len(done)} image(s) from a journal written by an older lava, which does not record "
+            f"{', '.join(journal.unrecorded)}: those are assumed unchanged (use a new --out to be sure)"
+        )
     journal.start()
     distributed.barrier()
 
