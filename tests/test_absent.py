@@ -138,7 +138,9 @@ def test_to_mask_keywords_override_the_config(absent_case):
 
 
 def test_to_mask_refuses_a_background_class_next_to_a_threshold(absent_case):
-    heat = Heatmaps(absent_case.scores, ("cat", "background"), absent_case.image_sizes, "none", absent_case.presence)
+    heat = Heatmaps(
+        absent_case.scores, ("cat", "background"), absent_case.image_sizes, "none", absent_case.presence
+    )
     with pytest.raises(lava.ClassNameError, match="background"):
         lava.to_mask(heat, background_threshold=0.3)
     assert lava.to_mask(heat).classes == ("cat", "background")
