@@ -16,9 +16,12 @@ path (``StableDiffusion3Pipeline.encode_prompt``, ``SD3Transformer2DModel`` join
   that attention is exactly what lava reads.
 * No T5: ``encode_prompt`` then appends ``max_sequence_length`` zero vectors, which the
   transformer sees (identically at training and inference) as a few constant "null" tokens.
-* CLIP BPE tokenizers learned offline from ``lava.backends.tiny``'s word list (colour and shape
-  words are whole tokens), with a 32-token window: the longest caption and a prompt naming all
-  13 classes fit, and the joint sequence stays short (256 + 32 + 8 tokens).
+* ``lava.backends.tiny``'s rule-built CLIP BPE with a 32-token window, so the joint sequence stays
+  short (256 + 32 + 8 tokens). Every word of the scenes (``scenes.scene_words()``: colours,
+  shapes, "background", "a", "and") gets its merges first and is one token, so a prompt naming
+  all 12 colour+shape classes is 24 tokens (26 with begin and end) and fits one window. (The
+  first shipped model used the plain rule, under which "triangle" fell into 6 pieces and the
+  12 names needed two prompts.)
 """
 
 from __future__ import annotations
@@ -80,8 +83,9 @@ def build_tokenizers(config: ReferenceConfig):
     from transformers import CLIPTokenizer
 
     from ..backends.tiny import _clip_vocab
+    from .scenes import scene_words
 
-    vocab, merges = _clip_vocab()
+    vocab, merges = _clip_vocab(scene_words())
     n = config.clip_max_length
     tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=n)
     tok_2 = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=n, pad_token="!")
@@ -177,13 +181,21 @@ def text_embeddings(pipe, captions: list[str], config: ReferenceConfig) -> tuple
 
 def save_pipeline(pipe, out_dir: str | os.PathLike, config: ReferenceConfig, meta: dict[str, Any]) -> None:
     """Write fp16 safetensors of the three trained modules, tokenizers, scheduler and a config JSON."""
+    from diffusers.utils import logging as diffusers_logging
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("transformer", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name)
-        # fp16 halves the files; lava casts back to the backend dtype (fp32 on CPU) when loading.
-        module.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
-        module.to(torch.float32)
+    # diffusers warns on every ``.to(float16)`` of a model that lists no fp32-only modules.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        for name in ("transformer", "text_encoder", "text_encoder_2"):
+            module = getattr(pipe, name)
+            # fp16 halves the files; lava casts back to the backend dtype (fp32 on CPU) when loading.
+            module.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
+            module.to(torch.float32)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     pipe.tokenizer.save_pretrained(out / "tokenizer")
     pipe.tokenizer_2.save_pretrained(out / "tokenizer_2")
     pipe.scheduler.save_pretrained(out / "scheduler")

@@ -1,12 +1,16 @@
 """Procedural scenes for the ``lava-shapes`` reference model: coloured shapes on a plain background.
 
-A scene is 1–3 objects (circle, square or triangle in red, green, blue or yellow) of varied size
-and position, possibly overlapping, on a neutral background that is plain or lightly textured.
-Everything is drawn from ``numpy.random.default_rng(seed)``, so a seed *is* the scene; geometry
-lives in unit coordinates and can be rendered at any size, with an exact label map.
+A scene is a few objects (circle, square or triangle in red, green, blue or yellow) of varied
+size and position, possibly overlapping, on a neutral background that is plain or lightly
+textured. Everything is drawn from ``numpy.random.default_rng(seed)``, so a seed *is* the scene;
+geometry lives in unit coordinates and can be rendered at any size, with an exact label map.
 
-Splits are seed ranges: training draws seeds below ``HELDOUT_START``, evaluation uses seeds from
-``HELDOUT_START`` on, so no held-out scene was ever seen in training.
+Splits are seed ranges, so no held-out scene was ever seen in training:
+
+* training: seeds below ``HELDOUT_START``, 1–5 objects (``OBJECT_COUNTS["train"]``);
+* ``standard`` held-out: seeds from ``HELDOUT_START``, 1–3 objects;
+* ``hard`` held-out: seeds from ``HARD_START``, 3–5 smaller objects, meant to be segmented with
+  the full 12-class vocabulary named (most of it absent from each scene).
 
 Two class vocabularies share one label map:
 
@@ -34,12 +38,38 @@ TEXTURES: tuple[str, ...] = ("plain", "gradient", "noise", "stripes")
 
 TRAIN_SEEDS = range(0, 1_000_000)
 HELDOUT_START = 1_000_000
+HARD_START = 2_000_000
+SPLITS: dict[str, int] = {"standard": HELDOUT_START, "hard": HARD_START}
 VOCABS = ("colour_shape", "shape")
+# How many objects a scene holds, with probabilities. ``standard`` is the generator the first
+# model was measured on (kept identical so numbers stay comparable); training covers both splits.
+OBJECT_COUNTS: dict[str, dict[int, float]] = {
+    "standard": {1: 0.25, 2: 0.45, 3: 0.30},
+    "hard": {3: 0.35, 4: 0.40, 5: 0.25},
+    "train": {1: 0.15, 2: 0.25, 3: 0.25, 4: 0.20, 5: 0.15},
+    "big": {1: 0.6, 2: 0.4},
+}
 
 # Shape outlines in units of the object's size ``s`` (its circle radius): the square's half side
 # and the triangle's circumradius are chosen so the three shapes have similar areas.
 _SQUARE_HALF = 0.9
 _TRIANGLE_R = 1.3
+
+
+def scene_words() -> tuple[str, ...]:
+    """Every word a scene's captions and class names use, longest first.
+
+    The reference tokenizer gives these words their BPE merges first, in this order, so each is
+    one token (longest first keeps a short word's merge from splitting a longer one).
+    """
+    return tuple(sorted({*SHAPES, *COLOURS, BACKGROUND, "and", "a"}, key=lambda w: (-len(w), w)))
+
+
+def split_of(seed: int) -> str:
+    """``"train"``, ``"standard"`` or ``"hard"``: the split a scene seed belongs to."""
+    if seed >= HARD_START:
+        return "hard"
+    return "standard" if seed >= HELDOUT_START else "train"
 
 
 def class_names(vocab: str = "colour_shape") -> tuple[str, ...]:
@@ -152,16 +182,18 @@ def _grid(size: int, ss: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(c, c, indexing="xy")
 
 
-def make_scene(seed: int, same_colour: float = 0.0) -> Scene:
-    """The scene of ``seed`` (deterministic): 1–3 distinct colour+shape objects on a background.
+def make_scene(seed: int, same_colour: float = 0.0, counts: str | None = None) -> Scene:
+    """The scene of ``seed`` (deterministic): a few distinct colour+shape objects on a background.
 
-    Colours and shapes are drawn independently (a repeated pair is redrawn). ``same_colour``
-    adds that chance of giving each further object the previous object's colour: training raises
-    it (``TrainConfig.same_colour``) so that colour alone often does not tell the objects apart
-    and the shape words have to be used; held-out scenes keep the default, natural rate.
+    ``counts`` names the object-count distribution (``OBJECT_COUNTS``); by default the one of
+    the seed's split. Colours and shapes are drawn independently (a repeated pair is redrawn).
+    ``same_colour`` adds that chance of giving each further object the previous object's colour:
+    training raises it (``TrainConfig.same_colour``) so that colour alone often does not tell the
+    objects apart and the shape words have to be used; held-out scenes keep the natural rate.
     """
+    table = OBJECT_COUNTS[counts or split_of(seed)]
     rng = np.random.default_rng(seed)
-    n = int(rng.choice([1, 2, 3], p=[0.25, 0.45, 0.30]))
+    n = int(rng.choice(list(table), p=list(table.values())))
     combos: list[tuple[str, str]] = []
     colours, shapes = list(COLOURS), list(SHAPES)
     while len(combos) < n:
@@ -173,7 +205,9 @@ def make_scene(seed: int, same_colour: float = 0.0) -> Scene:
         if combo not in combos:
             combos.append(combo)
 
-    lo, hi = (0.13, 0.26) if n == 1 else (0.11, 0.21)
+    lo, hi = (0.13, 0.26) if n == 1 else (0.11, 0.21) if n <= 3 else (0.10, 0.17)
+    if counts == "big":
+        lo, hi = (0.22, 0.38) if n == 1 else (0.18, 0.28)
     objects: list[SceneObject] = []
     for colour, shape in combos:
         for _ in range(100):
@@ -199,9 +233,11 @@ def make_scene(seed: int, same_colour: float = 0.0) -> Scene:
     return Scene(int(seed), tuple(objects), background, texture, params)
 
 
-def heldout_seeds(n: int, start: int = HELDOUT_START) -> list[int]:
-    """The first ``n`` held-out seeds."""
-    return list(range(start, start + n))
+def heldout_seeds(n: int, split: str = "standard") -> list[int]:
+    """The first ``n`` seeds of a held-out split (``"standard"`` or ``"hard"``)."""
+    if split not in SPLITS:
+        raise ValueError(f"held-out split must be one of {sorted(SPLITS)}, got {split!r}")
+    return list(range(SPLITS[split], SPLITS[split] + n))
 
 
 def render_batch(scenes: Sequence[Scene], size: int) -> np.ndarray:
@@ -209,32 +245,60 @@ def render_batch(scenes: Sequence[Scene], size: int) -> np.ndarray:
     return np.stack([s.render(size) for s in scenes])
 
 
-def training_caption(scene: Scene, rng: np.random.Generator) -> str:
+CAPTION_MIX = (0.2, 0.5, 0.3)  # English caption, colour+shape list, shape-only list
+
+
+def training_caption(scene: Scene, rng: np.random.Generator, mix: Sequence[float] = CAPTION_MIX) -> str:
     """A random wording of ``scene``'s caption, as the model sees it in training.
 
-    Three styles, objects in random order: the English caption (``"a red circle and a blue
-    triangle"``), and lava's default prompts — class names joined by spaces — in either
-    vocabulary (``"red circle blue triangle"``, ``"circle triangle"``). A quarter of the name
-    lists also hold the word ``"background"`` at a random place, as a prompt with a background
-    class would. Training on the very prompts lava builds means inference needs no template.
-    Colour+shape lists dominate: shape-only captions name no colour, so a pixel can only bind
-    them through the shape it is part of, which a small model learns slowly.
+    Three styles, drawn with probabilities ``mix``, objects in random order: the English caption
+    (``"a red circle and a blue triangle"``), and lava's default prompts — class names joined by
+    spaces — in either vocabulary (``"red circle blue triangle"``, ``"circle triangle"``). A
+    quarter of the name lists also hold the word ``"background"`` at a random place, as a prompt
+    with a background class would. Training on the very prompts lava builds means inference needs
+    no template. Shape-only captions name no colour, so a pixel can only bind them through the
+    shape it is part of: they get a large share. Captions name only what is in the scene, as real
+    captions do; absent names are lava's problem at inference, not something the model was taught
+    to ignore.
     """
-    order = [scene.objects[i] for i in rng.permutation(len(scene.objects))]
-    style = rng.choice(3, p=[0.25, 0.60, 0.15])
+    return " ".join(caption_words(scene, rng, mix)[0])
+
+
+def caption_words(
+    scene: Scene, rng: np.random.Generator, mix: Sequence[float] = CAPTION_MIX
+) -> tuple[list[str], list[tuple[int, ...]]]:
+    """``training_caption`` as its words, and for each word the objects it names (indices into
+    ``scene.objects``; empty for "a", "and" and "background"). A shape-only name names every
+    object of that shape."""
+    order = [int(i) for i in rng.permutation(len(scene.objects))]
+    style = rng.choice(3, p=list(mix))
     if style == 0:
-        return " and ".join(f"a {o.name()}" for o in order)
-    names = list(dict.fromkeys(o.name("colour_shape" if style == 1 else "shape") for o in order))
+        words: list[str] = []
+        refs: list[tuple[int, ...]] = []
+        for k, i in enumerate(order):
+            obj = scene.objects[i]
+            words += ([] if k == 0 else ["and"]) + ["a", obj.colour, obj.shape]
+            refs += ([] if k == 0 else [()]) + [(), (i,), (i,)]
+        return words, refs
+    vocab = "colour_shape" if style == 1 else "shape"
+    names = list(dict.fromkeys(scene.objects[i].name(vocab) for i in order))
     if rng.random() < 0.25:
         names.insert(int(rng.integers(len(names) + 1)), BACKGROUND)
-    return " ".join(names)
+    words, refs = [], []
+    for name in names:
+        named = tuple(i for i in order if scene.objects[i].name(vocab) == name)
+        for word in name.split():
+            words.append(word)
+            refs.append(named)
+    return words, refs
 
 
 def save_examples(out_dir: str, seeds: Sequence[int], size: int = 128) -> list[dict]:
-    """Write ``scene_<seed>.png`` and its ``scene_<seed>_labels.png`` (palette, colour+shape ids).
+    """Write ``scene_<i>.png`` and its label map ``scene_<i>_truth.png`` (palette, colour+shape ids).
 
-    Also ``examples.json``: per scene its caption and class names in both vocabularies, and the
-    id → name table of the label PNGs. Returns the JSON's ``scenes`` entries.
+    Also ``examples.json``: per scene its seed, caption and class names in both vocabularies,
+    and the id → name table of the label PNGs. Returns the JSON's ``scenes`` entries. The shipped
+    ``lava/assets/examples`` are ``save_examples(..., [1_000_034, 1_000_010, 1_000_001])``.
     """
     import json
     import os
@@ -245,14 +309,14 @@ def save_examples(out_dir: str, seeds: Sequence[int], size: int = 128) -> list[d
 
     os.makedirs(out_dir, exist_ok=True)
     entries = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         scene = make_scene(seed)
-        Image.fromarray(scene.render(size)).save(os.path.join(out_dir, f"scene_{seed}.png"))
-        label_image(scene.labels(size)).save(os.path.join(out_dir, f"scene_{seed}_labels.png"))
+        Image.fromarray(scene.render(size)).save(os.path.join(out_dir, f"scene_{i}.png"))
+        label_image(scene.labels(size)).save(os.path.join(out_dir, f"scene_{i}_truth.png"))
         entries.append(
             {
-                "image": f"scene_{seed}.png",
-                "labels": f"scene_{seed}_labels.png",
+                "image": f"scene_{i}.png",
+                "labels": f"scene_{i}_truth.png",
                 "seed": seed,
                 "caption": scene.caption(),
                 "classes": list(scene.present_classes("colour_shape")),

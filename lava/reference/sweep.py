@@ -100,7 +100,7 @@ def sweep(
     seeds: Sequence[int],
     timesteps: Sequence[float],
     layer_sets: Sequence[tuple[int, ...]],
-    thresholds: Sequence[float] = (0.3, 0.4, 0.5, 0.6),
+    thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5),
     *,
     size: int = 64,
 ) -> dict[tuple, float]:
@@ -168,8 +168,11 @@ def plot(
         ax.set_xticks(range(len(layer_sets)), [layer_label(ls, n_blocks) for ls in layer_sets])
         ax.set_yticks(range(len(timesteps)), [f"{t:g}" for t in timesteps])
         ax.set_xlabel("blocks averaged")
-        ax.set_ylabel("timestep t = 1000·σ")
-        ax.set_title(f"held-out mIoU, {'colour+shape' if vocab == 'colour_shape' else 'shape-only'} names")
+        if ax is axes[0]:
+            ax.set_ylabel("timestep t = 1000·σ")
+        names = "colour+shape" if vocab == "colour_shape" else "shape-only"
+        bg = "named" if background == "class" else f"below {background:g}"
+        ax.set_title(f"held-out mIoU, {names} names\n(present protocol, background {bg})", fontsize=10)
     fig.colorbar(im, ax=list(axes), shrink=0.8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         for t in timesteps:
             print(f"{t:6g}" + "".join(f"{results[vocab, bg, t, ls]:8.3f}" for ls in layer_sets))
     if a.figure:
-        plot(results, timesteps, layer_sets, "class", n, a.figure)
+        plot(results, timesteps, layer_sets, backend.defaults.background_threshold, n, a.figure)
     if a.json:
         rows = [
             {"vocab": v, "background": bg, "timestep": t, "layers": list(ls), "miou": m}

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .grounding import grounding_loss, install, token_mass_check, word_targets
 from .model import ASSET_DIR, ReferenceConfig, build_pipeline, save_pipeline, text_embeddings
-from .scenes import TRAIN_SEEDS, make_scene, training_caption
+from .scenes import CAPTION_MIX, TRAIN_SEEDS, caption_words, make_scene
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class TrainConfig:
     logit_std: float = 1.0
     seed: int = 0
     same_colour: float = 0.35  # make_scene's chance of repeating a colour (held-out scenes: 0)
+    caption_mix: tuple[float, float, float] = CAPTION_MIX  # English / colour+shape / shape-only
+    big_scenes: float = 0.0  # share of scenes with 1-2 large objects (scenes.OBJECT_COUNTS["big"])
+    grounding: float = 0.2  # weight of the token grounding loss (grounding.py); 0: SD3's loss alone
     ema_decay: float = 0.0  # > 0: save an exponential moving average of the weights
     bf16: bool = True  # bf16 autocast: ~20% faster steps on this CPU; weights stay fp32
 
@@ -61,18 +65,26 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def training_batch(step: int, cfg: TrainConfig, size: int) -> tuple[torch.Tensor, list[str]]:
-    """Pixels ``[B, 3, size, size]`` in [-1, 1] and captions of step ``step``'s scenes.
+def training_batch(step: int, cfg: TrainConfig, size: int) -> tuple[torch.Tensor, list[str], list, list]:
+    """Pixels ``[B, 3, size, size]`` in [-1, 1], captions, scenes and, per caption, the objects
+    each word names (``scenes.caption_words``) of step ``step``.
 
     Scene seeds run consecutively through the training range, offset by the run seed.
     """
     first = cfg.seed * 7_919_000 + step * cfg.batch_size
     seeds = [(first + i) % len(TRAIN_SEEDS) for i in range(cfg.batch_size)]
     rng = np.random.default_rng([cfg.seed, step])
-    scenes = [make_scene(s, same_colour=cfg.same_colour) for s in seeds]
-    pixels = np.stack([s.render(size) for s in scenes]).astype(np.float32) / 127.5 - 1.0
-    captions = [training_caption(s, rng) for s in scenes]
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), captions
+    big = rng.random(len(seeds)) < cfg.big_scenes
+    scenes = [
+        make_scene(s, same_colour=cfg.same_colour, counts="big" if b else "train") for s, b in zip(seeds, big)
+    ]
+    # 2x2 supersampling suffices for anti-aliasing at 64 px and renders 4x faster than the default 4x4.
+    ss = 2 if size >= 64 else None
+    pixels = np.stack([s.render(size, ss) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    parts = [caption_words(s, rng, cfg.caption_mix) for s in scenes]
+    captions = [" ".join(words) for words, _ in parts]
+    refs = [r for _, r in parts]
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), captions, scenes, refs
 
 
 def flow_matching_loss(
@@ -123,6 +135,19 @@ class EMA:
                     p.copy_(b)
 
 
+def command_line(out: str, cfg: TrainConfig, model_config: ReferenceConfig) -> str:
+    """The ``python -m lava.reference.train`` command that reproduces a run (every setting spelled out)."""
+    return (
+        f"python -m lava.reference.train --out {out} --steps {cfg.steps} --seed {cfg.seed} "
+        f"--batch-size {cfg.batch_size} --lr {cfg.lr:g} --logit-mean {cfg.logit_mean:g} "
+        f"--same-colour {cfg.same_colour:g} --big-scenes {cfg.big_scenes:g} --grounding {cfg.grounding:g} "
+        f"--caption-mix {','.join(f'{m:g}' for m in cfg.caption_mix)} "
+        f"--ema {cfg.ema_decay:g} --num-layers {model_config.num_layers} "
+        f"--resolution {model_config.resolution} --patch-size {model_config.patch_size}"
+        + ("" if cfg.bf16 else " --no-bf16")
+    )
+
+
 def train(
     out: str,
     cfg: TrainConfig,
@@ -154,22 +179,26 @@ def train(
         with ema.swapped() if ema else nullcontext():
             save_pipeline(pipe, out, model_config, extra)
 
-    meta = {
-        "train": asdict(cfg),
-        "command": (
-            f"python -m lava.reference.train --out {out} --steps {cfg.steps} --seed {cfg.seed} "
-            f"--batch-size {cfg.batch_size} --lr {cfg.lr:g} --logit-mean {cfg.logit_mean:g} "
-            f"--same-colour {cfg.same_colour:g} --ema {cfg.ema_decay:g}" + ("" if cfg.bf16 else " --no-bf16")
-        ),
-    }
+    meta = {"train": asdict(cfg), "command": command_line(out, cfg, model_config)}
+    store = install(pipe.transformer, range(model_config.num_layers)) if cfg.grounding > 0 else None
     start = time.time()
-    ema_loss = None
+    ema_loss = ground_avg = None
     bar = tqdm(range(cfg.steps), desc="train", unit="step", mininterval=5)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x0, captions = training_batch(step, cfg, model_config.resolution)
+        x0, captions, scenes, refs = training_batch(step, cfg, model_config.resolution)
         loss = flow_matching_loss(pipe, model_config, x0, captions, gen, cfg)
+        if store is not None:
+            if step == 0:
+                for caption in captions:
+                    token_mass_check(caption.split(), pipe.tokenizer(caption)["input_ids"])
+            targets = word_targets(
+                scenes, refs, model_config.resolution, model_config.patch_size, model_config.clip_max_length
+            )
+            ground = grounding_loss(store, targets)
+            ground_avg = ground.item() if ground_avg is None else 0.98 * ground_avg + 0.02 * ground.item()
+            loss = loss + cfg.grounding * ground
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -179,7 +208,8 @@ def train(
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{lr_at(step, cfg):.2e}", refresh=False)
         if step % 50 == 0 or step == cfg.steps - 1:
-            print(f"step {step} loss {ema_loss:.4f} wall {time.time() - start:.0f}s", flush=True)
+            grounding = "" if ground_avg is None else f" grounding {ground_avg:.4f}"
+            print(f"step {step} loss {ema_loss:.4f}{grounding} wall {time.time() - start:.0f}s", flush=True)
         if save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
             save({**meta, "steps_done": step + 1})
     wall = time.time() - start
@@ -214,7 +244,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--logit-mean", type=float, default=d.logit_mean, help="centre of logit-normal σ")
     p.add_argument("--same-colour", type=float, default=d.same_colour, help="see make_scene")
+    p.add_argument(
+        "--caption-mix",
+        default=",".join(f"{m:g}" for m in d.caption_mix),
+        help="probabilities of English captions, colour+shape lists and shape-only lists",
+    )
+    p.add_argument("--big-scenes", type=float, default=d.big_scenes, help="share of 1-2 large-object scenes")
+    p.add_argument("--grounding", type=float, default=d.grounding, help="weight of the token grounding loss")
     p.add_argument("--ema", type=float, default=d.ema_decay, help="EMA decay of the saved weights (0: off)")
+    m = ReferenceConfig()
+    p.add_argument("--num-layers", type=int, default=m.num_layers, help="transformer blocks")
+    p.add_argument("--resolution", type=int, default=m.resolution, help="image side in pixels")
+    p.add_argument("--patch-size", type=int, default=m.patch_size, help="pixels per image token side")
     p.add_argument("--save-every", type=int, default=250, help="also save every N steps (0: only at the end)")
     p.add_argument("--no-bf16", action="store_true", help="train in plain fp32 (slower)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -228,8 +269,12 @@ def main(argv: list[str] | None = None) -> None:
         logit_mean=a.logit_mean,
         same_colour=a.same_colour,
         ema_decay=a.ema,
+        caption_mix=tuple(float(m) for m in a.caption_mix.split(",")),
+        big_scenes=a.big_scenes,
+        grounding=a.grounding,
     )
-    train(a.out, cfg, save_every=a.save_every, threads=a.threads)
+    model_config = ReferenceConfig(num_layers=a.num_layers, resolution=a.resolution, patch_size=a.patch_size)
+    train(a.out, cfg, model_config, save_every=a.save_every, threads=a.threads)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,308 @@
+"""Measure how lava reads ``lava-shapes`` under both protocols, on both held-out splits.
+
+    python -m lava.reference.measure --scenes 200 --json docs/results/open-vocabulary.json \
+        --markdown docs/results/open-vocabulary.md
+
+For each held-out split (``standard``: 1–3 objects; ``hard``: 3–5), each protocol (``present``:
+the prompt names the scene's own classes; ``all``: all 12 colour+shape names, most of them
+absent) and each setting (``SETTINGS``), every scene is segmented and its predictions
+accumulated in one confusion matrix (mIoU over all pixels of the set, mmseg's definition;
+background is label 0). All maps are image→text attention of the backend's default block and
+timestep; the softmax domain is the joint one (all keys) unless a setting says ``cross``.
+
+The settings share forward passes: one capture per scene and prompt split gives both softmax
+domains, and every normalisation, background and presence rule is applied to those maps.
+``denoise`` presence costs one extra forward per prompt row and per class.
+
+``--tune`` sweeps the mask grid (``TUNE_GRID``) on other scenes of the same splits (seeds after
+the reported ones) and prints the settings ranked by their mean mIoU over the four cells: that
+is how the backend's mask defaults were chosen, on scenes the table does not report.
+``--label`` tags the rows (e.g. the weights measured), so runs on several models can share one
+JSON file and one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..evaluation.metrics import ConfusionMatrix, SegMetrics
+from .scenes import COLOURS, SPLITS, class_names, heldout_seeds, make_scene
+from .sweep import to_global
+
+PROTOCOLS = ("present", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One way to turn a forward pass into labels. ``None`` fields take the backend's default."""
+
+    doc: str
+    normalize: str | None = None
+    background_threshold: float | None = None  # 0: no background
+    min_presence: float | None = None  # 0: every class competes
+    presence: str = "peak"  # "peak" (Heatmaps.presence from the maps) or "denoise"
+    softmax: str = "joint"
+    max_classes_per_prompt: int | None = None
+
+    def capture_key(self) -> int | None:
+        return self.max_classes_per_prompt
+
+
+# Each row changes one or two things against the plain call, so the table shows what each is worth.
+SETTINGS: dict[str, Setting] = {
+    "defaults": Setting("the plain call lava.segment(image, classes): the backend's mask defaults"),
+    "minmax-none": Setting(
+        "per-class min-max, no background, no presence floor (the plain call before this change)",
+        normalize="minmax",
+        background_threshold=0,
+        min_presence=0,
+    ),
+    "minmax-0.4": Setting(
+        "per-class min-max, background below 0.4 (the hand-tuned flags before this change)",
+        normalize="minmax",
+        background_threshold=0.4,
+        min_presence=0,
+    ),
+    "raw": Setting(
+        "raw probabilities (no normalisation), no background: Seg4Diff's choice",
+        normalize="none",
+        background_threshold=0,
+        min_presence=0,
+    ),
+    "global-0.4": Setting(
+        "min-max over all classes of the image together, background below 0.4",
+        normalize="global",
+        background_threshold=0.4,
+        min_presence=0,
+    ),
+    "minmax-0.4-peak": Setting(
+        "minmax-0.4 plus the defaults' presence floor on the map peaks",
+        normalize="minmax",
+        background_threshold=0.4,
+    ),
+    "defaults-denoise": Setting(
+        "defaults, presence from the denoising error instead of map peaks", presence="denoise"
+    ),
+    "defaults-cross": Setting(
+        "defaults, softmax over the text keys only (cross) instead of all keys", softmax="cross"
+    ),
+    "split-4": Setting("defaults, classes forced into prompts of at most 4 names", max_classes_per_prompt=4),
+    "split-1": Setting("defaults, one prompt per class", max_classes_per_prompt=1),
+}
+
+# --tune: every combination, joint softmax, peak and denoise presence.
+TUNE_GRID = {
+    "normalize": ("minmax", "global"),
+    "background_threshold": (0, 0.1, 0.2, 0.3, 0.4, 0.5),
+    "min_presence": (0, 0.3, 0.5, 0.7, 0.8, 0.9),
+    "presence": ("peak", "denoise"),
+}
+
+
+def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: Sequence[Setting], size: int):
+    """Label maps ``[size, size]`` of one image under each setting, sharing forward passes."""
+    import lava
+    from lava.aggregate import normalize_scores
+    from lava.capture import capture_views
+    from lava.pipeline import resolve_configs
+    from lava.presence import denoising_presence, with_presence
+
+    noisy = lava.noise(backend, image)
+    out = []
+    cache: dict = {}
+    for s in settings:
+        key = s.capture_key()
+        if key not in cache:
+            prompt = lava.encode_prompt(backend, classes, max_classes_per_prompt=key)
+            views = capture_views(
+                backend, noisy, prompt, views=[("image_to_text", "joint"), ("image_to_text", "cross")]
+            )
+            raw = {
+                sm: lava.aggregate(views[("image_to_text", sm)], prompt, normalize="none")
+                for sm in ("joint", "cross")
+            }
+            cache[key] = (prompt, raw, {})
+        prompt, raw, denoised = cache[key]
+        agg, mask = resolve_configs(
+            backend,
+            normalize=s.normalize,
+            background_threshold=s.background_threshold,
+            min_presence=s.min_presence,
+            classes=prompt.classes,
+        )
+        heat = raw[s.softmax]
+        heat = dataclasses.replace(
+            heat, scores=normalize_scores(heat.scores, agg.normalize), normalize=agg.normalize
+        )
+        if s.presence == "denoise":
+            if "p" not in denoised:
+                denoised["p"] = denoising_presence(backend, noisy, prompt)
+            heat = with_presence(heat, denoised["p"])
+        seg = lava.to_mask(heat, [(size, size)], config=mask)
+        out.append(to_global(seg.labels[0], seg.classes, "colour_shape"))
+    return out
+
+
+def colour_ids(labels: np.ndarray) -> np.ndarray:
+    """Colour+shape ids → colour ids (0 background, then ``COLOURS`` order): what a model that
+    reads colour words but not shape words can get right."""
+    lut = np.array([0] + [1 + list(COLOURS).index(n.split()[0]) for n in class_names()[1:]], dtype=np.uint8)
+    return lut[labels]
+
+
+def measure_many(
+    backend,
+    settings: Sequence[Setting],
+    split: str,
+    protocol: str,
+    seeds: Sequence[int],
+    *,
+    size: int = 64,
+    vocab: str = "colour_shape",
+    by_colour: list[ConfusionMatrix] | None = None,
+) -> list[SegMetrics]:
+    """One table cell per setting: the settings on the scenes ``seeds`` of ``split``.
+
+    ``by_colour``: an empty list to fill with one colour-level confusion matrix per setting
+    (predictions and truth mapped by ``colour_ids``)."""
+    names = class_names(vocab)
+    cms = [ConfusionMatrix(len(names)) for _ in settings]
+    if by_colour is not None:
+        by_colour.extend(ConfusionMatrix(1 + len(COLOURS)) for _ in settings)
+    for seed in tqdm(seeds, desc=f"{split}/{protocol}", leave=False):
+        scene = make_scene(seed)
+        classes = list(scene.present_classes(vocab) if protocol == "present" else names[1:])
+        truth = scene.labels(size, vocab)
+        preds = scene_labels(backend, Image.fromarray(scene.render(size)), classes, settings, size)
+        for k, pred in enumerate(preds):
+            cms[k].update(pred, truth)
+            if by_colour is not None:
+                by_colour[k].update(colour_ids(pred), colour_ids(truth))
+    return [cm.compute(names) for cm in cms]
+
+
+def markdown(rows: list[dict], metric: str = "miou") -> str:
+    """The results as a Markdown table: one row per (label, setting), one column per cell;
+    ``metric="miou"`` shows mIoU (pixel accuracy), ``"colour_miou"`` the colour-level mIoU."""
+    cells = [(sp, pr) for sp in SPLITS for pr in PROTOCOLS]
+    keys = list(dict.fromkeys((r["label"], r["setting"]) for r in rows))
+    found = {(r["label"], r["setting"], r["split"], r["protocol"]): r for r in rows}
+    head = "| model | setting | " + " | ".join(f"{sp} / {pr}" for sp, pr in cells) + " |"
+    lines = [head, "|" + "---|" * (2 + len(cells))]
+    for label, setting in keys:
+        out = []
+        for sp, pr in cells:
+            r = found.get((label, setting, sp, pr))
+            if r is None or metric not in r:
+                out.append("—")
+            elif metric == "miou":
+                out.append(f"{r['miou']:.3f} ({r['pixel_accuracy']:.3f})")
+            else:
+                out.append(f"{r[metric]:.3f}")
+        lines.append(f"| {label} | {setting} | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def tune_settings() -> dict[str, Setting]:
+    grid = TUNE_GRID
+    out = {}
+    for norm, bg, pres, how in itertools.product(*grid.values()):
+        if how == "denoise" and pres == 0:
+            continue
+        out[f"{norm} bg={bg} presence={how}>={pres}"] = Setting(
+            "tuning", normalize=norm, background_threshold=bg, min_presence=pres, presence=how
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import lava
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenes", type=int, default=200, help="held-out scenes per split")
+    p.add_argument("--weights", default=None, help="model folder (default: the shipped weights)")
+    p.add_argument("--label", default="lava-shapes", help="name of this model in the table")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {list(SETTINGS)}")
+    p.add_argument("--splits", default=",".join(SPLITS))
+    p.add_argument("--protocols", default=",".join(PROTOCOLS))
+    p.add_argument("--json", default=None, help="results file; rows of other labels in it are kept")
+    p.add_argument("--markdown", default=None, help="also write the table here")
+    p.add_argument("--timestep", type=float, default=None, help="timestep to read (default: the model's)")
+    p.add_argument("--layers", default=None, help="comma-separated blocks to read (default: the model's)")
+    p.add_argument("--tune", action="store_true", help="rank TUNE_GRID on the next --scenes seeds instead")
+    a = p.parse_args(argv)
+    if not a.tune and not a.json:
+        p.error("--json is required (or --tune)")
+
+    backend = lava.load_backend("lava-shapes", **({"path": a.weights} if a.weights else {}))
+    if a.timestep is not None or a.layers:
+        layers = tuple(int(x) for x in a.layers.split(",")) if a.layers else backend.defaults.layers
+        timestep = a.timestep if a.timestep is not None else backend.defaults.timestep
+        backend.defaults = dataclasses.replace(backend.defaults, timestep=timestep, layers=layers)
+    if a.tune:
+        named = tune_settings()
+    else:
+        unknown = [n for n in a.settings.split(",") if n not in SETTINGS]
+        if unknown:
+            p.error(f"unknown settings {unknown}: expected some of {list(SETTINGS)}")
+        named = {n: SETTINGS[n] for n in a.settings.split(",")}
+    path = Path(a.json) if a.json else None
+    rows = json.loads(path.read_text()) if path and path.exists() else []
+    scores: dict[str, list[float]] = {n: [] for n in named}
+    for split in a.splits.split(","):
+        seeds = heldout_seeds(2 * a.scenes, split)[a.scenes :] if a.tune else heldout_seeds(a.scenes, split)
+        for protocol in a.protocols.split(","):
+            start = time.time()
+            colour: list[ConfusionMatrix] = []
+            results = measure_many(backend, list(named.values()), split, protocol, seeds, by_colour=colour)
+            took = round(time.time() - start, 1)
+            for name, m, cm in zip(named, results, colour):
+                scores[name].append(m.miou)
+                if a.tune:
+                    continue
+                row = {
+                    "label": a.label,
+                    "setting": name,
+                    "split": split,
+                    "protocol": protocol,
+                    "scenes": a.scenes,
+                    "miou": round(m.miou, 4),
+                    "pixel_accuracy": round(m.pixel_accuracy, 4),
+                    "colour_miou": round(cm.compute(("background", *COLOURS)).miou, 4),
+                    "seconds_all_settings": took,
+                }
+                print(json.dumps(row), flush=True)
+                rows = [
+                    r
+                    for r in rows
+                    if (r["label"], r["setting"], r["split"], r["protocol"])
+                    != (a.label, name, split, protocol)
+                ] + [row]
+    if a.tune:
+        ranked = sorted(scores.items(), key=lambda kv: -float(np.mean(kv[1])))
+        for name, cells in ranked:
+            print(f"{np.mean(cells):.4f}  " + " ".join(f"{c:.3f}" for c in cells) + f"  {name}")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    if a.markdown:
+        Path(a.markdown).write_text(
+            "mIoU (pixel accuracy), colour+shape classes:\n\n"
+            + markdown(rows)
+            + "\nColour-level mIoU (predictions and truth mapped to their colour):\n\n"
+            + markdown(rows, "colour_miou")
+        )
+
+
+if __name__ == "__main__":
+    main()

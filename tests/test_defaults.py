@@ -1,0 +1,119 @@
+"""A backend's mask defaults are applied by every entry point unless told otherwise."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lava
+from lava.cli import main
+from lava.reference.export import export
+from lava.reference.scenes import class_names, heldout_seeds, make_scene
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return lava.load_backend("lava-shapes")
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return export(tmp_path_factory.mktemp("shapes") / "hard", count=3, split="hard")
+
+
+def _explicit(backend) -> dict:
+    d = backend.defaults
+    return dict(
+        normalize=d.normalize,
+        background_threshold=d.background_threshold or 0,
+        min_presence=d.min_presence or 0,
+    )
+
+
+def test_segment_uses_the_backend_defaults(tiny, image):
+    custom = dataclasses.replace(
+        tiny,
+        defaults=dataclasses.replace(
+            tiny.defaults, normalize="global", background_threshold=0.3, min_presence=0.5
+        ),
+    )
+    plain = lava.segment(image, ["cat", "dog", "bus"], backend=custom)
+    spelled = lava.segment(
+        image,
+        ["cat", "dog", "bus"],
+        backend=tiny,
+        normalize="global",
+        background_threshold=0.3,
+        min_presence=0.5,
+    )
+    assert plain.classes == spelled.classes == ("background", "cat", "dog", "bus")
+    assert torch.equal(plain.labels[0], spelled.labels[0])
+    # A keyword overrides the default; 0 switches background off.
+    off = lava.segment(image, ["cat", "dog", "bus"], backend=custom, background_threshold=0)
+    assert off.classes == ("cat", "dog", "bus")
+
+
+def test_reference_model_defaults_are_measured(shapes):
+    d = shapes.defaults
+    assert "measure" in d.mask_source or "sweep" in d.mask_source
+    plain = lava.segment(
+        make_scene(heldout_seeds(1, "hard")[0]).render(64), list(class_names()[1:]), backend=shapes
+    )
+    spelled = lava.segment(
+        make_scene(heldout_seeds(1, "hard")[0]).render(64),
+        list(class_names()[1:]),
+        backend=shapes,
+        **_explicit(shapes),
+    )
+    assert torch.equal(plain.labels[0], spelled.labels[0])
+
+
+def test_cli_segment_uses_the_model_defaults(shapes, tmp_path):
+    scene = make_scene(heldout_seeds(2, "hard")[1])
+    path = tmp_path / "scene.png"
+    Image.fromarray(scene.render(64)).save(path)
+    classes = list(class_names()[1:])
+    assert main(["segment", str(path), "--classes", ",".join(classes), "--out", str(tmp_path / "out")]) == 0
+    got = np.asarray(Image.open(tmp_path / "out" / "scene_labels.png"))
+    want = lava.segment(path, classes, backend=shapes)
+    assert np.array_equal(got, want.labels[0].numpy())
+    listed = (tmp_path / "out" / "scene_classes.txt").read_text().split("\n")
+    assert listed[0] == ("background" if shapes.defaults.background_threshold is not None else classes[0])
+
+
+def test_cli_eval_with_no_flags_uses_the_model_defaults(shapes, export_dir, tmp_path):
+    plain, spelled = tmp_path / "plain", tmp_path / "spelled"
+    assert main(["eval", "--dataset", "folder", "--root", str(export_dir), "--out", str(plain)]) == 0
+    d = shapes.defaults
+    flags = ["--normalize", d.normalize, "--min-presence", str(d.min_presence or 0)]
+    if d.background_threshold is not None:
+        flags += ["--background", "threshold", "--background-threshold", str(d.background_threshold)]
+    args = ["eval", "--dataset", "folder", "--root", str(export_dir), "--out", str(spelled), *flags]
+    assert main(args) == 0
+    a = json.loads((plain / "report.json").read_text())
+    b = json.loads((spelled / "report.json").read_text())
+    assert a["protocol"] == "all"  # the open-vocabulary protocol is the default
+    assert a["config"]["normalize"] == d.normalize
+    assert a["config"]["background_threshold"] == d.background_threshold
+    assert a["miou"] == pytest.approx(b["miou"], abs=1e-9)
+
+
+def test_cli_sweep_uses_the_model_defaults(shapes, export_dir, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--dataset", "folder", "--root", str(export_dir), "--timesteps", "200", "--layers", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    config = json.loads((out / "sweep.json").read_text())["config"]
+    assert config["normalize"] == shapes.defaults.normalize
+    assert config["background_threshold"] == shapes.defaults.background_threshold
+
+
+def test_models_lists_mask_defaults_and_their_source(shapes, capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert shapes.defaults.describe_mask() in out
+    assert shapes.defaults.mask_source in out
