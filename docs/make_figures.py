@@ -19,8 +19,7 @@ CLASSES = ["red square", "blue triangle", "yellow circle"]
 
 def main() -> None:
     backend = lava.load_backend("lava-shapes")
-    mask = lava.MaskConfig(background_threshold=0.4)
-    seg = lava.segment(EXAMPLE, CLASSES, backend=backend, mask_config=mask)
+    seg = lava.segment(EXAMPLE, CLASSES, backend=backend)  # the model's own mask defaults
     panels = [("image", Image.open(EXAMPLE).convert("RGB")), ("labels", seg.label_image(0).convert("RGB")),
               ("overlay", seg.overlay(0))]
     w, h = panels[0][1].size
