@@ -34,6 +34,32 @@ class CaptureStore(dict):
         self.views[plan.views[0]] = self
 
 
+def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    """Queries, keys and values of an SD3 joint-attention block, as diffusers' processor builds
+    them: per-stream projections and qk norms, then image tokens first, text tokens after.
+
+    ``hidden_states`` ``[B, N_img, C]``, ``encoder_hidden_states`` ``[B, T, C]`` → three
+    ``[B, H, N_img + T, D]`` tensors.
+    """
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
+
+    q, k, v = (heads(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    cq, ck, cv = (
+        heads(proj(encoder_hidden_states)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+    )
+    if attn.norm_added_q is not None:
+        cq = attn.norm_added_q(cq)
+    if attn.norm_added_k is not None:
+        ck = attn.norm_added_k(ck)
+    return torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+
+
 class CaptureProcessor:
     """Joint attention for SD3 blocks that also stores the plan's slices in ``store``.
 
@@ -61,27 +87,7 @@ class CaptureProcessor:
             raise LavaError("CaptureProcessor is for joint attention; it got no text hidden states")
         _b, n_img = hidden_states.shape[:2]
 
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
-
-        q, k, v = (
-            heads(attn.to_q(hidden_states)),
-            heads(attn.to_k(hidden_states)),
-            heads(attn.to_v(hidden_states)),
-        )
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        # diffusers' SD3 joint attention: image tokens first, then text tokens.
-        q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
 
         out = None
         for view in self.plan.views:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from ..capture import joint_qkv
 from .scenes import Scene
 
 
@@ -36,22 +37,7 @@ class GroundingProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         n_img = hidden_states.shape[1]
 
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
-
-        q, k, v = (
-            heads(attn.to_q(hidden_states)),
-            heads(attn.to_k(hidden_states)),
-            heads(attn.to_v(hidden_states)),
-        )
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
         probs = torch.softmax((q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5, dim=-1)
         self.store[self.index] = probs[:, :, :n_img, n_img:].mean(1)
         out = rearrange((probs.to(v.dtype) @ v), "b h n d -> b n (h d)")
