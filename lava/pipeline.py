@@ -23,6 +23,8 @@ from .images import ImageInput, as_image_list, image_size, load_image, load_imag
 from .mask import check_background_class, to_mask
 from .noise import noise
 from .prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, encode_prompt
+from .refine import check_refine
+from .refine import refine as refine_heatmaps
 from .types import AggregateConfig, MaskConfig, Segmentation
 
 
@@ -109,6 +111,7 @@ def segment(
     min_presence: float | None = None,
     aggregate_config: AggregateConfig | None = None,
     mask_config: MaskConfig | None = None,
+    refine: str | None = None,
     batch_size: int = 1,
     progress: bool = False,
 ) -> Segmentation:
@@ -135,6 +138,9 @@ def segment(
             no pixels there (default: the backend's; ``0`` lets every class compete).
         aggregate_config / mask_config: full configs instead of the keywords above (a keyword
             given as well overrides that field).
+        refine: ``"pamr"`` refines the class maps with the image colours before the mask stage
+            (``lava.refine``: PAMR on a grid 4× the token grid, longer side ≤ 256 px); ``None``
+            (default) uses the maps as aggregated.
 
     Every image is read before any work starts. Returns a ``Segmentation`` with one label map
     per image, in input order, at original size. To handle each image as soon as it is done
@@ -166,6 +172,7 @@ def segment(
         min_presence=min_presence,
         aggregate_config=aggregate_config,
         mask_config=mask_config,
+        refine=refine,
         batch_size=batch_size,
         progress=progress,
     ):
@@ -196,6 +203,7 @@ def segment_iter(
     min_presence: float | None = None,
     aggregate_config: AggregateConfig | None = None,
     mask_config: MaskConfig | None = None,
+    refine: str | None = None,
     batch_size: int = 1,
     progress: bool = False,
 ) -> Iterator[tuple[int, Segmentation]]:
@@ -228,6 +236,7 @@ def segment_iter(
         min_presence=min_presence,
         classes=prompt.classes,
     )
+    check_refine(refine)
     batches = _batches(inputs, max(1, batch_size))
     for idx in tqdm(batches, desc="segment", unit="batch", disable=not progress):
         # An RGB PIL image (as ``segment`` passes) is used as is: converting would copy it.
@@ -244,8 +253,12 @@ def segment_iter(
             impl=impl,
             prompt_batch=prompt_batch,
         )
-        seg = to_mask(aggregate(slices, prompt, aggregate_config), config=mask_config)
-        del noisy, slices
+        heat = aggregate(slices, prompt, aggregate_config)
+        if refine is not None:
+            # The RGB images of this batch are at hand: the colour edges the maps are pulled to.
+            heat = refine_heatmaps(heat, batch, method=refine)
+        seg = to_mask(heat, config=mask_config)
+        del noisy, slices, heat
         for j, i in enumerate(idx):
             one = Segmentation(
                 labels=(seg.labels[j],), scores=(seg.scores[j],), classes=seg.classes, images=(batch[j],)

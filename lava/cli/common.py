@@ -129,6 +129,30 @@ def add_verbose_option(g) -> None:
     )
 
 
+def refine_method(text: str) -> str:
+    """``--refine`` values: a refinement ``lava.refine`` knows (checked here, before the model loads)."""
+    from ..refine import REFINE_METHODS
+
+    if text not in REFINE_METHODS:
+        raise argparse.ArgumentTypeError(
+            f"unknown refinement {text!r}: expected one of {', '.join(REFINE_METHODS)}"
+        )
+    return text
+
+
+def add_refine_option(p) -> None:
+    """``--refine``: shared by the commands that apply it (segment, eval, sweep)."""
+    p.add_argument(
+        "--refine",
+        type=refine_method,
+        default=None,
+        metavar="METHOD",
+        help="refine the class maps with the image colours before labelling: 'pamr' (pixel-adaptive "
+        "mask refinement on a grid 4x the token grid, longer side <= 256 px; see docs/method.md). "
+        "Default: none",
+    )
+
+
 def add_reading_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("how the attention is read")
     g.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
@@ -425,6 +449,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         normalize=args.normalize or d.normalize,
         min_presence=(args.min_presence or None) if args.min_presence is not None else d.min_presence,
         max_classes_per_prompt=args.max_classes_per_prompt,
+        refine=args.refine,
         seed=args.seed,
         resolution=args.resolution,
         impl=args.attention_impl,

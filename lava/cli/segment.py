@@ -11,6 +11,7 @@ from .common import (
     LAYERS_HELP,
     add_model_options,
     add_reading_options,
+    add_refine_option,
     check_output_folder,
     int_list,
     load_backend_for,
@@ -77,6 +78,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", action="store_true", help="also write a per-class heatmap figure (PNG)")
     add_model_options(p)
     add_reading_options(p)
+    add_refine_option(p)
     return p
 
 
@@ -180,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_batch=args.prompt_batch,
         aggregate_config=agg,
         mask_config=mask,
+        refine=args.refine,
         progress=len(args.images) > 1,
     )
     for i, seg in results:

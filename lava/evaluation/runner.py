@@ -26,6 +26,8 @@ from ..errors import LavaError
 from ..mask import to_mask
 from ..noise import noise
 from ..prompts import encode_prompt
+from ..refine import check_refine
+from ..refine import refine as refine_heatmaps
 from ..types import AggregateConfig, MaskConfig, PromptEncoding, Segmentation
 from . import distributed
 from .datasets import DatasetInfo, SegmentationDataset
@@ -33,6 +35,9 @@ from .metrics import ConfusionMatrix
 
 PROTOCOLS = ("all", "present")
 BACKGROUNDS = ("auto", "class", "threshold", "none")
+# Settings added after journals were first written, with the value every older journal was made
+# with: a journal that does not record one is checked against that value, not assumed to match.
+UNRECORDED_DEFAULTS = {"refine": None}
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class EvalSettings:
     background class, is ``"threshold"`` when a threshold is set (the CLI sets the model's) and
     ``"class"`` otherwise, and ``"none"`` for a dataset without one.
     ``max_classes_per_prompt`` caps the names per prompt (see ``lava.prompts.split_classes``).
+    ``refine``: ``"pamr"`` refines each image's class maps with its colours before the mask stage
+    (``lava.refine``); ``None`` uses the maps as aggregated.
     """
 
     protocol: str = "all"
@@ -82,8 +89,10 @@ class EvalSettings:
     template: str = "{}"
     separator: str = " "
     max_classes_per_prompt: int | None = None
+    refine: str | None = None
 
     def __post_init__(self) -> None:
+        check_refine(self.refine)
         if self.protocol not in PROTOCOLS:
             raise LavaError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.background not in BACKGROUNDS:
@@ -178,7 +187,8 @@ class Journal:
                 continue  # nothing finished: whatever its settings, it holds nothing to keep
             if not self._matches(header):
                 raise LavaError(self._mismatch(path, header, len(records)))
-            unrecorded |= set(self._json_config()) - set(header["config"])
+            # Settings of UNRECORDED_DEFAULTS are checked against their old value, not assumed.
+            unrecorded |= set(self._json_config()) - set(header["config"]) - set(UNRECORDED_DEFAULTS)
             for rec in records:
                 done[rec["id"]] = {k: _dense(v, num_classes) for k, v in rec["cells"].items()}
         self.unrecorded = sorted(unrecorded)
@@ -196,8 +206,10 @@ class Journal:
 
     def _differences(self, old: dict) -> list[str]:
         """``"key: old -> new"`` for each setting ``old`` records with another value (or that this
-        run no longer has); settings ``old`` does not record are not differences."""
+        run no longer has); settings ``old`` does not record are not differences, except those of
+        ``UNRECORDED_DEFAULTS``, which every older journal was made with."""
         new = self._json_config()
+        old = {**{k: v for k, v in UNRECORDED_DEFAULTS.items() if k in new}, **old}
         return [_change(key, old[key], new.get(key)) for key in sorted(old) if old[key] != new.get(key)]
 
     def _mismatch(self, path: Path, header: dict | None, count: int) -> str:
@@ -365,6 +377,8 @@ def run(
                 heat = aggregate(
                     views[cell.view], prompt, AggregateConfig(**{**asdict(agg), "layers": cell.layers})
                 )
+                if settings.refine is not None:
+                    heat = refine_heatmaps(heat, [image], method=settings.refine)
                 seg = to_mask(heat, config=mask_cfg, images=(image,))
                 pred = to_dataset_ids(seg, 0, ids, info, threshold)
                 one = ConfusionMatrix(info.num_classes, info.ignore_index)

@@ -53,6 +53,7 @@ class Setting:
     presence: str = "peak"  # "peak" (Heatmaps.presence from the maps) or "denoise"
     softmax: str = "joint"
     max_classes_per_prompt: int | None = None
+    refine: str | None = None  # a lava.refine method applied after normalisation (None: none)
 
     def capture_key(self) -> int | None:
         return self.max_classes_per_prompt
@@ -98,6 +99,7 @@ SETTINGS: dict[str, Setting] = {
     ),
     "split-4": Setting("defaults, classes forced into prompts of at most 4 names", max_classes_per_prompt=4),
     "split-1": Setting("defaults, one prompt per class", max_classes_per_prompt=1),
+    "defaults-pamr": Setting("defaults, maps refined with the image by PAMR (lava.refine)", refine="pamr"),
 }
 
 # --tune: every combination, joint softmax, peak and denoise presence.
@@ -116,6 +118,7 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
     from lava.capture import capture_views
     from lava.pipeline import resolve_configs
     from lava.presence import denoising_presence, with_presence
+    from lava.refine import refine as lava_refine
 
     noisy = lava.noise(backend, image)
     out = []
@@ -148,6 +151,8 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
             if "p" not in denoised:
                 denoised["p"] = denoising_presence(backend, noisy, prompt)
             heat = with_presence(heat, denoised["p"])
+        if s.refine is not None:
+            heat = lava_refine(heat, [image], method=s.refine)
         seg = lava.to_mask(heat, [(size, size)], config=mask)
         out.append(to_global(seg.labels[0], seg.classes, "colour_shape"))
     return out
