@@ -121,21 +121,28 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
     from lava.refine import refine as lava_refine
 
     noisy = lava.noise(backend, image)
+    # One capture per prompt split, holding only the softmax domains some setting reads.
+    domains: dict[int | None, list[str]] = {}
+    for s in settings:
+        domains.setdefault(s.capture_key(), [])
+        if s.softmax not in domains[s.capture_key()]:
+            domains[s.capture_key()].append(s.softmax)
+    captured: dict[int | None, tuple] = {}
+    denoised: dict = {}
     out = []
-    cache: dict = {}
     for s in settings:
         key = s.capture_key()
-        if key not in cache:
+        if key not in captured:
             prompt = lava.encode_prompt(backend, classes, max_classes_per_prompt=key)
             views = capture_views(
-                backend, noisy, prompt, views=[("image_to_text", "joint"), ("image_to_text", "cross")]
+                backend, noisy, prompt, views=[("image_to_text", sm) for sm in domains[key]]
             )
             raw = {
                 sm: lava.aggregate(views[("image_to_text", sm)], prompt, normalize="none")
-                for sm in ("joint", "cross")
+                for sm in domains[key]
             }
-            cache[key] = (prompt, raw, {})
-        prompt, raw, denoised = cache[key]
+            captured[key] = (prompt, raw)
+        prompt, raw = captured[key]
         agg, mask = resolve_configs(
             backend,
             normalize=s.normalize,
@@ -148,9 +155,9 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
             heat, scores=normalize_scores(heat.scores, agg.normalize), normalize=agg.normalize
         )
         if s.presence == "denoise":
-            if "p" not in denoised:
-                denoised["p"] = denoising_presence(backend, noisy, prompt)
-            heat = with_presence(heat, denoised["p"])
+            if key not in denoised:
+                denoised[key] = denoising_presence(backend, noisy, prompt)
+            heat = with_presence(heat, denoised[key])
         if s.refine is not None:
             heat = lava_refine(heat, [image], method=s.refine)
         seg = lava.to_mask(heat, [(size, size)], config=mask)
@@ -158,11 +165,15 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
     return out
 
 
+_COLOUR_OF = np.array(
+    [0] + [1 + list(COLOURS).index(n.split()[0]) for n in class_names()[1:]], dtype=np.uint8
+)
+
+
 def colour_ids(labels: np.ndarray) -> np.ndarray:
     """Colour+shape ids → colour ids (0 background, then ``COLOURS`` order): what a model that
     reads colour words but not shape words can get right."""
-    lut = np.array([0] + [1 + list(COLOURS).index(n.split()[0]) for n in class_names()[1:]], dtype=np.uint8)
-    return lut[labels]
+    return _COLOUR_OF[labels]
 
 
 def measure_many(
