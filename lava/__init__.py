@@ -16,10 +16,11 @@ command's ``--help`` stay fast: torch and diffusers load only when a stage is ne
 
 from __future__ import annotations
 
-import importlib as _importlib
 import sys as _sys
 import types as _types
 from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports as _lazy_exports
 
 __version__ = "0.1.0"
 
@@ -82,18 +83,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name == "kernels":
-        return _importlib.import_module(".kernels", __name__)
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals(), submodules=("kernels",))
 
 
 class _Package(_types.ModuleType):

@@ -140,19 +140,6 @@ def refine_method(text: str) -> str:
     return text
 
 
-def add_refine_option(p) -> None:
-    """``--refine``: shared by the commands that apply it (segment, eval, sweep)."""
-    p.add_argument(
-        "--refine",
-        type=refine_method,
-        default=None,
-        metavar="METHOD",
-        help="refine the class maps with the image colours before labelling: 'pamr' (pixel-adaptive "
-        "mask refinement on a grid 4x the token grid, longer side <= 256 px; see docs/method.md). "
-        "Default: none",
-    )
-
-
 def add_reading_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("how the attention is read")
     g.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
@@ -212,6 +199,15 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="prompts per forward pass when the classes span several prompts (default: all; lower it to "
         "save memory)",
+    )
+    g.add_argument(
+        "--refine",
+        type=refine_method,
+        default=None,
+        metavar="METHOD",
+        help="refine the class maps with the image colours before labelling: 'pamr' (pixel-adaptive "
+        "mask refinement on a grid 4x the token grid, longer side <= 256 px; see docs/method.md). "
+        "Default: none",
     )
     add_verbose_option(g)
     g.add_argument(

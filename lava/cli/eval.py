@@ -10,7 +10,6 @@ from .common import (
     add_dataset_options,
     add_model_options,
     add_reading_options,
-    add_refine_option,
     eval_setup,
     int_list,
     note,
@@ -60,7 +59,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_dataset_options(p)
     add_model_options(p)
     add_reading_options(p)
-    add_refine_option(p)
     return p
 
 

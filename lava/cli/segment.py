@@ -11,7 +11,6 @@ from .common import (
     LAYERS_HELP,
     add_model_options,
     add_reading_options,
-    add_refine_option,
     check_output_folder,
     int_list,
     load_backend_for,
@@ -78,7 +77,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", action="store_true", help="also write a per-class heatmap figure (PNG)")
     add_model_options(p)
     add_reading_options(p)
-    add_refine_option(p)
     return p
 
 

@@ -6,8 +6,9 @@ its ``--help`` without loading torch.
 
 from __future__ import annotations
 
-import importlib as _importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports as _lazy_exports
 
 _EXPORTS = {
     "DATASET_NAMES": "datasets",
@@ -40,16 +41,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:
