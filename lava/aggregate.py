@@ -1,7 +1,10 @@
 """Stage 4: ``AttentionSlices`` → one ``Heatmaps`` score map per class on the token grid.
 
 Each class's map is the mean over its text tokens (CLIP part, T5 part or both), over heads,
-over the chosen blocks and over every timestep given, then normalised.
+over the chosen blocks and over every timestep given, then normalised. Concept-view slices
+(``source="concept"``, see ``lava.concept``) hold logits rather than probabilities: their class
+means are softmaxed over the classes at each image token (per capture, before the timesteps are
+averaged), as ConceptAttention does, and then normalised like attention maps.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ def aggregate(
     grid = runs[0].grid
     if any(r.grid != grid for r in runs):
         raise LavaError(f"slices come from different token grids: {sorted({r.grid for r in runs})}")
+    sources = sorted({r.source for r in runs})
+    if len(sources) > 1:
+        raise LavaError(f"cannot average slices of different sources {sources}: aggregate each on its own")
 
     per_run = []
     for run in runs:
@@ -78,7 +84,8 @@ def aggregate(
         missing = [layer for layer in layers if layer not in run.maps]
         if missing:
             raise LavaError(f"blocks {missing} were not captured; captured: {list(run.layers)}")
-        per_run.append(class_scores(run, prompt, layers, config.tokens))
+        scores = class_scores(run, prompt, layers, config.tokens)
+        per_run.append(scores.softmax(dim=1) if run.source == "concept" else scores)
     scores = torch.stack(per_run).mean(0)
     scores = rearrange(scores, "b c (h w) -> b c h w", h=grid[0], w=grid[1])
     return Heatmaps(

@@ -18,7 +18,7 @@ from einops import rearrange
 from .backends.base import Backend
 from .errors import LavaError
 from .kernels import SliceSpec, attention_with_slice, resolve_impl
-from .types import AttentionSlices, CapturePlan, NoisyLatents, PromptEncoding
+from .types import SOURCES, AttentionSlices, CapturePlan, NoisyLatents, PromptEncoding
 
 
 class CaptureStore(dict):
@@ -71,16 +71,7 @@ class CaptureProcessor:
         self.index = index
         self.plan = plan
         self.store = store
-        self.positions, self.gather = _row_gather(plan)
-
-    def _keys(self, sl: torch.Tensor) -> torch.Tensor:
-        """``[B·G, H', N_img, U]`` over the union of positions → ``[B, H', N_img, K]`` over the
-        plan's keys, each read from its own prompt row's batch entry."""
-        if self.gather is None:
-            return sl
-        row_idx, pos_idx = self.gather
-        per_row = sl.unflatten(0, (-1, len(self.plan.prompt_rows)))  # [B, G, H', N, U]
-        return per_row.permute(0, 2, 3, 1, 4)[..., row_idx.to(sl.device), pos_idx.to(sl.device)]
+        self.positions, self.gather = row_gather(plan)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if encoder_hidden_states is None:
@@ -101,7 +92,7 @@ class CaptureProcessor:
             )
             # The first view also yields the attention output; the others reuse q, k only.
             o, sl = attention_with_slice(q, k, v if out is None else None, spec, impl=self.plan.impl)
-            self.store.views[view][self.index] = self._keys(sl)
+            self.store.views[view][self.index] = pick_keys(sl, self.plan, self.gather)
             out = o if out is None else out
 
         out = rearrange(out, "b h n d -> b n (h d)").to(q.dtype)
@@ -112,7 +103,7 @@ class CaptureProcessor:
         return hidden, context
 
 
-def _row_gather(plan: CapturePlan) -> tuple[tuple[int, ...] | None, tuple[torch.Tensor, torch.Tensor] | None]:
+def row_gather(plan: CapturePlan) -> tuple[tuple[int, ...] | None, tuple[torch.Tensor, torch.Tensor] | None]:
     """The text positions the kernel computes and how to pick the plan's keys from them.
 
     With one prompt row the keys are the positions and nothing is gathered. With several rows in
@@ -125,9 +116,7 @@ def _row_gather(plan: CapturePlan) -> tuple[tuple[int, ...] | None, tuple[torch.
         raise LavaError("a capture over several prompt rows needs the plan's text_len")
     t = plan.text_len
     where = {row: g for g, row in enumerate(plan.prompt_rows)}
-    keys = plan.columns
-    if keys is None:
-        keys = tuple(row * t + p for row in plan.prompt_rows for p in range(t))
+    keys = keys_of_rows(plan)
     outside = [k for k in keys if k // t not in where]
     if outside:
         raise LavaError(
@@ -140,7 +129,28 @@ def _row_gather(plan: CapturePlan) -> tuple[tuple[int, ...] | None, tuple[torch.
     return positions, (rows, cols)
 
 
-class _StopForward(Exception):
+def keys_of_rows(plan: CapturePlan) -> tuple[int, ...]:
+    """The plan's text keys: its ``columns``, or every position of every prompt row."""
+    if plan.columns is not None:
+        return plan.columns
+    t = plan.text_len
+    if t is None:
+        raise LavaError("a plan without columns needs its text_len to list its keys")
+    return tuple(row * t + p for row in plan.prompt_rows for p in range(t))
+
+
+def pick_keys(sl: torch.Tensor, plan: CapturePlan, gather) -> torch.Tensor:
+    """``[B·G, H', N_img, U]`` over the union of positions → ``[B, H', N_img, K]`` over the
+    plan's keys, each read from its own prompt row's batch entry (unchanged when ``gather`` is
+    ``None``: one prompt row)."""
+    if gather is None:
+        return sl
+    row_idx, pos_idx = gather
+    per_row = sl.unflatten(0, (-1, len(plan.prompt_rows)))  # [B, G, H', N, U]
+    return per_row.permute(0, 2, 3, 1, 4)[..., row_idx.to(sl.device), pos_idx.to(sl.device)]
+
+
+class StopForward(Exception):
     """Raised after the deepest captured block to skip the rest of the transformer."""
 
 
@@ -163,7 +173,7 @@ def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
         if plan.early_exit:
 
             def stop(module, args, output):
-                raise _StopForward
+                raise StopForward
 
             hook = blocks[max(plan.layers)].register_forward_hook(stop)
         yield store
@@ -178,7 +188,7 @@ def run_until_captured(transformer, **inputs) -> torch.Tensor | None:
     """Call the transformer; returns its sample, or ``None`` when a capture cut it short."""
     try:
         return transformer(**inputs, return_dict=False)[0]
-    except _StopForward:
+    except StopForward:
         return None
 
 
@@ -228,6 +238,7 @@ def capture_views(
     impl: str = "auto",
     early_exit: bool = True,
     prompt_batch: int | None = None,
+    source: str = "attention",
 ) -> dict[tuple[str, str], AttentionSlices]:
     """Several ``(direction, softmax)`` views from one forward pass: ``{view: AttentionSlices}``.
 
@@ -235,9 +246,20 @@ def capture_views(
     latents, one prompt per batch entry); ``prompt_batch`` caps the rows per forward to bound
     memory (then there is one forward per group of rows). ``columns`` are text keys (see
     ``PromptEncoding.positions``); by default every class token.
+
+    ``source="concept"`` reads the concept view (``lava.concept``) instead of the attention
+    probabilities; it has no direction or softmax domain, so ``views`` must then be the one
+    default view ``("image_to_text", "joint")``, under which key its slices are returned.
     """
     if not views:
         raise LavaError("views must name at least one (direction, softmax) pair")
+    if source not in SOURCES:
+        raise LavaError(f"source must be one of {SOURCES}, got {source!r}")
+    if source == "concept" and [tuple(v) for v in views] != [("image_to_text", "joint")]:
+        raise LavaError(
+            "the concept source has no direction or softmax domain to choose: read it with the default "
+            f"view image_to_text/joint, got {[tuple(v) for v in views]}"
+        )
     layer_tuple = backend.check_layers(layers if layers is not None else backend.defaults.layers)
     if prompt.text_len != backend.text_len:
         raise LavaError(
@@ -283,8 +305,15 @@ def capture_views(
             extra_views=tuple(extra),
             prompt_rows=rows,
             text_len=t,
+            source=source,
         )
-        with capturing(backend.transformer, plan) as store:
+        if source == "concept":
+            from .concept import capturing_concepts
+
+            context = capturing_concepts(backend.transformer, plan, noisy.batch_size * len(rows))
+        else:
+            context = capturing(backend.transformer, plan)
+        with context as store:
             run_until_captured(backend.transformer, **transformer_inputs(backend, noisy, prompt, rows))
         per_group.append(store.views)
         order += keys
@@ -307,6 +336,7 @@ def capture_views(
             timestep=noisy.timestep,
             sigma=noisy.sigma,
             image_sizes=noisy.image_sizes,
+            source=source,
         )
     return out
 
@@ -324,12 +354,16 @@ def capture(
     impl: str = "auto",
     early_exit: bool = True,
     prompt_batch: int | None = None,
+    source: str = "attention",
 ) -> AttentionSlices:
     """One forward pass; the slices of ``layers`` (default: the backend's) as ``AttentionSlices``.
 
     ``columns`` default to the text keys of the prompt's classes, so only those ``K`` columns
     are computed. Each map is float32 ``[B, H or 1, N_img, K]``. A prompt of several rows runs
     as one batch of ``B × rows`` (at most ``prompt_batch`` rows per forward).
+
+    ``source="concept"`` returns the concept view (``lava.concept``) of the same blocks instead;
+    ``direction`` and ``softmax`` must then keep their defaults.
     """
     views = capture_views(
         backend,
@@ -342,5 +376,6 @@ def capture(
         impl=impl,
         early_exit=early_exit,
         prompt_batch=prompt_batch,
+        source=source,
     )
     return views[(direction, softmax)]

@@ -102,6 +102,7 @@ def segment(
     softmax: str = "joint",
     heads: str = "mean",
     impl: str = "auto",
+    source: str = "attention",
     template: str = DEFAULT_TEMPLATE,
     separator: str = DEFAULT_SEPARATOR,
     max_classes_per_prompt: int | None = None,
@@ -138,6 +139,10 @@ def segment(
             no pixels there (default: the backend's; ``0`` lets every class compete).
         aggregate_config / mask_config: full configs instead of the keywords above (a keyword
             given as well overrides that field).
+        source: ``"attention"`` (default) reads the attention probabilities (the seed method);
+            ``"concept"`` reads the concept view (``lava.concept``: image attention outputs ·
+            concept-token attention outputs, softmaxed over the classes), which needs the default
+            ``direction`` and ``softmax``.
         refine: ``"pamr"`` refines the class maps with the image colours before the mask stage
             (``lava.refine``: PAMR on a grid 4× the token grid, longer side ≤ 256 px); ``None``
             (default) uses the maps as aggregated.
@@ -163,6 +168,7 @@ def segment(
         softmax=softmax,
         heads=heads,
         impl=impl,
+        source=source,
         template=template,
         separator=separator,
         max_classes_per_prompt=max_classes_per_prompt,
@@ -194,6 +200,7 @@ def segment_iter(
     softmax: str = "joint",
     heads: str = "mean",
     impl: str = "auto",
+    source: str = "attention",
     template: str = DEFAULT_TEMPLATE,
     separator: str = DEFAULT_SEPARATOR,
     max_classes_per_prompt: int | None = None,
@@ -252,6 +259,7 @@ def segment_iter(
             heads=heads,
             impl=impl,
             prompt_batch=prompt_batch,
+            source=source,
         )
         heat = aggregate(slices, prompt, aggregate_config)
         if refine is not None:

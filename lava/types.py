@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
+# What a capture reads: the attention probabilities (the seed method) or the concept view.
+SOURCES = ("attention", "concept")
+
 
 @dataclass(frozen=True)
 class NoisyLatents:
@@ -124,6 +127,10 @@ class CapturePlan:
     ``prompt_rows``: the prompt rows in this forward's batch, in order (the batch is
     ``images × prompt_rows``, image-major); a key ``k`` is position ``k % text_len`` of row
     ``k // text_len``, so ``text_len`` is needed when there is more than one row.
+
+    ``source``: ``"attention"`` reads the attention probabilities (the views above);
+    ``"concept"`` reads the concept view instead (``lava.concept``: image attention outputs ·
+    concept-token attention outputs), which has no direction or softmax domain of its own.
     """
 
     layers: tuple[int, ...]
@@ -136,6 +143,11 @@ class CapturePlan:
     extra_views: tuple[tuple[str, str], ...] = ()
     prompt_rows: tuple[int, ...] = (0,)
     text_len: int | None = None
+    source: str = "attention"
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
 
     @property
     def views(self) -> tuple[tuple[str, str], ...]:
@@ -152,6 +164,10 @@ class AttentionSlices:
     relates image token ``i`` (row-major over ``grid``) and text key ``columns[c]`` (a position
     of prompt row ``columns[c] // text_len``; see ``PromptEncoding``). Each key's probability
     comes from the forward of its own prompt row, in that row's softmax.
+
+    With ``source="concept"`` the entries are instead the dot products of image token ``i``'s
+    attention output with the concept token of key ``columns[c]`` (``lava.concept``): logits,
+    softmaxed over the classes by ``lava.aggregate``.
     """
 
     maps: Mapping[int, torch.Tensor]
@@ -163,6 +179,7 @@ class AttentionSlices:
     timestep: float
     sigma: float
     image_sizes: tuple[tuple[int, int], ...]
+    source: str = "attention"
 
     @property
     def layers(self) -> tuple[int, ...]:

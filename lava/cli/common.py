@@ -164,6 +164,15 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
         "cross: over the other modality only",
     )
     g.add_argument(
+        "--source",
+        choices=("attention", "concept"),
+        default="attention",
+        help="attention: the image<->text attention probabilities (default); concept: the concept view, "
+        "each class's tokens copied into a stream the image never sees, map = image attention outputs . "
+        "concept attention outputs, softmaxed over the classes (ConceptAttention; uses the default "
+        "--direction/--softmax)",
+    )
+    g.add_argument(
         "--tokens",
         choices=("all", "clip", "t5"),
         default="all",
@@ -216,6 +225,18 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="attention-slice implementation (default: %(default)s: triton on CUDA, torch elsewhere)",
     )
+
+
+def check_source(args: argparse.Namespace) -> None:
+    """Refuse ``--source concept`` with a non-default ``--direction``/``--softmax`` before any model
+    loads: the concept view has neither."""
+    from ..errors import LavaError
+
+    if args.source == "concept" and (args.direction, args.softmax) != ("image_to_text", "joint"):
+        raise LavaError(
+            "--source concept has no direction or softmax domain to choose: drop --direction/--softmax "
+            f"(got {args.direction}/{args.softmax}) or use --source attention"
+        )
 
 
 def add_dataset_options(p: argparse.ArgumentParser) -> None:
@@ -421,6 +442,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
     from ..evaluation.datasets import load_dataset
     from ..evaluation.runner import EvalSettings
 
+    check_source(args)
     device = distributed.init(args.device)
     dataset = load_dataset(args.dataset, args.root, args.split)
     if args.limit is not None:
@@ -441,6 +463,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         background_threshold=threshold,
         direction=args.direction,
         softmax=args.softmax,
+        source=args.source,
         tokens=args.tokens,
         normalize=args.normalize or d.normalize,
         min_presence=(args.min_presence or None) if args.min_presence is not None else d.min_presence,

@@ -12,6 +12,7 @@ from .common import (
     add_model_options,
     add_reading_options,
     check_output_folder,
+    check_source,
     int_list,
     load_backend_for,
     note,
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     classes = parse_classes(args.classes)
     check_background_class(classes, args.background_threshold)
+    check_source(args)
     stems = output_names(args.images)
     # Every input is checked (opened, header read) before the model loads; pixels are read one
     # image at a time later, so memory does not grow with the number of images.
@@ -176,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         direction=args.direction,
         softmax=args.softmax,
         impl=args.attention_impl,
+        source=args.source,
         max_classes_per_prompt=args.max_classes_per_prompt,
         prompt_batch=args.prompt_batch,
         aggregate_config=agg,
@@ -246,7 +249,12 @@ def describe_reading(backend, classes, args, agg, mask) -> None:
         f"{backend.name}: "
         + (f"sigma {args.sigma:g}, " if args.sigma is not None else "")
         + f"timestep {args.timestep if args.timestep is not None else d.timestep:g}, "
-        f"layers {list(args.layers or d.layers)}, {args.direction} with softmax over {args.softmax} keys, "
-        f"normalize {agg.normalize}, background {bg} (model defaults: {d.source}; {d.mask_source})"
+        f"layers {list(args.layers or d.layers)}, "
+        + (
+            "concept view (softmax over classes), "
+            if args.source == "concept"
+            else f"{args.direction} with softmax over {args.softmax} keys, "
+        )
+        + f"normalize {agg.normalize}, background {bg} (model defaults: {d.source}; {d.mask_source})"
     )
     sys.stderr.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import LavaError
 from .common import (
     LAYERS_HELP,
     add_dataset_options,
@@ -64,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.runner import Cell
     from ..evaluation.runner import run as run_cells
 
+    if args.source == "concept" and args.views:
+        raise LavaError(
+            "--views compares attention views; the concept source has none (drop --views, or sweep "
+            "--source attention)"
+        )
     dataset, backend, settings, config = eval_setup(
         args,
         {

@@ -28,7 +28,7 @@ from ..noise import noise
 from ..prompts import encode_prompt
 from ..refine import check_refine
 from ..refine import refine as refine_heatmaps
-from ..types import AggregateConfig, MaskConfig, PromptEncoding, Segmentation
+from ..types import SOURCES, AggregateConfig, MaskConfig, PromptEncoding, Segmentation
 from . import distributed
 from .datasets import DatasetInfo, SegmentationDataset
 from .metrics import ConfusionMatrix
@@ -37,7 +37,7 @@ PROTOCOLS = ("all", "present")
 BACKGROUNDS = ("auto", "class", "threshold", "none")
 # Settings added after journals were first written, with the value every older journal was made
 # with: a journal that does not record one is checked against that value, not assumed to match.
-UNRECORDED_DEFAULTS = {"refine": None}
+UNRECORDED_DEFAULTS = {"refine": None, "source": "attention"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,9 @@ class EvalSettings:
     ``"class"`` otherwise, and ``"none"`` for a dataset without one.
     ``max_classes_per_prompt`` caps the names per prompt (see ``lava.prompts.split_classes``).
     ``refine``: ``"pamr"`` refines each image's class maps with its colours before the mask stage
-    (``lava.refine``); ``None`` uses the maps as aggregated.
+    (``lava.refine``); ``None`` uses the maps as aggregated. ``source``: ``"attention"`` reads the
+    attention probabilities, ``"concept"`` the concept view (``lava.concept``; only with the
+    default view image_to_text/joint).
     """
 
     protocol: str = "all"
@@ -80,6 +82,7 @@ class EvalSettings:
     background_threshold: float | None = None
     direction: str = "image_to_text"
     softmax: str = "joint"
+    source: str = "attention"
     tokens: str = "all"
     normalize: str = "minmax"
     min_presence: float | None = None
@@ -97,6 +100,13 @@ class EvalSettings:
             raise LavaError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.background not in BACKGROUNDS:
             raise LavaError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
+        if self.source not in SOURCES:
+            raise LavaError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "concept" and (self.direction, self.softmax) != ("image_to_text", "joint"):
+            raise LavaError(
+                "the concept source has no direction or softmax domain: leave them at image_to_text/joint, "
+                f"got {self.direction}/{self.softmax}"
+            )
 
     def background_mode(self, info: DatasetInfo) -> str:
         if self.background == "auto":
@@ -371,6 +381,7 @@ def run(
                 layers=capture_layers[t],
                 impl=settings.impl,
                 prompt_batch=prompt_batch,
+                source=settings.source,
             )
             for ci in idx:
                 cell = cells[ci]

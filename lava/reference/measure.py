@@ -54,9 +54,10 @@ class Setting:
     softmax: str = "joint"
     max_classes_per_prompt: int | None = None
     refine: str | None = None  # a lava.refine method applied after normalisation (None: none)
+    source: str = "attention"  # what the capture reads: attention probabilities or the concept view
 
-    def capture_key(self) -> int | None:
-        return self.max_classes_per_prompt
+    def capture_key(self) -> tuple[int | None, str]:
+        return self.max_classes_per_prompt, self.source
 
 
 # Each row changes one or two things against the plain call, so the table shows what each is worth.
@@ -100,6 +101,12 @@ SETTINGS: dict[str, Setting] = {
     "split-4": Setting("defaults, classes forced into prompts of at most 4 names", max_classes_per_prompt=4),
     "split-1": Setting("defaults, one prompt per class", max_classes_per_prompt=1),
     "defaults-pamr": Setting("defaults, maps refined with the image by PAMR (lava.refine)", refine="pamr"),
+    "concept": Setting(
+        "defaults, concept view (lava.concept: attention outputs, softmax over classes) instead of "
+        "attention probabilities",
+        source="concept",
+    ),
+    "concept-pamr": Setting("concept view, then PAMR", source="concept", refine="pamr"),
 }
 
 # --tune: every combination, joint softmax, peak and denoise presence.
@@ -122,20 +129,20 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
 
     noisy = lava.noise(backend, image)
     # One capture per prompt split, holding only the softmax domains some setting reads.
-    domains: dict[int | None, list[str]] = {}
+    domains: dict[tuple[int | None, str], list[str]] = {}
     for s in settings:
         domains.setdefault(s.capture_key(), [])
         if s.softmax not in domains[s.capture_key()]:
             domains[s.capture_key()].append(s.softmax)
-    captured: dict[int | None, tuple] = {}
+    captured: dict[tuple[int | None, str], tuple] = {}
     denoised: dict = {}
     out = []
     for s in settings:
         key = s.capture_key()
         if key not in captured:
-            prompt = lava.encode_prompt(backend, classes, max_classes_per_prompt=key)
+            prompt = lava.encode_prompt(backend, classes, max_classes_per_prompt=key[0])
             views = capture_views(
-                backend, noisy, prompt, views=[("image_to_text", sm) for sm in domains[key]]
+                backend, noisy, prompt, views=[("image_to_text", sm) for sm in domains[key]], source=key[1]
             )
             raw = {
                 sm: lava.aggregate(views[("image_to_text", sm)], prompt, normalize="none")
