@@ -30,6 +30,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -55,9 +56,26 @@ class Setting:
     max_classes_per_prompt: int | None = None
     refine: str | None = None  # a lava.refine method applied after normalisation (None: none)
     source: str = "attention"  # what the capture reads: attention probabilities or the concept view
+    # More lava.segment keywords (e.g. ensembles). A setting with any runs through lava.segment
+    # itself instead of sharing the other settings' forward pass.
+    call: tuple[tuple[str, Any], ...] = ()
 
     def capture_key(self) -> tuple[int | None, str]:
         return self.max_classes_per_prompt, self.source
+
+    def segment_kwargs(self) -> dict[str, Any]:
+        """The ``lava.segment`` keywords of this setting (``None``: the backend's default)."""
+        if self.presence != "peak" or self.softmax != "joint":
+            raise ValueError("only peak presence and the joint softmax are lava.segment keywords here")
+        return dict(
+            normalize=self.normalize,
+            background_threshold=self.background_threshold,
+            min_presence=self.min_presence,
+            max_classes_per_prompt=self.max_classes_per_prompt,
+            refine=self.refine,
+            source=self.source,
+            **dict(self.call),
+        )
 
 
 # Each row changes one or two things against the plain call, so the table shows what each is worth.
@@ -131,6 +149,8 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
     # One capture per prompt split, holding only the softmax domains some setting reads.
     domains: dict[tuple[int | None, str], list[str]] = {}
     for s in settings:
+        if s.call:
+            continue
         domains.setdefault(s.capture_key(), [])
         if s.softmax not in domains[s.capture_key()]:
             domains[s.capture_key()].append(s.softmax)
@@ -138,6 +158,10 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
     denoised: dict = {}
     out = []
     for s in settings:
+        if s.call:
+            seg = lava.segment(image, classes, backend=backend, **s.segment_kwargs())
+            out.append(to_global(seg.labels[0], seg.classes, "colour_shape"))
+            continue
         key = s.capture_key()
         if key not in captured:
             prompt = lava.encode_prompt(backend, classes, max_classes_per_prompt=key[0])
@@ -214,6 +238,40 @@ def measure_many(
     return [cm.compute(names) for cm in cms]
 
 
+def figure(backend, settings: dict[str, Setting], seeds: Sequence[int], path: Path, size: int = 64) -> None:
+    """A PNG grid: one row per scene (all 12 names given), columns image, truth, then each
+    setting's label map, coloured by class (the VOC palette of the global class ids)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lava.viz import palette
+
+    names = class_names("colour_shape")
+    pal = palette(len(names)) / 255.0
+    cols = ["image", "truth", *settings]
+    size_in = (1.6 * len(cols), 1.7 * len(seeds))
+    fig, axes = plt.subplots(len(seeds), len(cols), figsize=size_in, squeeze=False)
+    for r, seed in enumerate(seeds):
+        scene = make_scene(seed)
+        image = Image.fromarray(scene.render(size))
+        truth = scene.labels(size)
+        preds = scene_labels(backend, image, list(names[1:]), list(settings.values()), size)
+        panels = [np.asarray(image), pal[truth]] + [pal[np.asarray(p)] for p in preds]
+        for c, (title, panel) in enumerate(zip(cols, panels, strict=True)):
+            ax = axes[r, c]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown(rows: list[dict], metric: str = "miou") -> str:
     """The results as a Markdown table: one row per (label, setting), one column per cell;
     ``metric="miou"`` shows mIoU (pixel accuracy), ``"colour_miou"`` the colour-level mIoU."""
@@ -263,9 +321,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timestep", type=float, default=None, help="timestep to read (default: the model's)")
     p.add_argument("--layers", default=None, help="comma-separated blocks to read (default: the model's)")
     p.add_argument("--tune", action="store_true", help="rank TUNE_GRID on the next --scenes seeds instead")
+    p.add_argument(
+        "--figure",
+        default=None,
+        help="also draw the first 4 hard held-out scenes (all 12 names) under each setting to this PNG",
+    )
     a = p.parse_args(argv)
-    if not a.tune and not a.json:
-        p.error("--json is required (or --tune)")
+    if not a.tune and not a.json and not a.figure:
+        p.error("--json is required (or --tune, or --figure)")
 
     backend = lava.load_backend("lava-shapes", **({"path": a.weights} if a.weights else {}))
     if a.timestep is not None or a.layers:
@@ -279,6 +342,10 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             p.error(f"unknown settings {unknown}: expected some of {list(SETTINGS)}")
         named = {n: SETTINGS[n] for n in a.settings.split(",")}
+    if a.figure:
+        figure(backend, named, heldout_seeds(4, "hard"), Path(a.figure))
+        if not a.json:
+            return
     path = Path(a.json) if a.json else None
     rows = json.loads(path.read_text()) if path and path.exists() else []
     scores: dict[str, list[float]] = {n: [] for n in named}
