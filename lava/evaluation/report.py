@@ -57,9 +57,12 @@ def protocol_line(
         else "only the classes present in each image"
     )
     views = views or [(settings.direction, settings.softmax)]
-    read = "; ".join(f"{d}, softmax over {sm} keys" for d, sm in views)
+    if settings.source == "concept":
+        read = "concept view (image attention outputs · concept-token outputs, softmax over the classes)"
+    else:
+        read = "attention " + "; ".join(f"{d}, softmax over {sm} keys" for d, sm in views)
     background = settings.background_mode(info)
-    return f"protocol={settings.protocol} ({vocab}); background={background}; attention {read}"
+    return f"protocol={settings.protocol} ({vocab}); background={background}; {read}"
 
 
 def write_eval_report(
@@ -120,6 +123,12 @@ def write_sweep(
     """
     mious = {c.key: matrices[c.key].compute(info.classes).miou for c in cells}
     views = list(dict.fromkeys(c.view for c in cells))
+
+    def view_name(view: tuple[str, str], short: bool = False) -> str:
+        if settings.source == "concept":
+            return "concept view"
+        return f"{view[0]}/{view[1]}" if short else f"{view[0]}, softmax over {view[1]} keys"
+
     best = max(cells, key=lambda c: -1.0 if math.isnan(mious[c.key]) else mious[c.key])
     proto = protocol_line(info, settings, views)
 
@@ -139,7 +148,7 @@ def write_sweep(
         panels.append((view, times, labels, grid))
         md += [
             "",
-            f"**{view[0]}, softmax over {view[1]} keys**",
+            f"**{view_name(view)}**",
             "",
             "| timestep \\ blocks | " + " | ".join(labels) + " |",
             "|---:|" + "---:|" * len(labels),
@@ -148,7 +157,7 @@ def write_sweep(
             md.append(f"| {t:g} | " + " | ".join("–" if math.isnan(v) else f"{v:.3f}" for v in row) + " |")
     md += [
         "",
-        f"Best: {best.direction}/{best.softmax}, timestep {best.timestep:g}, blocks {list(best.layers)}, "
+        f"Best: {view_name(best.view, short=True)}, timestep {best.timestep:g}, blocks {list(best.layers)}, "
         f"mIoU {mious[best.key]:.3f}",
     ]
     io.atomic_write(out / "sweep.md", lambda p: p.write_text("\n".join(md) + "\n"))
