@@ -124,6 +124,9 @@ class CapturePlan:
     ``prompt_rows``: the prompt rows in this forward's batch, in order (the batch is
     ``images × prompt_rows``, image-major); a key ``k`` is position ``k % text_len`` of row
     ``k // text_len``, so ``text_len`` is needed when there is more than one row.
+
+    ``keep_image_qk`` also keeps each captured block's image queries and keys (what
+    ``lava.propagate`` needs): ``O(N_img · H · D)`` per block, never ``N×N``; off by default.
     """
 
     layers: tuple[int, ...]
@@ -136,6 +139,7 @@ class CapturePlan:
     extra_views: tuple[tuple[str, str], ...] = ()
     prompt_rows: tuple[int, ...] = (0,)
     text_len: int | None = None
+    keep_image_qk: bool = False
 
     @property
     def views(self) -> tuple[tuple[str, str], ...]:
@@ -152,6 +156,10 @@ class AttentionSlices:
     relates image token ``i`` (row-major over ``grid``) and text key ``columns[c]`` (a position
     of prompt row ``columns[c] // text_len``; see ``PromptEncoding``). Each key's probability
     comes from the forward of its own prompt row, in that row's softmax.
+
+    ``image_qk[block]``, only when the capture was asked to keep them (``keep_image_qk``):
+    the image queries and keys of that block's joint attention (after qk-norm), each
+    ``[B, R, H, N_img, D]`` in the model's dtype, one entry on ``R`` per prompt row that ran.
     """
 
     maps: Mapping[int, torch.Tensor]
@@ -163,6 +171,7 @@ class AttentionSlices:
     timestep: float
     sigma: float
     image_sizes: tuple[tuple[int, int], ...]
+    image_qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:
