@@ -319,6 +319,11 @@ def refine(
     named = isinstance(method, str) or (
         not isinstance(method, (Propagate, PAMR)) and all(isinstance(m, str) for m in method)
     )
+    if (size is not None or kw) and not (named and any(isinstance(s, PAMR) for s in steps)):
+        raise LavaError(
+            f"size and keyword arguments ({', '.join(kw) or 'size'}) set a PAMR step named by a string; "
+            "give a step its parameters as an object instead, e.g. Propagate(iterations=2) or PAMR(size=128)"
+        )
     for step in steps:
         if isinstance(step, Propagate):
             heatmaps = propagate_heatmaps(heatmaps, slices, step, layers)

@@ -152,6 +152,27 @@ def test_propagation_allocates_nothing_n_by_n_at_2048px():
     torch.testing.assert_close(out["maps"][0, rows].double(), want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_propagation_on_cuda_is_flat_at_2048px():
+    """The same sizes on a GPU, float32 (SDPA's memory-efficient kernel): the allocator's peak
+    stays far below one head's N×N (1 GiB)."""
+    b, h, n, d, k_cols = 1, 24, 16384, 64, 20
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    q, k = (torch.randn(b, h, n, d, device="cuda", generator=gen) for _ in range(2))
+    maps = torch.rand(b, n, k_cols, device="cuda", generator=gen)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = propagate(q, k, maps)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < n * n * 4 / 2, f"peak {peak / 2**20:.0f} MiB, one N×N is 1024 MiB"
+    rows = torch.tensor([0, 4097, n - 1], device="cuda")
+    logits = q[0, :, rows].double() @ k[0].double().transpose(-1, -2) / d**0.5
+    want = (logits.softmax(-1) @ maps[0].double()).mean(0)
+    torch.testing.assert_close(out[0, rows].double(), want, atol=1e-4, rtol=1e-3)
+
+
 # ---- the captured image queries and keys --------------------------------------------------------
 
 
@@ -189,7 +210,9 @@ def test_keep_image_qk_leaves_outputs_unchanged_and_keeps_the_right_tensors(back
 
         return hook
 
-    plan = CapturePlan(layers=layers, columns=prompt.columns(), early_exit=False, keep_image_qk=True)
+    plan = CapturePlan(
+        layers=layers, columns=prompt.columns(), impl="torch", early_exit=False, keep_image_qk=True
+    )
     handles = [backend.blocks[i].attn.register_forward_pre_hook(grab(i), with_kwargs=True) for i in layers]
     try:
         with capturing(backend.transformer, plan) as store:
@@ -332,6 +355,8 @@ def test_refine_refusals_name_what_is_wrong(read, tiny):
         refine(pamred, None, method="propagate", slices=slices)
     with pytest.raises(LavaError, match="unknown refine method 'crf'"):
         refine(heat, [img], method="propagate,crf", slices=slices)
+    with pytest.raises(LavaError, match=r"arguments \(iterations\) set a PAMR step named by a string"):
+        refine(heat, None, method="propagate", slices=slices, iterations=3)  # not silently ignored
 
 
 @pytest.mark.parametrize("which", ["tiny", "tiny35"])
