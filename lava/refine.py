@@ -221,11 +221,6 @@ def check_refine(method: RefineSpec) -> None:
     refine_steps(method)
 
 
-def needs_image_qk(method: RefineSpec) -> bool:
-    """Whether the chain propagates, so the capture must keep the blocks' image queries and keys."""
-    return any(isinstance(s, Propagate) for s in refine_steps(method))
-
-
 def split_refine(method: RefineSpec) -> tuple[tuple[RefineStep, ...], tuple[RefineStep, ...]]:
     """``(propagation steps, the rest)``: the leading token-grid steps, which use one capture's own
     attention (so an ensemble applies them to each run before the mean), and the steps after."""
