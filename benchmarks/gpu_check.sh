@@ -22,7 +22,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" LAVA_BENCH_DEVICE=cuda
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 echo "== kernel correctness on CUDA (triton vs naive, torch vs naive) =="
-timeout 150 "$PY" -m pytest -q -x tests/test_kernel_triton.py tests/test_kernels.py -p no:cacheprovider \
+timeout 150 "$PY" -m pytest -q -x tests/test_kernel_triton.py tests/test_kernels.py tests/test_propagate.py \
+  -p no:cacheprovider \
   2>&1 | tail -3 | tee "$OUT/correctness.txt"
 
 echo "== one captured layer: sdpa / naive / torch / triton =="

@@ -9,6 +9,7 @@ averaged), as ConceptAttention does, and then normalised like attention maps.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -53,6 +54,36 @@ def class_scores(
         per_layer = [slices.maps[layer][..., idx].mean(dim=(1, 3)) for layer in layers]  # [B, N_img] each
         per_class.append(torch.stack(per_layer).mean(0))
     return torch.stack(per_class, dim=1)
+
+
+def mean_heatmaps(runs: Sequence[Heatmaps]) -> Heatmaps:
+    """The ensemble of several ``Heatmaps`` of the same images and classes (e.g. several timesteps
+    or noise seeds): scores ``[B, C, h, w]`` and presence ``[B, C]`` averaged, each run with the
+    same weight.
+
+    Each run is averaged as normalised (unlike ``aggregate`` over several captures, which averages
+    the raw maps and normalises once): a run whose attention is larger overall does not outweigh
+    the others. Min-max and global maps stay in [0, 1] and class-sum maps sum to 1; presence is
+    the mean of the runs' presence (``None`` when any run has none).
+    """
+    runs = list(runs)
+    if not runs:
+        raise LavaError("mean_heatmaps needs at least one Heatmaps")
+    first = runs[0]
+    for run in runs[1:]:
+        same = (run.classes, run.image_sizes, run.normalize, tuple(run.scores.shape))
+        want = (first.classes, first.image_sizes, first.normalize, tuple(first.scores.shape))
+        if same != want:
+            raise LavaError(
+                "mean_heatmaps needs runs of the same classes, images, normalisation and grid: "
+                f"got {same[2]!r} {list(same[3])} and {want[2]!r} {list(want[3])}"
+            )
+    if len(runs) == 1:
+        return first
+    presence = None
+    if all(r.presence is not None for r in runs):
+        presence = torch.stack([r.presence for r in runs]).mean(0)
+    return dataclasses.replace(first, scores=torch.stack([r.scores for r in runs]).mean(0), presence=presence)
 
 
 def aggregate(

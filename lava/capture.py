@@ -25,13 +25,15 @@ class CaptureStore(dict):
     """``{block: slice}`` of the plan's primary view, filled as the transformer runs.
 
     ``views[(direction, softmax)]`` holds the same for every captured view (the primary one
-    included).
+    included). ``image_qk[block]``: that block's image ``(q, k)`` ``[B·G, H, N_img, D]``, filled
+    only when the plan keeps them.
     """
 
     def __init__(self, plan: CapturePlan):
         super().__init__()
         self.views: dict[tuple[str, str], dict[int, torch.Tensor]] = {v: {} for v in plan.views}
         self.views[plan.views[0]] = self
+        self.image_qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor):
@@ -79,6 +81,9 @@ class CaptureProcessor:
         _b, n_img = hidden_states.shape[:2]
 
         q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
+        if self.plan.keep_image_qk:
+            # Copies of the image rows only: a view would keep the whole joint q, k (and text) alive.
+            self.store.image_qk[self.index] = (q[:, :, :n_img].clone(), k[:, :, :n_img].clone())
 
         out = None
         for view in self.plan.views:
@@ -239,13 +244,16 @@ def capture_views(
     early_exit: bool = True,
     prompt_batch: int | None = None,
     source: str = "attention",
+    keep_image_qk: bool = False,
 ) -> dict[tuple[str, str], AttentionSlices]:
     """Several ``(direction, softmax)`` views from one forward pass: ``{view: AttentionSlices}``.
 
     With several prompt rows, every image runs with every row as one batch (the same noised
     latents, one prompt per batch entry); ``prompt_batch`` caps the rows per forward to bound
     memory (then there is one forward per group of rows). ``columns`` are text keys (see
-    ``PromptEncoding.positions``); by default every class token.
+    ``PromptEncoding.positions``); by default every class token. ``keep_image_qk`` also returns
+    each block's image queries and keys on every view (``AttentionSlices.image_qk``, for
+    ``lava.propagate``).
 
     ``source="concept"`` reads the concept view (``lava.concept``) instead of the attention
     probabilities; it has no direction or softmax domain, so ``views`` must then be the one
@@ -289,6 +297,7 @@ def capture_views(
         raise LavaError(str(err)) from err
     (direction, softmax), *extra = [tuple(v) for v in views]
     per_group: list[dict[tuple[str, str], dict[int, torch.Tensor]]] = []
+    qk_groups: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
     order: list[int] = []
     for rows in prompt_groups(prompt, prompt_batch):
         keys = tuple(c for c in cols if c // t in rows)
@@ -306,6 +315,7 @@ def capture_views(
             prompt_rows=rows,
             text_len=t,
             source=source,
+            keep_image_qk=keep_image_qk,
         )
         if source == "concept":
             from .concept import capturing_concepts
@@ -316,10 +326,12 @@ def capture_views(
         with context as store:
             run_until_captured(backend.transformer, **transformer_inputs(backend, noisy, prompt, rows))
         per_group.append(store.views)
+        qk_groups.append(store.image_qk)
         order += keys
     # Back to the order of ``cols``; each group's maps hold its own keys, in that order.
     rank = {c: i for i, c in enumerate(cols)}
     perm = sorted(range(len(order)), key=lambda i: rank[order[i]])
+    image_qk = _join_image_qk(qk_groups, noisy.batch_size) if keep_image_qk else None
     out = {}
     for view in per_group[0]:
         maps = {}
@@ -337,8 +349,22 @@ def capture_views(
             sigma=noisy.sigma,
             image_sizes=noisy.image_sizes,
             source=source,
+            image_qk=image_qk,
         )
     return out
+
+
+def _join_image_qk(
+    groups: Sequence[dict[int, tuple[torch.Tensor, torch.Tensor]]], batch: int
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each block's image ``(q, k)`` from every forward, ``[B·G, H, N, D]`` each (image-major), as
+    ``[B, R, H, N, D]`` over all R prompt rows that ran, in row order."""
+
+    def join(parts: list[torch.Tensor]) -> torch.Tensor:
+        parts = [p.unflatten(0, (batch, -1)) for p in parts]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # one forward: no copy
+
+    return {block: tuple(join([g[block][i] for g in groups]) for i in (0, 1)) for block in groups[0]}
 
 
 def capture(
@@ -355,12 +381,14 @@ def capture(
     early_exit: bool = True,
     prompt_batch: int | None = None,
     source: str = "attention",
+    keep_image_qk: bool = False,
 ) -> AttentionSlices:
     """One forward pass; the slices of ``layers`` (default: the backend's) as ``AttentionSlices``.
 
     ``columns`` default to the text keys of the prompt's classes, so only those ``K`` columns
     are computed. Each map is float32 ``[B, H or 1, N_img, K]``. A prompt of several rows runs
-    as one batch of ``B × rows`` (at most ``prompt_batch`` rows per forward).
+    as one batch of ``B × rows`` (at most ``prompt_batch`` rows per forward). ``keep_image_qk``
+    also keeps each block's image queries and keys (``AttentionSlices.image_qk``).
 
     ``source="concept"`` returns the concept view (``lava.concept``) of the same blocks instead;
     ``direction`` and ``softmax`` must then keep their defaults.
@@ -377,5 +405,6 @@ def capture(
         early_exit=early_exit,
         prompt_batch=prompt_batch,
         source=source,
+        keep_image_qk=keep_image_qk,
     )
     return views[(direction, softmax)]

@@ -119,6 +119,9 @@ class ConceptProcessor:
             raise LavaError("ConceptProcessor is for joint attention; it got no text hidden states")
         n_img = hidden_states.shape[1]
         q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
+        if self.plan.keep_image_qk and self.index in self.plan.layers:
+            # For lava.propagate, as CaptureProcessor keeps them: copies of the image rows only.
+            self.store.image_qk[self.index] = (q[:, :, :n_img].clone(), k[:, :, :n_img].clone())
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
 
         s = self.stream

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .aggregate import aggregate
+from .aggregate import aggregate, mean_heatmaps
 from .backends import Backend, load_backend
 from .capture import capture
 from .errors import LavaError
@@ -23,7 +23,7 @@ from .images import ImageInput, as_image_list, image_size, load_image, load_imag
 from .mask import check_background_class, to_mask
 from .noise import noise
 from .prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, encode_prompt
-from .refine import check_refine
+from .refine import RefineSpec, split_refine
 from .refine import refine as refine_heatmaps
 from .types import AggregateConfig, MaskConfig, Segmentation
 
@@ -47,6 +47,33 @@ def _is_rgb(image) -> bool:
 def _check_unit(name: str, value: float | None) -> None:
     if value is not None and (math.isnan(value) or not 0.0 <= value <= 1.0):
         raise LavaError(f"{name} must be between 0 and 1 (scores are normalised to [0, 1]), got {value!r}")
+
+
+def ensemble(
+    timestep: float | None,
+    timesteps: Sequence[float] | None,
+    seed: int | None,
+    seeds: Sequence[int] | None,
+    sigma: float | None = None,
+) -> list[tuple[float | None, int]]:
+    """The ``(timestep, seed)`` runs of one call: every timestep with every seed, timestep-major.
+
+    ``timesteps``/``seeds`` are the ensemble forms of ``timestep``/``seed``; a call gives one form
+    of each, not both (nor ``timesteps`` with ``sigma``). No timestep means the backend's (``None``),
+    no seed means 0.
+    """
+    if timesteps is not None and (timestep is not None or sigma is not None):
+        which = "timestep" if timestep is not None else "sigma"
+        raise LavaError(f"give timesteps=[...] or {which}=..., not both (timestep=t is timesteps=[t])")
+    if seeds is not None and seed is not None:
+        raise LavaError("give seeds=[...] or seed=..., not both (seed=s is seeds=[s])")
+    times = [float(t) for t in timesteps] if timesteps is not None else [timestep]
+    noise_seeds = [int(x) for x in seeds] if seeds is not None else [seed if seed is not None else 0]
+    if not times or not noise_seeds:
+        raise LavaError(
+            f"timesteps and seeds need at least one value each, got timesteps={timesteps} seeds={seeds}"
+        )
+    return [(t, x) for t in times for x in noise_seeds]
 
 
 def resolve_configs(
@@ -96,7 +123,9 @@ def segment(
     timestep: float | None = None,
     sigma: float | None = None,
     layers: Sequence[int] | None = None,
-    seed: int = 0,
+    seed: int | None = None,
+    timesteps: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
     resolution: int | str | None = None,
     direction: str = "image_to_text",
     softmax: str = "joint",
@@ -112,7 +141,7 @@ def segment(
     min_presence: float | None = None,
     aggregate_config: AggregateConfig | None = None,
     mask_config: MaskConfig | None = None,
-    refine: str | None = None,
+    refine: RefineSpec = None,
     batch_size: int = 1,
     progress: bool = False,
 ) -> Segmentation:
@@ -123,6 +152,12 @@ def segment(
         classes: class names, or one comma-separated string.
         backend: a loaded ``Backend`` or a name for ``load_backend``.
         timestep / sigma: when to read the attention (default: the backend's).
+        seed: the noise seed (default 0).
+        timesteps / seeds: an ensemble instead: the maps of every timestep with every seed,
+            each run aggregated and normalised, are averaged before the mask stage
+            (``lava.aggregate.mean_heatmaps``). One noise + forward per run, run one after the
+            other (memory of one run, time of all). Not together with ``timestep`` / ``sigma``
+            / ``seed``.
         layers: transformer blocks to read and average (default: the backend's; negative
             indices count from the last block).
         max_classes_per_prompt: split the classes into prompts of at most this many names
@@ -143,9 +178,14 @@ def segment(
             ``"concept"`` reads the concept view (``lava.concept``: image attention outputs ·
             concept-token attention outputs, softmaxed over the classes), which needs the default
             ``direction`` and ``softmax``.
-        refine: ``"pamr"`` refines the class maps with the image colours before the mask stage
-            (``lava.refine``: PAMR on a grid 4× the token grid, longer side ≤ 256 px); ``None``
-            (default) uses the maps as aggregated.
+        refine: refinements applied to the class maps before the mask stage, in order
+            (``lava.refine``): ``"pamr"`` (the image colours, on a grid 4× the token grid,
+            longer side ≤ 256 px), ``"propagate"`` (the captured blocks' own image→image
+            attention, ``lava.propagate``; the capture then keeps their image queries and keys),
+            a chain ``"propagate,pamr"`` / ``("propagate", "pamr")``, or ``Propagate(...)`` /
+            ``PAMR(...)`` objects with their parameters. In an ensemble, propagation uses each
+            run's own attention before the mean, PAMR runs once after it. ``None`` (default) uses
+            the maps as aggregated.
 
     Every image is read before any work starts. Returns a ``Segmentation`` with one label map
     per image, in input order, at original size. To handle each image as soon as it is done
@@ -163,6 +203,8 @@ def segment(
         sigma=sigma,
         layers=layers,
         seed=seed,
+        timesteps=timesteps,
+        seeds=seeds,
         resolution=resolution,
         direction=direction,
         softmax=softmax,
@@ -194,7 +236,9 @@ def segment_iter(
     timestep: float | None = None,
     sigma: float | None = None,
     layers: Sequence[int] | None = None,
-    seed: int = 0,
+    seed: int | None = None,
+    timesteps: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
     resolution: int | str | None = None,
     direction: str = "image_to_text",
     softmax: str = "joint",
@@ -210,7 +254,7 @@ def segment_iter(
     min_presence: float | None = None,
     aggregate_config: AggregateConfig | None = None,
     mask_config: MaskConfig | None = None,
-    refine: str | None = None,
+    refine: RefineSpec = None,
     batch_size: int = 1,
     progress: bool = False,
 ) -> Iterator[tuple[int, Segmentation]]:
@@ -243,30 +287,44 @@ def segment_iter(
         min_presence=min_presence,
         classes=prompt.classes,
     )
-    check_refine(refine)
+    runs = ensemble(timestep, timesteps, seed, seeds, sigma)
+    per_run, after = split_refine(refine)
     batches = _batches(inputs, max(1, batch_size))
     for idx in tqdm(batches, desc="segment", unit="batch", disable=not progress):
         # An RGB PIL image (as ``segment`` passes) is used as is: converting would copy it.
         batch = [inputs[i] if _is_rgb(inputs[i]) else load_image(inputs[i]) for i in idx]
-        noisy = noise(backend, batch, timestep=timestep, sigma=sigma, seed=seed, resolution=resolution)
-        slices = capture(
-            backend,
-            noisy,
-            prompt,
-            layers=layers,
-            direction=direction,
-            softmax=softmax,
-            heads=heads,
-            impl=impl,
-            prompt_batch=prompt_batch,
-            source=source,
-        )
-        heat = aggregate(slices, prompt, aggregate_config)
-        if refine is not None:
+        heats = []
+        for run_timestep, run_seed in runs:
+            noisy = noise(
+                backend, batch, timestep=run_timestep, sigma=sigma, seed=run_seed, resolution=resolution
+            )
+            slices = capture(
+                backend,
+                noisy,
+                prompt,
+                layers=layers,
+                direction=direction,
+                softmax=softmax,
+                heads=heads,
+                impl=impl,
+                prompt_batch=prompt_batch,
+                keep_image_qk=bool(per_run),
+                source=source,
+            )
+            heat = aggregate(slices, prompt, aggregate_config)
+            if per_run:
+                # Each run's maps are propagated by that run's own attention; its q/k go with it.
+                heat = refine_heatmaps(
+                    heat, batch, method=per_run, slices=slices, layers=aggregate_config.layers
+                )
+            heats.append(heat)
+            del noisy, slices
+        heat = mean_heatmaps(heats)
+        if after:
             # The RGB images of this batch are at hand: the colour edges the maps are pulled to.
-            heat = refine_heatmaps(heat, batch, method=refine)
+            heat = refine_heatmaps(heat, batch, method=after)
         seg = to_mask(heat, config=mask_config)
-        del noisy, slices, heat
+        del heats, heat
         for j, i in enumerate(idx):
             one = Segmentation(
                 labels=(seg.labels[j],), scores=(seg.scores[j],), classes=seg.classes, images=(batch[j],)

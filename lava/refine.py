@@ -6,23 +6,34 @@ refinement, Araslanov & Roth, CVPR 2020, "Single-Stage Semantic Segmentation fro
 repeatedly replaces each pixel's scores by an average of its neighbours' scores, weighted by how
 alike their colours are: scores flow within a colour region and hardly across its edge.
 
-``pamr`` is the kernel on tensors; ``refine`` is the stage on ``Heatmaps``.
+Propagation (DiffSegmenter, iSeg) instead spreads each class's scores along the image→image
+attention of the captured block(s): ``lava.propagate``, an attention call whose values are the
+maps. It works on the token grid and needs the blocks' image queries and keys, captured with
+``keep_image_qk``; in a chain it comes before PAMR (which leaves the token grid).
+
+``pamr`` is the kernel on tensors; ``refine`` is the stage on ``Heatmaps``, applying a chain of
+steps (``"propagate,pamr"``, ``("propagate", "pamr")`` or ``Propagate``/``PAMR`` objects with
+their parameters) in order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .aggregate import normalize_scores
 from .errors import LavaError
-from .types import Heatmaps
+from .propagate import propagate
+from .types import AttentionSlices, Heatmaps
 
-REFINE_METHODS = ("pamr",)
+REFINE_METHODS = ("propagate", "pamr")
 
 # The working grid: a few pixels per token is enough for colour edges to cut a token in parts,
 # and the cost grows with the pixels (48 neighbours × iterations): 4× the token grid, longer side
@@ -138,20 +149,150 @@ def _image_tensor(images: Sequence[ImageLike], size: tuple[int, int]) -> torch.T
     return torch.stack(out)
 
 
-def check_refine(method: str | None) -> None:
-    """Refuse an unknown refine method before any work starts (``None``: no refinement)."""
-    if method is not None and method not in REFINE_METHODS:
-        raise LavaError(f"unknown refine method {method!r}: expected one of {list(REFINE_METHODS)} or None")
+@dataclass(frozen=True)
+class Propagate:
+    """Propagation by the captured blocks' image→image attention (``lava.propagate``), on the
+    token grid: ``iterations`` steps, logits divided by ``temperature`` (< 1 sharpens)."""
+
+    name: ClassVar[str] = "propagate"
+    iterations: int = 1
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class PAMR:
+    """PAMR with the image colours (``pamr``) on the working grid ``size`` (``working_size``)."""
+
+    name: ClassVar[str] = "pamr"
+    iterations: int = 10
+    dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    lam: float = 0.1
+    size: int | tuple[int, int] | None = None
+
+
+RefineStep = Propagate | PAMR
+RefineSpec = str | RefineStep | Sequence[str | RefineStep] | None
+_STEPS: dict[str, type] = {"propagate": Propagate, "pamr": PAMR}
+
+
+def refine_steps(method: RefineSpec) -> tuple[RefineStep, ...]:
+    """The chain ``method`` names, in order: ``None`` → ``()``; ``"pamr"``; ``"propagate,pamr"``;
+    a sequence of names or steps; a step with its parameters (``Propagate(iterations=2)``).
+
+    Refuses unknown names, and propagation after PAMR (PAMR leaves the token grid that
+    propagation's attention is defined on).
+    """
+    if method is None:
+        return ()
+    if isinstance(method, str):
+        items: list = method.split(",")
+    elif isinstance(method, (Propagate, PAMR)):
+        items = [method]
+    else:
+        items = list(method)
+    steps = []
+    for item in items:
+        if isinstance(item, (Propagate, PAMR)):
+            steps.append(item)
+            continue
+        name = item.strip() if isinstance(item, str) else item
+        if name not in _STEPS:
+            raise LavaError(
+                f"unknown refine method {name!r}: expected one of {list(REFINE_METHODS)} (or a "
+                "comma-separated chain of them, e.g. 'propagate,pamr') or None"
+            )
+        steps.append(_STEPS[name]())
+    for i, step in enumerate(steps):
+        if isinstance(step, Propagate) and any(isinstance(s, PAMR) for s in steps[:i]):
+            raise LavaError(
+                f"refine chain {','.join(s.name for s in steps)!r}: 'propagate' must come before "
+                "'pamr' (propagation works on the token grid, PAMR leaves it)"
+            )
+    return tuple(steps)
+
+
+def refine_name(method: RefineSpec) -> str | None:
+    """The chain as recorded and shown: ``"pamr"``, ``"propagate,pamr"``; ``None`` for no step."""
+    return ",".join(s.name for s in refine_steps(method)) or None
+
+
+def check_refine(method: RefineSpec) -> None:
+    """Refuse an unknown refine method or chain before any work starts (``None``: no refinement)."""
+    refine_steps(method)
+
+
+def split_refine(method: RefineSpec) -> tuple[tuple[RefineStep, ...], tuple[RefineStep, ...]]:
+    """``(propagation steps, the rest)``: the leading token-grid steps, which use one capture's own
+    attention (so an ensemble applies them to each run before the mean), and the steps after."""
+    steps = refine_steps(method)
+    n = next((i for i, s in enumerate(steps) if not isinstance(s, Propagate)), len(steps))
+    return steps[:n], steps[n:]
+
+
+def propagate_heatmaps(
+    heatmaps: Heatmaps,
+    slices: AttentionSlices | Sequence[AttentionSlices] | None,
+    step: Propagate = Propagate(),  # frozen: one shared default is safe
+    layers: Sequence[int] | None = None,
+) -> Heatmaps:
+    """``heatmaps`` propagated by the image attention captured in ``slices`` (``image_qk``).
+
+    The scores ``[B, C, h, w]`` must be on the slices' token grid. The step is the mean over the
+    chosen ``layers`` (default: every block with q/k), over each block's prompt rows and heads,
+    and over the slices given (``lava.propagate``). The result is normalised again as the maps
+    were (``Heatmaps.normalize``): each step is a convex combination, so min-max maps keep
+    their range but lose their peaks of 1. Since every row of the attention sums to 1, a step
+    commutes with the per-image affine min-max and global rescalings: the result equals
+    normalising the propagated raw maps. ``presence`` is kept from the maps as aggregated: it
+    compares the raw peaks, which normalised maps no longer carry.
+    """
+    runs = [slices] if isinstance(slices, AttentionSlices) else list(slices or ())
+    if not runs or any(r.image_qk is None for r in runs):
+        raise LavaError(
+            "refine 'propagate' needs the image queries and keys of the captured blocks: capture with "
+            "keep_image_qk=True (segment and eval do when the refine chain includes 'propagate')"
+        )
+    b, c, h, w = heatmaps.scores.shape
+    qs, ks = [], []
+    for run in runs:
+        if run.grid != (h, w):
+            raise LavaError(
+                f"propagate works on the token grid {run.grid}, got scores on {(h, w)}: put 'propagate' "
+                "before 'pamr' and apply it to heatmaps as aggregated"
+            )
+        blocks = tuple(layers) if layers is not None else tuple(sorted(run.image_qk))
+        missing = [blk for blk in blocks if blk not in run.image_qk]
+        if missing:
+            raise LavaError(f"no image q/k for blocks {missing}; kept for blocks {sorted(run.image_qk)}")
+        for blk in blocks:
+            q, k = run.image_qk[blk]  # [B, R, H, N, D]: rows averaged like heads
+            qs.append(q.flatten(1, 2))
+            ks.append(k.flatten(1, 2))
+    maps = heatmaps.scores.flatten(2).transpose(1, 2)  # [B, N, C]
+    out = propagate(qs, ks, maps, iterations=step.iterations, temperature=step.temperature)
+    scores = out.transpose(1, 2).reshape(b, c, h, w)
+    return dataclasses.replace(heatmaps, scores=normalize_scores(scores, heatmaps.normalize).float())
 
 
 def refine(
     heatmaps: Heatmaps,
-    images: Sequence[ImageLike],
-    method: str = "pamr",
+    images: Sequence[ImageLike] | None,
+    method: RefineSpec = "pamr",
     size: int | tuple[int, int] | None = None,
+    *,
+    slices: AttentionSlices | Sequence[AttentionSlices] | None = None,
+    layers: Sequence[int] | None = None,
     **kw,
 ) -> Heatmaps:
-    """Refine ``heatmaps`` with their ``images`` (one per batch row; PIL, uint8 ``[H, W, 3]``
+    """Refine ``heatmaps`` by the chain ``method`` (see ``refine_steps``), step by step, in order.
+
+    ``"propagate"`` (``propagate_heatmaps``) needs ``slices`` captured with ``keep_image_qk``
+    (``layers``: the blocks whose attention propagates; default all kept) and keeps the token
+    grid. ``"pamr"`` needs the ``images``; ``size`` and ``**kw`` (``iterations``, ``dilations``,
+    ``lam``) set a PAMR step named by a string (a ``PAMR`` object carries its own). The PAMR step
+    is described below.
+
+    PAMR refines ``heatmaps`` with their ``images`` (one per batch row; PIL, uint8 ``[H, W, 3]``
     arrays, or ``[3, H, W]`` tensors: float in [0, 1] or uint8); returns new ``Heatmaps`` on the
     working grid.
 
@@ -164,14 +305,35 @@ def refine(
     slightly below 1), maps that summed to 1 over classes still do, and raw maps keep their
     range. ``presence`` is kept (it comes from the maps before normalisation).
     """
-    if method is None:
+    steps = refine_steps(method)
+    if not steps:
         raise LavaError(f"refine needs a method, one of {list(REFINE_METHODS)}")
-    check_refine(method)
     b = heatmaps.scores.shape[0]
-    if len(images) != b:
-        raise LavaError(f"refine got {len(images)} images for {b} heatmaps")
+    if any(isinstance(s, PAMR) for s in steps) and (images is None or len(images) != b):
+        raise LavaError(f"refine got {0 if images is None else len(images)} images for {b} heatmaps")
+    named = isinstance(method, str) or (
+        not isinstance(method, (Propagate, PAMR)) and all(isinstance(m, str) for m in method)
+    )
+    if (size is not None or kw) and not (named and any(isinstance(s, PAMR) for s in steps)):
+        raise LavaError(
+            f"size and keyword arguments ({', '.join(kw) or 'size'}) set a PAMR step named by a string; "
+            "give a step its parameters as an object instead, e.g. Propagate(iterations=2) or PAMR(size=128)"
+        )
+    for step in steps:
+        if isinstance(step, Propagate):
+            heatmaps = propagate_heatmaps(heatmaps, slices, step, layers)
+            continue
+        if named:  # a PAMR step named by a string takes the keyword arguments
+            step = dataclasses.replace(step, size=size, **kw)
+        heatmaps = _pamr_heatmaps(heatmaps, images, step)
+    return heatmaps
+
+
+def _pamr_heatmaps(heatmaps: Heatmaps, images: Sequence[ImageLike], step: PAMR) -> Heatmaps:
+    """The PAMR step of ``refine`` on the working grid."""
     grid = tuple(heatmaps.scores.shape[-2:])
-    work = working_size(grid, size)
+    work = working_size(grid, step.size)
     scores = F.interpolate(heatmaps.scores.float(), size=work, mode="bilinear", align_corners=False)
     image = _image_tensor(images, work).to(scores.device)
-    return dataclasses.replace(heatmaps, scores=pamr(scores, image, **kw))
+    out = pamr(scores, image, iterations=step.iterations, dilations=step.dilations, lam=step.lam)
+    return dataclasses.replace(heatmaps, scores=out)

@@ -131,6 +131,8 @@ class CapturePlan:
     ``source``: ``"attention"`` reads the attention probabilities (the views above);
     ``"concept"`` reads the concept view instead (``lava.concept``: image attention outputs ·
     concept-token attention outputs), which has no direction or softmax domain of its own.
+    ``keep_image_qk`` also keeps each captured block's image queries and keys (what
+    ``lava.propagate`` needs): ``O(N_img · H · D)`` per block, never ``N×N``; off by default.
     """
 
     layers: tuple[int, ...]
@@ -148,6 +150,8 @@ class CapturePlan:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+
+    keep_image_qk: bool = False
 
     @property
     def views(self) -> tuple[tuple[str, str], ...]:
@@ -168,6 +172,9 @@ class AttentionSlices:
     With ``source="concept"`` the entries are instead the dot products of image token ``i``'s
     attention output with the concept token of key ``columns[c]`` (``lava.concept``): logits,
     softmaxed over the classes by ``lava.aggregate``.
+    ``image_qk[block]``, only when the capture was asked to keep them (``keep_image_qk``):
+    the image queries and keys of that block's joint attention (after qk-norm), each
+    ``[B, R, H, N_img, D]`` in the model's dtype, one entry on ``R`` per prompt row that ran.
     """
 
     maps: Mapping[int, torch.Tensor]
@@ -180,6 +187,7 @@ class AttentionSlices:
     sigma: float
     image_sizes: tuple[tuple[int, int], ...]
     source: str = "attention"
+    image_qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:

@@ -217,3 +217,16 @@ def test_eval_records_the_source_and_refuses_a_mixed_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--limit", "2"]) == 1  # resumed with the attention source: refused, and named
     assert 'source: "concept" -> "attention"' in capsys.readouterr().err
+
+
+def test_concept_capture_keeps_the_same_image_qk_for_propagation(tiny, image):
+    """Propagation reads the block's image q/k; the concept capture keeps exactly those the
+    attention capture keeps (the model's own streams are the same)."""
+    noisy, prompt = lava.noise(tiny, image), lava.encode_prompt(tiny, CLASSES)
+    concept = lava.capture(tiny, noisy, prompt, layers=(0, 1), source="concept", keep_image_qk=True)
+    attention = lava.capture(tiny, noisy, prompt, layers=(0, 1), keep_image_qk=True)
+    for block in (0, 1):
+        for got, want in zip(concept.image_qk[block], attention.image_qk[block], strict=True):
+            assert torch.equal(got, want)
+    seg = lava.segment(image, CLASSES, backend=tiny, source="concept", refine="propagate,pamr")
+    assert seg.labels[0].shape == (image.height, image.width)

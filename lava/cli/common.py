@@ -130,19 +130,35 @@ def add_verbose_option(g) -> None:
 
 
 def refine_method(text: str) -> str:
-    """``--refine`` values: a refinement ``lava.refine`` knows (checked here, before the model loads)."""
-    from ..refine import REFINE_METHODS
+    """``--refine`` values: a refinement ``lava.refine`` knows, or a comma-separated chain of them
+    (checked here, before the model loads); returned as the chain's canonical name."""
+    from ..errors import LavaError
+    from ..refine import REFINE_METHODS, refine_name
 
-    if text not in REFINE_METHODS:
+    unknown = [m.strip() for m in text.split(",") if m.strip() not in REFINE_METHODS]
+    if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown refinement {text!r}: expected one of {', '.join(REFINE_METHODS)}"
+            f"unknown refinement {unknown[0]!r}: expected one of {', '.join(REFINE_METHODS)}, or a "
+            "comma-separated chain such as propagate,pamr"
         )
-    return text
+    try:
+        return refine_name(text)
+    except LavaError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_reading_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("how the attention is read")
-    g.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    seeds = g.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    seeds.add_argument(
+        "--seeds",
+        type=number_list(int, "0,1,2"),
+        default=None,
+        metavar="S1,S2,...",
+        help="an ensemble over noise seeds instead of --seed: the class maps of each seed (one forward "
+        "each) are averaged before labelling (ConceptAttention averages 5)",
+    )
     g.add_argument(
         "--resolution",
         type=resolution,
@@ -213,10 +229,11 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
         "--refine",
         type=refine_method,
         default=None,
-        metavar="METHOD",
-        help="refine the class maps with the image colours before labelling: 'pamr' (pixel-adaptive "
-        "mask refinement on a grid 4x the token grid, longer side <= 256 px; see docs/method.md). "
-        "Default: none",
+        metavar="METHOD[,METHOD]",
+        help="refine the class maps before labelling, in the order given: 'propagate' (spread them "
+        "along the captured blocks' own image-to-image attention, on the token grid), 'pamr' "
+        "(pixel-adaptive mask refinement with the image colours, on a grid 4x the token grid, longer "
+        "side <= 256 px), or the chain 'propagate,pamr'; see docs/method.md. Default: none",
     )
     add_verbose_option(g)
     g.add_argument(
@@ -470,6 +487,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         max_classes_per_prompt=args.max_classes_per_prompt,
         refine=args.refine,
         seed=args.seed,
+        seeds=tuple(args.seeds) if args.seeds else None,
         resolution=args.resolution,
         impl=args.attention_impl,
     )

@@ -11,6 +11,7 @@ from .common import (
     add_model_options,
     add_reading_options,
     eval_setup,
+    float_list,
     int_list,
     note,
     prompt_printer,
@@ -39,8 +40,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
         "--timestep", type=float, default=None, help="model timestep to read (default: the model's)"
+    )
+    when.add_argument(
+        "--timesteps",
+        type=float_list,
+        default=None,
+        metavar="T1,T2,...",
+        help="an ensemble instead of --timestep: the class maps read at each timestep (one forward "
+        "each) are averaged before labelling, e.g. 300,500,700",
     )
     p.add_argument(
         "--layers",
@@ -72,9 +82,12 @@ def run(args: argparse.Namespace) -> int:
 
     dataset, backend, settings, config = eval_setup(args, {})
     timestep = args.timestep if args.timestep is not None else backend.defaults.timestep
+    # An ensemble is one cell over several timesteps (recorded as a list; one timestep as before).
+    when = tuple(float(t) for t in args.timesteps) if args.timesteps else float(timestep)
     layers = backend.check_layers(args.layers if args.layers is not None else backend.defaults.layers)
-    backend.check_timestep(timestep)
-    config.update(timestep=timestep, layers=list(layers))
+    for t in args.timesteps or [timestep]:
+        backend.check_timestep(t)
+    config.update(timestep=list(when) if isinstance(when, tuple) else when, layers=list(layers))
     out = Path(args.out)
     shown = {"n": 0}
 
@@ -88,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_cells(
         backend,
         dataset,
-        [Cell(float(timestep), layers, settings.direction, settings.softmax)],
+        [Cell(when, layers, settings.direction, settings.softmax)],
         settings,
         out,
         config=config,

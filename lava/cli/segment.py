@@ -13,6 +13,7 @@ from .common import (
     add_reading_options,
     check_output_folder,
     check_source,
+    float_list,
     int_list,
     load_backend_for,
     note,
@@ -62,6 +63,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--timestep", type=float, help="model timestep in [0, 1000) to read (default: the model's)"
     )
     when.add_argument("--sigma", type=float, help="noise level σ in [0, 1) instead of --timestep")
+    when.add_argument(
+        "--timesteps",
+        type=float_list,
+        metavar="T1,T2,...",
+        help="an ensemble instead of --timestep: the class maps read at each timestep (one forward "
+        "each) are averaged before labelling, e.g. 300,500,700",
+    )
     p.add_argument(
         "--layers",
         type=int_list,
@@ -173,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
         timestep=args.timestep,
         sigma=args.sigma,
         layers=args.layers,
-        seed=args.seed,
+        seed=None if args.seeds else args.seed,
+        timesteps=args.timesteps or None,
+        seeds=args.seeds or None,
         resolution=args.resolution,
         direction=args.direction,
         softmax=args.softmax,
@@ -205,10 +215,16 @@ def run_summary(backend, args: argparse.Namespace, sizes) -> str:
     d = backend.defaults
     if args.sigma is not None:
         when = f"timestep {backend.timestep_for_sigma(args.sigma):g} (sigma {args.sigma:g})"
+    elif args.timesteps:
+        for t in args.timesteps:
+            backend.check_timestep(t)
+        when = f"timesteps {', '.join(f'{t:g}' for t in args.timesteps)} averaged"
     else:
         timestep = args.timestep if args.timestep is not None else d.timestep
         backend.check_timestep(timestep)
         when = f"timestep {timestep:g}"
+    if args.seeds:
+        when += f", seeds {', '.join(map(str, args.seeds))} averaged"
     blocks = list(backend.check_layers(args.layers if args.layers is not None else d.layers))
     for size in sizes:
         input_size(backend, size, args.resolution)  # refuses a side beyond the position embedding
@@ -248,8 +264,12 @@ def describe_reading(backend, classes, args, agg, mask) -> None:
     note(
         f"{backend.name}: "
         + (f"sigma {args.sigma:g}, " if args.sigma is not None else "")
-        + f"timestep {args.timestep if args.timestep is not None else d.timestep:g}, "
-        f"layers {list(args.layers or d.layers)}, "
+        + (
+            f"timesteps {list(args.timesteps)} averaged, "
+            if args.timesteps
+            else f"timestep {args.timestep if args.timestep is not None else d.timestep:g}, "
+        )
+        + f"layers {list(args.layers or d.layers)}, "
         + (
             "concept view (softmax over classes), "
             if args.source == "concept"

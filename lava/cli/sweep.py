@@ -36,7 +36,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--timesteps", type=float_list, required=True, help="e.g. 100,300,500,700,900")
+    p.add_argument(
+        "--timesteps",
+        type=float_list,
+        required=True,
+        help="the grid's timestep axis, each evaluated alone, e.g. 100,300,500,700,900 (in segment and "
+        "eval, --timesteps averages the timesteps instead; --seeds averages seeds here too)",
+    )
     p.add_argument(
         "--layers",
         type=int_list,

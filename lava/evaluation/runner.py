@@ -1,8 +1,9 @@
 """Run a segmentation setting (or a grid of them) over a dataset; resumable and shardable.
 
 One engine serves ``lava eval`` (one cell) and ``lava sweep`` (timesteps × layers): for each
-image and each timestep it noises once and captures every requested block in one forward pass,
-then aggregates each cell from those slices. Per-image confusion counts go to a journal
+image, each timestep and each noise seed it noises once and captures every requested block in
+one forward pass, then aggregates each cell from those slices (a cell over several timesteps or
+seeds averages its runs' maps). Per-image confusion counts go to a journal
 (JSON lines) as they finish, so a killed run resumes where it stopped and sums to the same
 totals. Under ``torchrun`` each rank takes every n-th image and the counts are all-reduced.
 """
@@ -19,16 +20,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..aggregate import aggregate
+from ..aggregate import aggregate, mean_heatmaps
 from ..backends.base import Backend
 from ..capture import capture_views
 from ..errors import LavaError
 from ..mask import to_mask
 from ..noise import noise
 from ..prompts import encode_prompt
-from ..refine import check_refine
+from ..refine import check_refine, split_refine
 from ..refine import refine as refine_heatmaps
-from ..types import SOURCES, AggregateConfig, MaskConfig, PromptEncoding, Segmentation
+from ..types import SOURCES, AggregateConfig, Heatmaps, MaskConfig, PromptEncoding, Segmentation
 from . import distributed
 from .datasets import DatasetInfo, SegmentationDataset
 from .metrics import ConfusionMatrix
@@ -37,15 +38,16 @@ PROTOCOLS = ("all", "present")
 BACKGROUNDS = ("auto", "class", "threshold", "none")
 # Settings added after journals were first written, with the value every older journal was made
 # with: a journal that does not record one is checked against that value, not assumed to match.
-UNRECORDED_DEFAULTS = {"refine": None, "source": "attention"}
+UNRECORDED_DEFAULTS = {"refine": None, "source": "attention", "seeds": None}
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One setting of the grid: a timestep, the blocks averaged into one map, and the attention
-    view (direction and softmax domain) read."""
+    """One setting of the grid: a timestep (or a tuple of timesteps whose maps are averaged, an
+    ensemble), the blocks averaged into one map, and the attention view (direction and softmax
+    domain) read."""
 
-    timestep: float
+    timestep: float | tuple[float, ...]
     layers: tuple[int, ...]
     direction: str = "image_to_text"
     softmax: str = "joint"
@@ -55,8 +57,13 @@ class Cell:
         return (self.direction, self.softmax)
 
     @property
+    def timesteps(self) -> tuple[float, ...]:
+        return tuple(self.timestep) if isinstance(self.timestep, tuple) else (self.timestep,)
+
+    @property
     def key(self) -> str:
-        return f"t={self.timestep:g}|layers={','.join(map(str, self.layers))}|{self.direction}/{self.softmax}"
+        when = "+".join(f"{t:g}" for t in self.timesteps)
+        return f"t={when}|layers={','.join(map(str, self.layers))}|{self.direction}/{self.softmax}"
 
 
 @dataclass(frozen=True)
@@ -71,10 +78,11 @@ class EvalSettings:
     background class, is ``"threshold"`` when a threshold is set (the CLI sets the model's) and
     ``"class"`` otherwise, and ``"none"`` for a dataset without one.
     ``max_classes_per_prompt`` caps the names per prompt (see ``lava.prompts.split_classes``).
-    ``refine``: ``"pamr"`` refines each image's class maps with its colours before the mask stage
-    (``lava.refine``); ``None`` uses the maps as aggregated. ``source``: ``"attention"`` reads the
-    attention probabilities, ``"concept"`` the concept view (``lava.concept``; only with the
-    default view image_to_text/joint).
+    ``refine``: a ``lava.refine`` method or chain (``"pamr"``, ``"propagate,pamr"``) applied to each
+    image's class maps before the mask stage; ``None`` uses the maps as aggregated.
+    ``seeds``: noise seeds whose maps are averaged (an ensemble) instead of ``seed`` alone.
+    ``source``: ``"attention"`` reads the attention probabilities, ``"concept"`` the concept view
+    (``lava.concept``; only with the default view image_to_text/joint).
     """
 
     protocol: str = "all"
@@ -93,9 +101,14 @@ class EvalSettings:
     separator: str = " "
     max_classes_per_prompt: int | None = None
     refine: str | None = None
+    seeds: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         check_refine(self.refine)
+        if self.seeds is not None and (not self.seeds or self.seed != 0):
+            raise LavaError(
+                f"give seeds (at least one) or seed, not both: seed={self.seed}, seeds={self.seeds}"
+            )
         if self.protocol not in PROTOCOLS:
             raise LavaError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.background not in BACKGROUNDS:
@@ -107,6 +120,10 @@ class EvalSettings:
                 "the concept source has no direction or softmax domain: leave them at image_to_text/joint, "
                 f"got {self.direction}/{self.softmax}"
             )
+
+    @property
+    def noise_seeds(self) -> tuple[int, ...]:
+        return tuple(self.seeds) if self.seeds is not None else (self.seed,)
 
     def background_mode(self, info: DatasetInfo) -> str:
         if self.background == "auto":
@@ -338,11 +355,13 @@ def run(
 
     by_time: dict[float, list[int]] = {}
     for i, cell in enumerate(cells):
-        by_time.setdefault(cell.timestep, []).append(i)
+        for t in cell.timesteps:
+            by_time.setdefault(t, []).append(i)
     capture_views_at = {t: list(dict.fromkeys(cells[i].view for i in idx)) for t, idx in by_time.items()}
     capture_layers = {
         t: tuple(sorted({layer for i in idx for layer in cells[i].layers})) for t, idx in by_time.items()
     }
+    per_run, after = split_refine(settings.refine)
     threshold = settings.background_mode(info) == "threshold"
     agg = AggregateConfig(tokens=settings.tokens, normalize=settings.normalize)
     mask_cfg = MaskConfig(
@@ -370,34 +389,47 @@ def run(
                 on_prompt(prompts[names])
         prompt = prompts[names]
         per_cell: dict[str, torch.Tensor] = {}
+        # Each cell's maps of every run (timestep x seed) it averages; one capture is held at a time.
+        runs: dict[int, list[Heatmaps]] = {ci: [] for ci in range(len(cells))}
         for t, idx in by_time.items():
-            noisy = noise(backend, image, timestep=t, seed=settings.seed, resolution=settings.resolution)
-            # One forward per timestep: every block and every view of this timestep's cells at once.
-            views = capture_views(
-                backend,
-                noisy,
-                prompt,
-                views=capture_views_at[t],
-                layers=capture_layers[t],
-                impl=settings.impl,
-                prompt_batch=prompt_batch,
-                source=settings.source,
-            )
-            for ci in idx:
-                cell = cells[ci]
-                heat = aggregate(
-                    views[cell.view], prompt, AggregateConfig(**{**asdict(agg), "layers": cell.layers})
+            for seed in settings.noise_seeds:
+                noisy = noise(backend, image, timestep=t, seed=seed, resolution=settings.resolution)
+                # One forward per timestep and seed: every block and view of its cells at once.
+                views = capture_views(
+                    backend,
+                    noisy,
+                    prompt,
+                    views=capture_views_at[t],
+                    layers=capture_layers[t],
+                    impl=settings.impl,
+                    prompt_batch=prompt_batch,
+                    keep_image_qk=bool(per_run),
+                    source=settings.source,
                 )
-                if settings.refine is not None:
-                    heat = refine_heatmaps(heat, [image], method=settings.refine)
-                seg = to_mask(heat, config=mask_cfg, images=(image,))
-                pred = to_dataset_ids(seg, 0, ids, info, threshold)
-                one = ConfusionMatrix(info.num_classes, info.ignore_index)
-                one.update(pred, label)
-                per_cell[cell.key] = one.counts
-                new[cell.key].add_counts(one.counts)
-                if on_prediction is not None:
-                    on_prediction(sample.id, pred, seg, ci)
+                for ci in idx:
+                    cell = cells[ci]
+                    slices = views[cell.view]
+                    heat = aggregate(
+                        slices, prompt, AggregateConfig(**{**asdict(agg), "layers": cell.layers})
+                    )
+                    if per_run:  # propagated by this run's own attention, of the cell's blocks
+                        heat = refine_heatmaps(
+                            heat, [image], method=per_run, slices=slices, layers=cell.layers
+                        )
+                    runs[ci].append(heat)
+                del noisy, views
+        for ci, cell in enumerate(cells):
+            heat = mean_heatmaps(runs.pop(ci))
+            if after:
+                heat = refine_heatmaps(heat, [image], method=after)
+            seg = to_mask(heat, config=mask_cfg, images=(image,))
+            pred = to_dataset_ids(seg, 0, ids, info, threshold)
+            one = ConfusionMatrix(info.num_classes, info.ignore_index)
+            one.update(pred, label)
+            per_cell[cell.key] = one.counts
+            new[cell.key].add_counts(one.counts)
+            if on_prediction is not None:
+                on_prediction(sample.id, pred, seg, ci)
         journal.append(sample.id, per_cell)
 
     totals = {}
