@@ -67,15 +67,14 @@ class Setting:
         """The ``lava.segment`` keywords of this setting (``None``: the backend's default)."""
         if self.presence != "peak" or self.softmax != "joint":
             raise ValueError("only peak presence and the joint softmax are lava.segment keywords here")
-        return dict(
-            normalize=self.normalize,
-            background_threshold=self.background_threshold,
-            min_presence=self.min_presence,
-            max_classes_per_prompt=self.max_classes_per_prompt,
-            refine=self.refine,
-            source=self.source,
-            **dict(self.call),
-        )
+        return {
+            "normalize": self.normalize,
+            "background_threshold": self.background_threshold,
+            "min_presence": self.min_presence,
+            "max_classes_per_prompt": self.max_classes_per_prompt,
+            "refine": self.refine,
+            "source": self.source,
+        } | dict(self.call)
 
 
 # Each row changes one or two things against the plain call, so the table shows what each is worth.
