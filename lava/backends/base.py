@@ -211,12 +211,24 @@ class Backend:
         n = self.num_blocks
         bad = [i for i in layers if not -n <= i < n]
         if bad:
-            raise LavaError(f"layer index {bad[0]} is out of range: {self.name} has {n} blocks (0..{n - 1})")
+            raise LavaError(
+                f"layer index {bad[0]} is out of range: {self.name} has {n} blocks (0..{n - 1}"
+                + self.block_scheme()
+                + ")"
+            )
         norm = tuple(sorted({i % n for i in layers}))
         not_joint = [i for i in norm if i not in self.joint_blocks]
         if not_joint:
             raise LavaError(f"blocks {not_joint} of {self.name} have no joint text-image attention")
         return norm
+
+    def block_scheme(self) -> str:
+        """``", double-stream 0-18, single-stream 19-56"`` for Flux; empty for one kind of block."""
+        kinds = self.block_kinds
+        if len(set(kinds)) == 1:
+            return ""
+        d = kinds.count("double")
+        return f", double-stream 0-{d - 1}, single-stream {d}-{len(kinds) - 1}"
 
     # ---- modules at work -------------------------------------------------------------------
     @torch.no_grad()
@@ -256,10 +268,10 @@ class Backend:
         if "no_t5" in self.info:
             t5 = "CLIP, no T5 in the model"
         blocks = f"{self.num_blocks} blocks"
+        if self.block_scheme():
+            blocks += f" ({self.block_scheme()[2:]})"
         if self.family.name == "flux":
             t5 = "T5 only; CLIP gives the pooled vector"
-            n_double = self.block_kinds.count("double")
-            blocks += f" (double-stream 0-{n_double - 1}, single-stream {n_double}-{self.num_blocks - 1})"
         if self.guidance is not None:
             t5 += f"; guidance {self.guidance:g}"
         return (
