@@ -420,3 +420,20 @@ def test_segment_and_sweep_commands_run_on_tiny_flux(tmp_path, capsys):
     listing = capsys.readouterr().out
     assert "flux-dev" in listing and "flux-schnell" in listing and "tiny-flux" in listing
     assert "19-56 single-stream" in listing
+
+
+def test_fused_projections_capture_the_same(inputs):
+    """After ``fuse_qkv_projections()`` the model takes q/k/v from ``to_qkv``; so does the capture."""
+    noisy, prompt = inputs
+    backend = lava.load_backend("tiny-flux")
+    before = lava.capture(backend, noisy, prompt, layers=[0, 2])
+    backend.transformer.fuse_qkv_projections()
+    assert backend.blocks[0].attn.fused_projections
+    plain = _output(backend, noisy, prompt)
+    plan = CapturePlan(layers=(0, 1, 2, 3), columns=prompt.columns(), early_exit=False)
+    with capturing(backend.transformer, plan):
+        captured = run_until_captured(backend.transformer, **transformer_inputs(backend, noisy, prompt))
+    assert torch.equal(captured, plain)
+    after = lava.capture(backend, noisy, prompt, layers=[0, 2])
+    for layer in (0, 2):
+        torch.testing.assert_close(after.maps[layer], before.maps[layer], atol=1e-6, rtol=1e-5)

@@ -191,11 +191,18 @@ class FluxFamily:
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(-1, (-1, attn.head_dim))
 
-        q, k, v = (heads(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        fused = getattr(attn, "fused_projections", False)  # after transformer.fuse_qkv_projections()
+        if fused:
+            q, k, v = (heads(x) for x in attn.to_qkv(hidden_states).chunk(3, dim=-1))
+        else:
+            q, k, v = (heads(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         q, k = attn.norm_q(q), attn.norm_k(k)
         if encoder_hidden_states is not None:
             ctx = encoder_hidden_states
-            cq, ck, cv = (heads(p(ctx)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if fused:
+                cq, ck, cv = (heads(x) for x in attn.to_added_qkv(ctx).chunk(3, dim=-1))
+            else:
+                cq, ck, cv = (heads(p(ctx)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
             q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
             text_len = ctx.shape[1]
@@ -225,7 +232,9 @@ class FluxFamily:
         if h % 2 or w % 2:
             raise LavaError(f"Flux packs 2x2 latent patches: latent size {h}x{w} must be even on both sides")
         packed = rearrange(latents, "b c (h p) (w q) -> b (h w) (c p q)", p=2, q=2)
-        ids = torch.zeros(h // 2, w // 2, 3, device=latents.device, dtype=latents.dtype)
+        # float32 ids (FluxPipeline casts them to the model dtype; bf16 rows and columns would stop
+        # being exact past 256 tokens, i.e. 4096 px). RoPE is computed from them in float64.
+        ids = torch.zeros(h // 2, w // 2, 3, device=latents.device)
         ids[..., 1] = torch.arange(h // 2, device=latents.device)[:, None]
         ids[..., 2] = torch.arange(w // 2, device=latents.device)[None, :]
         out = dict(
@@ -234,7 +243,7 @@ class FluxFamily:
             pooled_projections=pooled,
             timestep=timestep / 1000,
             img_ids=ids.reshape(-1, 3),
-            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device),
         )
         if guidance is not None:
             out["guidance"] = torch.full_like(timestep, float(guidance))
