@@ -208,7 +208,8 @@ def encode_prompt(
     (``split_classes``), encoded as one batch: ``embeds`` is ``[P, T, D]``. Each text sequence is
     ``clip_len`` CLIP tokens (both CLIP encoders share positions) followed by
     ``max_sequence_length`` T5 tokens; spans count positions in that sequence. With T5 dropped
-    its part holds zeros and classes have no T5 positions.
+    its part holds zeros and classes have no T5 positions. Flux: ``clip_len`` is 0 (CLIP only
+    gives ``pooled``), so the sequence is T5 alone and every class has T5 positions only.
     """
     names = parse_classes(classes)
     groups = split_classes(
