@@ -49,7 +49,10 @@ def class_scores(
     for name in prompt.classes:
         positions = prompt.positions(name, tokens)
         if not positions:
-            raise LavaError(f"class {name!r} has no {tokens!r} tokens to aggregate (is T5 dropped?)")
+            raise LavaError(
+                f"class {name!r} has no {tokens!r} tokens to aggregate (is T5 dropped? Flux models have "
+                "T5 tokens only: use tokens 'all' or 't5')"
+            )
         idx = slices.column_indices(positions)
         per_layer = [slices.maps[layer][..., idx].mean(dim=(1, 3)) for layer in layers]  # [B, N_img] each
         per_class.append(torch.stack(per_layer).mean(0))

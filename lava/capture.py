@@ -2,9 +2,10 @@
 
 The capture is a diffusers attention processor installed on the chosen blocks' joint ``attn``
 for one call (``capturing`` restores the originals on exit, also on error). It computes what
-``JointAttnProcessor2_0`` computes — projections, qk-norm, ``[image, text]`` concatenation,
-attention, output projections — taking the attention output from the same kernel call that
-yields the slice, so the model's outputs are unchanged and attention runs once.
+the model's own processor computes — projections, qk-norm, concatenation in the family's token
+order, RoPE where the family has it, attention, output projections; all of it delegated to the
+family adapter (``lava.backends.family``) — taking the attention output from the same kernel
+call that yields the slice, so the model's outputs are unchanged and attention runs once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from einops import rearrange
 
 from .backends.base import Backend
+from .backends.family import SD3, family_of
 from .errors import LavaError
 from .kernels import SliceSpec, attention_with_slice, resolve_impl
 from .types import SOURCES, AttentionSlices, CapturePlan, NoisyLatents, PromptEncoding
@@ -38,74 +40,67 @@ class CaptureStore(dict):
 
 def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor):
     """Queries, keys and values of an SD3 joint-attention block, as diffusers' processor builds
-    them: per-stream projections and qk norms, then image tokens first, text tokens after.
-
-    ``hidden_states`` ``[B, N_img, C]``, ``encoder_hidden_states`` ``[B, T, C]`` → three
-    ``[B, H, N_img + T, D]`` tensors.
+    them (the SD3 family adapter's ``qkv``): ``hidden_states`` ``[B, N_img, C]``,
+    ``encoder_hidden_states`` ``[B, T, C]`` → three ``[B, H, N_img + T, D]``, image tokens first.
     """
-
-    def heads(x: torch.Tensor) -> torch.Tensor:
-        return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
-
-    q, k, v = (heads(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    cq, ck, cv = (
-        heads(proj(encoder_hidden_states)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-    )
-    if attn.norm_added_q is not None:
-        cq = attn.norm_added_q(cq)
-    if attn.norm_added_k is not None:
-        ck = attn.norm_added_k(ck)
-    return torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+    joint = SD3.qkv(attn, hidden_states, encoder_hidden_states)
+    return joint.q, joint.k, joint.v
 
 
 class CaptureProcessor:
-    """Joint attention for SD3 blocks that also stores the plan's slices in ``store``.
+    """Joint attention of one block that also stores the plan's slices in ``store``.
 
-    Image-only calls (``encoder_hidden_states=None``, e.g. SD3.5's ``attn2``) are never captured;
-    this processor is only installed on the joint ``attn`` of a block.
+    The block's family adapter builds q, k, v (token order, qk norms, RoPE) and the processor's
+    return value; this class only runs the slice op between them, so it serves every family.
+    It is installed on the joint ``attn`` of a block only (never SD3.5's image-only ``attn2``).
+    In a single-stream block (Flux) the call carries no text hidden states: ``text_len`` is then
+    set before each call from the block's input (``capturing`` does that).
     """
 
-    def __init__(self, index: int, plan: CapturePlan, store: CaptureStore):
+    def __init__(self, index: int, plan: CapturePlan, store: CaptureStore, family=SD3, single_stream=False):
         self.index = index
         self.plan = plan
         self.store = store
+        self.family = family
+        self.single_stream = single_stream
+        self.text_len: int | None = None
         self.positions, self.gather = row_gather(plan)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        if encoder_hidden_states is None:
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        *args,
+        **kwargs,
+    ):
+        if encoder_hidden_states is None and not self.single_stream:
             raise LavaError("CaptureProcessor is for joint attention; it got no text hidden states")
-        _b, n_img = hidden_states.shape[:2]
-
-        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
-        if self.plan.keep_image_qk:
-            # Copies of the image rows only: a view would keep the whole joint q, k (and text) alive.
-            self.store.image_qk[self.index] = (q[:, :, :n_img].clone(), k[:, :, :n_img].clone())
+        joint = self.family.qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.text_len)
+        q, k, v = joint.q, joint.k, joint.v
 
         out = None
         for view in self.plan.views:
             spec = SliceSpec(
-                text_start=n_img,
-                text_len=encoder_hidden_states.shape[1],
+                text_start=joint.text_start,
+                text_len=joint.text_len,
                 columns=self.positions,
                 direction=view[0],
                 softmax=view[1],
                 heads=self.plan.heads,
             )
+            if self.plan.keep_image_qk and out is None:
+                # Copies of the image rows only: a view would keep the whole joint q, k (and text) alive.
+                self.store.image_qk[self.index] = (spec.image_rows(q).clone(), spec.image_rows(k).clone())
             # The first view also yields the attention output; the others reuse q, k only.
             o, sl = attention_with_slice(q, k, v if out is None else None, spec, impl=self.plan.impl)
             self.store.views[view][self.index] = pick_keys(sl, self.plan, self.gather)
             out = o if out is None else out
 
         out = rearrange(out, "b h n d -> b n (h d)").to(q.dtype)
-        hidden, context = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        hidden = attn.to_out[1](attn.to_out[0](hidden))
-        return hidden, context
+        return self.family.finish(attn, out, joint, self.single_stream)
 
 
 def row_gather(plan: CapturePlan) -> tuple[tuple[int, ...] | None, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -163,30 +158,55 @@ class StopForward(Exception):
 def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
     """Install capture processors on ``plan.layers`` for the duration of the block.
 
-    Yields a ``CaptureStore``: the dict that fills with ``{block: slice}`` as the transformer
-    runs (its ``views`` attribute has every ``(direction, softmax)`` view). With
-    ``plan.early_exit`` the forward is cut after the deepest captured block; call the
-    transformer through ``run_until_captured`` to absorb that.
+    Blocks are numbered by the transformer's family adapter (``family_of``) in execution order
+    (Flux: double-stream blocks, then single-stream ones). Yields a ``CaptureStore``: the dict
+    that fills with ``{block: slice}`` as the transformer runs (its ``views`` attribute has every
+    ``(direction, softmax)`` view). With ``plan.early_exit`` the forward is cut after the deepest
+    captured block; call the transformer through ``run_until_captured`` to absorb that.
     """
-    blocks = transformer.transformer_blocks
+    family = family_of(transformer)
+    blocks = family.blocks(transformer)
+    kinds = family.block_kinds(transformer)
+    bad = [i for i in plan.layers if not 0 <= i < len(blocks)]
+    if bad:
+        raise LavaError(f"blocks {bad} do not exist: this transformer has blocks 0..{len(blocks) - 1}")
     store = CaptureStore(plan)
     originals = {i: blocks[i].attn.processor for i in plan.layers}
-    hook = None
+    hooks = []
     try:
         for i in plan.layers:
-            blocks[i].attn.set_processor(CaptureProcessor(i, plan, store))
+            proc = CaptureProcessor(i, plan, store, family, single_stream=kinds[i] == "single")
+            blocks[i].attn.set_processor(proc)
+            if proc.single_stream:
+                hook = blocks[i].register_forward_pre_hook(_text_len_from_block(proc), with_kwargs=True)
+                hooks.append(hook)
         if plan.early_exit:
 
             def stop(module, args, output):
                 raise StopForward
 
-            hook = blocks[max(plan.layers)].register_forward_hook(stop)
+            hooks.append(blocks[max(plan.layers)].register_forward_hook(stop))
         yield store
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
         for i, proc in originals.items():
             blocks[i].attn.set_processor(proc)
+
+
+def _text_len_from_block(proc: CaptureProcessor):
+    """Pre-hook of a single-stream block: its attention sees one concatenated sequence, so the
+    number of text tokens at its start is read from the block's own ``encoder_hidden_states``."""
+
+    def hook(module, args, kwargs):
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if context is None:
+            raise LavaError(
+                f"block {proc.index} was called without encoder_hidden_states: cannot tell its text length"
+            )
+        proc.text_len = int(context.shape[1])
+
+    return hook
 
 
 def run_until_captured(transformer, **inputs) -> torch.Tensor | None:
@@ -200,8 +220,8 @@ def run_until_captured(transformer, **inputs) -> torch.Tensor | None:
 def transformer_inputs(
     backend: Backend, noisy: NoisyLatents, prompt: PromptEncoding, rows: Sequence[int] = (0,)
 ) -> dict:
-    """Keyword arguments of one SD3 transformer call: every image of ``noisy`` with every prompt
-    row in ``rows``, as a batch of ``B · len(rows)`` (image-major: entry ``b · G + g``)."""
+    """Keyword arguments of one transformer call (any family): every image of ``noisy`` with every
+    prompt row in ``rows``, as a batch of ``B · len(rows)`` (image-major: entry ``b · G + g``)."""
     index = torch.tensor(list(rows), device=prompt.embeds.device)
     return batch_inputs(
         backend, noisy, prompt.embeds.index_select(0, index), prompt.pooled.index_select(0, index)
@@ -210,14 +230,16 @@ def transformer_inputs(
 
 def batch_inputs(backend: Backend, noisy: NoisyLatents, embeds: torch.Tensor, pooled: torch.Tensor) -> dict:
     """Transformer keyword arguments pairing every image with every text embedding ``[G, T, D]``
-    (pooled ``[G, Dp]``): a batch of ``B · G``, image-major."""
+    (pooled ``[G, Dp]``): a batch of ``B · G``, image-major. The family adapter lays the latents
+    out (Flux packs them and adds position ids) and scales the timestep as its model wants."""
     b, g = noisy.batch_size, embeds.shape[0]
     dtype, dev = backend.dtype, backend.device
-    return dict(
-        hidden_states=noisy.latents.to(dev, dtype).repeat_interleave(g, dim=0),
-        encoder_hidden_states=embeds.to(dev, dtype).repeat(b, 1, 1),
-        pooled_projections=pooled.to(dev, dtype).repeat(b, 1),
-        timestep=torch.full((b * g,), noisy.timestep, device=dev, dtype=dtype),
+    return backend.family.inputs(
+        noisy.latents.to(dev, dtype).repeat_interleave(g, dim=0),
+        embeds.to(dev, dtype).repeat(b, 1, 1),
+        pooled.to(dev, dtype).repeat(b, 1),
+        torch.full((b * g,), noisy.timestep, device=dev, dtype=dtype),
+        guidance=backend.guidance,
     )
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .backends.family import SD3, family_of
 from .capture import CaptureStore, StopForward, joint_qkv, keys_of_rows, pick_keys, row_gather
 from .errors import LavaError
 from .types import CapturePlan
@@ -176,6 +177,12 @@ def capturing_concepts(transformer, plan: CapturePlan, batch: int) -> Iterator[C
     ``batch`` entries (images × prompt rows); yields the ``CaptureStore`` that fills with
     ``{block: dots}`` for the captured blocks. Restores every processor and removes every hook
     on exit, also on error."""
+    family = family_of(transformer)
+    if family is not SD3:
+        raise LavaError(
+            f"the concept source is implemented for the SD3 family only, not {family.name}: "
+            "read this model with source='attention'"
+        )
     blocks = transformer.transformer_blocks
     last = max(plan.layers)
     positions, gather = row_gather(plan)

@@ -44,7 +44,8 @@ def velocity_errors(
     for start in range(0, embeds.shape[0], batch):
         part = slice(start, start + batch)
         inputs = batch_inputs(backend, noisy, embeds[part], pooled[part])
-        pred = backend.transformer(**inputs, return_dict=False)[0].float()
+        pred = backend.transformer(**inputs, return_dict=False)[0]
+        pred = backend.family.output_latents(pred, noisy.grid).float()  # Flux: unpack its tokens
         pred = pred.unflatten(0, (noisy.batch_size, -1))
         errors.append((pred - target[:, None].to(pred.device)).pow(2).flatten(2).mean(-1).cpu())
     return torch.cat(errors, dim=1)

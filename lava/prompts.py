@@ -3,7 +3,8 @@
 A class's span is found from the tokenizers' character offsets, so multi-word ("potted plant")
 and multi-token ("hydrant" → "hy", "dr", "ant") names get exactly the tokens they occupy, in
 the CLIP part of the text sequence and in the T5 part. A vocabulary longer than one prompt
-window (SD3's CLIP window holds 75 content tokens) is split over several prompts.
+window (SD3's CLIP window holds 75 content tokens; Flux's sequence is T5 only, 511 content
+tokens by default) is split over several prompts.
 """
 
 from __future__ import annotations
@@ -94,18 +95,22 @@ def locate(backend: Backend, text: str, chars: dict[str, tuple[int, int]]):
     end token, T5's its end-of-sequence token)."""
     pipe = backend.pipe
     clip_len = backend.clip_len
-    clip_spans = token_spans(pipe.tokenizer, text, chars)
-    if (
-        getattr(pipe, "tokenizer_2", None) is not None
-        and token_spans(pipe.tokenizer_2, text, chars) != clip_spans
-    ):
-        raise ClassNameError(
-            "the two CLIP tokenizers place the classes differently; lava expects them to match"
-        )
-    overflow = _overflow(clip_spans, clip_len - 1, "CLIP")
+    if clip_len:
+        clip_spans = token_spans(pipe.tokenizer, text, chars)
+        if (
+            getattr(pipe, "tokenizer_2", None) is not None
+            and token_spans(pipe.tokenizer_2, text, chars) != clip_spans
+        ):
+            raise ClassNameError(
+                "the two CLIP tokenizers place the classes differently; lava expects them to match"
+            )
+        overflow = _overflow(clip_spans, clip_len - 1, "CLIP")
+    else:
+        # Flux: CLIP only gives the pooled vector, so classes live in the T5 tokens alone.
+        clip_spans, overflow = dict.fromkeys(chars, ()), []
     t5_spans: dict[str, tuple[int, ...]] = {}
     if backend.has_t5:
-        raw = token_spans(pipe.tokenizer_3, text, chars)
+        raw = token_spans(backend.t5_tokenizer, text, chars)
         overflow += [n for n in _overflow(raw, backend.max_sequence_length - 1, "T5") if n not in overflow]
         t5_spans = {n: tuple(clip_len + p for p in pos) for n, pos in raw.items()}
     return clip_spans, t5_spans, overflow
@@ -126,9 +131,10 @@ def split_classes(
 ) -> list[tuple[str, ...]]:
     """The class names cut into consecutive groups that each fit one prompt window.
 
-    Every group fits the CLIP window (77 tokens in SD3) and, with T5, ``max_sequence_length``,
-    and holds at most ``max_classes_per_prompt`` names. The number of groups is the fewest that
-    fit; among cuts into that many groups, the one whose longest prompt is shortest (in CLIP
+    Every group fits the CLIP window (77 tokens in SD3) and, with T5, ``max_sequence_length``
+    (Flux: the T5 window alone, 512 tokens by default), and holds at most
+    ``max_classes_per_prompt`` names. The number of groups is the fewest that fit; among cuts
+    into that many groups, the one whose longest prompt is shortest (in CLIP tokens; Flux: T5
     tokens) is taken, so the prompts are alike in length and each class shares its prompt with
     about as many others.
     """
@@ -138,15 +144,20 @@ def split_classes(
             f"max_classes_per_prompt must be a positive number of classes, got {max_classes_per_prompt}"
         )
     cap = max_classes_per_prompt or len(names)
-    tokenizer = backend.pipe.tokenizer
+    tokenizer = backend.span_tokenizer
+    if tokenizer is None:
+        raise ClassNameError(f"{backend.name} has no tokenizer for its text sequence (was T5 dropped?)")
+    window = (
+        f"the CLIP window holds {backend.clip_len - 2} content tokens"
+        + (f", T5 {backend.max_sequence_length - 1}" if backend.has_t5 else "")
+        if backend.clip_len
+        else f"the T5 window holds {backend.max_sequence_length - 1} content tokens"
+    )
     cost = {}
     for name in names:
         if not _fits(backend, [name], template, separator):
             raise ClassNameError(
-                f"class {name!r} does not fit one prompt on its own (the CLIP window holds "
-                f"{backend.clip_len - 2} content tokens"
-                + (f", T5 {backend.max_sequence_length - 1}" if backend.has_t5 else "")
-                + "): use a shorter name"
+                f"class {name!r} does not fit one prompt on its own ({window}): use a shorter name"
             )
         cost[name] = len(tokenizer(separator + name, add_special_tokens=False, verbose=False)["input_ids"])
 
@@ -197,7 +208,8 @@ def encode_prompt(
     (``split_classes``), encoded as one batch: ``embeds`` is ``[P, T, D]``. Each text sequence is
     ``clip_len`` CLIP tokens (both CLIP encoders share positions) followed by
     ``max_sequence_length`` T5 tokens; spans count positions in that sequence. With T5 dropped
-    its part holds zeros and classes have no T5 positions.
+    its part holds zeros and classes have no T5 positions. Flux: ``clip_len`` is 0 (CLIP only
+    gives ``pooled``), so the sequence is T5 alone and every class has T5 positions only.
     """
     names = parse_classes(classes)
     groups = split_classes(

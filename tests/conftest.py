@@ -34,6 +34,12 @@ def tiny35():
     return lava.load_backend("tiny-sd3", variant="sd3.5")
 
 
+@pytest.fixture(scope="session")
+def tiny_flux():
+    """FLUX.1-dev-like toy backend: 2 double-stream + 2 single-stream blocks, RoPE, guidance."""
+    return lava.load_backend("tiny-flux")
+
+
 def scene(h: int = 40, w: int = 56, seed: int = 0) -> Image.Image:
     """A random RGB image with a bright rectangle, deterministic from ``seed``."""
     rng = np.random.default_rng(seed)

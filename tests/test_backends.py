@@ -43,7 +43,7 @@ def test_from_pipeline_wraps_loaded_modules(tiny, image):
     assert wrapped.variant == "sd3-medium"  # read from the config: plain joint blocks
     seg = lava.segment(image, ["cat", "dog"], backend=wrapped, layers=[1], resolution=32)
     assert tuple(seg.labels[0].shape) == (40, 56)
-    with pytest.raises(ModelError, match="StableDiffusion3Pipeline-like"):
+    with pytest.raises(ModelError, match="StableDiffusion3Pipeline- or FluxPipeline-like"):
         lava.from_pipeline(object())
 
 

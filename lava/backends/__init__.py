@@ -10,9 +10,11 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from . import flux
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype
+from .family import FLUX, family_of
 from .sd3 import DEFAULTS, HUB_IDS, detect_variant
-from .tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
+from .tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_flux_pipeline, build_tiny_pipeline
 
 __all__ = [
     "REGISTRY",
@@ -53,33 +55,54 @@ def from_pipeline(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     offload_text_encoders: bool = False,
-    max_sequence_length: int = 256,
+    max_sequence_length: int | None = None,
     defaults: VariantDefaults | None = None,
+    guidance: float | None = None,
 ) -> Backend:
-    """Wrap an already-loaded ``StableDiffusion3Pipeline`` (its modules are used, not copied).
+    """Wrap an already-loaded ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (its modules are
+    used, not copied).
 
-    ``device``/``dtype`` default to where the transformer already is.
+    ``device``/``dtype`` default to where the transformer already is. ``max_sequence_length``
+    (T5 tokens) defaults to 256 for SD3, 512 for FLUX.1-dev and 256 for schnell; ``guidance``
+    (guidance-distilled Flux only) to 3.5, Seg4Diff's value.
     """
     for part in ("transformer", "scheduler", "tokenizer", "text_encoder", "encode_prompt"):
         if not hasattr(pipe, part) or getattr(pipe, part) is None:
             raise ModelError(
-                f"expected a StableDiffusion3Pipeline-like object with .{part}, got {type(pipe).__name__}"
+                f"expected a StableDiffusion3Pipeline- or FluxPipeline-like object with .{part}, "
+                f"got {type(pipe).__name__}"
             )
+    family = family_of(pipe.transformer)
+    if family is FLUX and getattr(pipe, "text_encoder_2", None) is None:
+        raise ModelError(
+            "a Flux pipeline needs its T5 encoder (text_encoder_2): Flux's text sequence is T5 only"
+        )
     param = next(pipe.transformer.parameters())
     dev = resolve_device(device) if device is not None else param.device
     dt = resolve_dtype(dtype, dev) if dtype is not None else param.dtype
     text_device = _place(pipe, dev, dt, offload_text_encoders)
     hint = name or str(getattr(pipe, "name_or_path", "") or pipe.transformer.config.get("_name_or_path", ""))
-    variant = detect_variant(pipe.transformer.config, hint)
+    if family is FLUX:
+        variant = flux.detect_variant(pipe.transformer.config, hint)
+        table, seq_len = flux.DEFAULTS, flux.MAX_SEQUENCE_LENGTH[variant]
+        if guidance is None and pipe.transformer.config.get("guidance_embeds"):
+            guidance = flux.SEG4DIFF_FLUX_GUIDANCE
+    else:
+        variant = detect_variant(pipe.transformer.config, hint)
+        table, seq_len = DEFAULTS, 256
+    if guidance is not None and not pipe.transformer.config.get("guidance_embeds"):
+        raise ModelError(f"guidance={guidance} given, but {variant} has no guidance embedding")
     return Backend(
         name=name or variant,
         variant=variant,
         pipe=pipe,
-        defaults=defaults or DEFAULTS[variant],
+        defaults=defaults or table[variant],
         device=dev,
         dtype=dt,
         text_device=text_device,
-        max_sequence_length=max_sequence_length,
+        max_sequence_length=max_sequence_length or seq_len,
+        family=family,
+        guidance=guidance,
     )
 
 
@@ -128,6 +151,87 @@ def _load_tiny(
     return backend
 
 
+def _load_tiny_flux(
+    *,
+    device=None,
+    dtype=None,
+    drop_t5: bool = False,
+    offload_text_encoders: bool = False,
+    seed: int = 0,
+    **kw,
+) -> Backend:
+    _refuse_drop_t5("tiny-flux", drop_t5)
+    pipe = build_tiny_flux_pipeline(seed=seed, **kw)
+    dev = resolve_device(device if device is not None else "cpu")
+    backend = from_pipeline(
+        pipe,
+        name="tiny-flux",
+        device=dev,
+        dtype=resolve_dtype(dtype or "float32", dev),
+        offload_text_encoders=offload_text_encoders,
+        max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
+        defaults=flux.DEFAULTS["tiny-flux"],
+    )
+    backend.variant = "tiny-flux"
+    backend.info["random_weights"] = True
+    return backend
+
+
+def _refuse_drop_t5(source: str, drop_t5: bool) -> None:
+    if drop_t5:
+        raise ModelError(
+            f"{source} is a Flux model: its text sequence is T5 alone (CLIP only gives the pooled vector), "
+            "so T5 cannot be dropped; leave out --drop-t5 / drop_t5"
+        )
+
+
+def _load_flux(
+    source: str,
+    *,
+    device=None,
+    dtype=None,
+    drop_t5: bool = False,
+    offload_text_encoders: bool = False,
+    max_sequence_length: int | None = None,
+    guidance: float | None = None,
+    **kw,
+) -> Backend:
+    from diffusers import FluxPipeline
+
+    _refuse_drop_t5(source, drop_t5)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        pipe = FluxPipeline.from_pretrained(source, dtype=dt, **kw)
+    except (OSError, ValueError) as err:
+        raise ModelError(load_error_message(source, err)) from err
+    return from_pipeline(
+        pipe,
+        name=source,
+        device=dev,
+        dtype=dt,
+        offload_text_encoders=offload_text_encoders,
+        max_sequence_length=max_sequence_length,
+        guidance=guidance,
+    )
+
+
+def _is_flux(source: str, revision: str | None = None) -> bool:
+    """Whether a folder or hub id holds a Flux pipeline: its ``model_index.json`` says so, or (when
+    that cannot be read here) its name does."""
+    index = model_index(source, revision)
+    if isinstance(index, dict):
+        return str(index.get("_class_name", "")).startswith("Flux")
+    return "flux" in os.path.basename(os.path.normpath(source)).lower()
+
+
+def _load_pretrained(source: str, **opts) -> Backend:
+    """A hub id or a local folder, through the pipeline class its ``model_index.json`` names."""
+    if _is_flux(source, opts.get("revision")):
+        return _load_flux(source, **opts)
+    return _load_sd3(source, **opts)
+
+
 def _load_sd3(
     source: str,
     *,
@@ -135,7 +239,7 @@ def _load_sd3(
     dtype=None,
     drop_t5: bool = False,
     offload_text_encoders: bool = False,
-    max_sequence_length: int = 256,
+    max_sequence_length: int | None = None,
     **kw,
 ) -> Backend:
     from diffusers import StableDiffusion3Pipeline
@@ -218,7 +322,7 @@ def load_error_message(source: str, err: BaseException) -> str:
     folder = "a local folder saved with save_pretrained()"
     local = f"pass {folder} instead of the hub id"
     if os.path.isdir(os.path.expanduser(source)):
-        return f"could not load SD3 weights from the folder {source}: {err}"
+        return f"could not load model weights from the folder {source}: {err}"
     if any(isinstance(c, hub.GatedRepoError) for c in causes):
         return (
             f"{source} is a gated repository on the Hugging Face hub: accept its licence at "
@@ -245,7 +349,7 @@ def load_error_message(source: str, err: BaseException) -> str:
             f"or {local}"
         )
     return (
-        f"could not load SD3 weights from {source!r}: {err}. Expected a hub id you have access to, "
+        f"could not load model weights from {source!r}: {err}. Expected a hub id you have access to, "
         f"or {folder}"
     )
 
@@ -256,9 +360,15 @@ def _load_reference(**kw) -> Backend:
     return load_reference_backend(**kw)
 
 
-REGISTRY: dict[str, Callable[..., Backend]] = {"tiny-sd3": _load_tiny, "lava-shapes": _load_reference}
+REGISTRY: dict[str, Callable[..., Backend]] = {
+    "tiny-sd3": _load_tiny,
+    "tiny-flux": _load_tiny_flux,
+    "lava-shapes": _load_reference,
+}
 for _short, _hub in HUB_IDS.items():
     REGISTRY[_short] = lambda _hub=_hub, **kw: _load_sd3(_hub, **kw)
+for _short, _hub in flux.HUB_IDS.items():
+    REGISTRY[_short] = lambda _hub=_hub, **kw: _load_flux(_hub, **kw)
 
 
 def list_backends() -> list[tuple[str, str, VariantDefaults]]:
@@ -277,7 +387,18 @@ def list_backends() -> list[tuple[str, str, VariantDefaults]]:
     except ImportError:  # the reference model is not part of this build
         pass
     rows.append(("tiny-sd3", "toy SD3 built in code, random weights (offline)", DEFAULTS["tiny-sd3"]))
+    rows.append(
+        (
+            "tiny-flux",
+            "toy FLUX.1-dev built in code, random weights (offline); blocks 0-1 double-stream, 2-3 single",
+            flux.DEFAULTS["tiny-flux"],
+        )
+    )
     rows += [(short, hub, DEFAULTS[short]) for short, hub in HUB_IDS.items()]
+    rows += [
+        (short, f"{hub}; blocks 0-18 double-stream, 19-56 single-stream", flux.DEFAULTS[short])
+        for short, hub in flux.HUB_IDS.items()
+    ]
     return rows
 
 
@@ -290,7 +411,8 @@ def load_backend(
     offload_text_encoders: bool = False,
     **kw: Any,
 ) -> Backend:
-    """A backend from a registry name (``"tiny-sd3"``, ``"sd3-medium"``, ...), a hub id, or a folder.
+    """A backend from a registry name (``"tiny-sd3"``, ``"sd3-medium"``, ``"flux-dev"``, ``"tiny-flux"``,
+    ...), a hub id, or a folder (SD3 or Flux, as its ``model_index.json`` says).
 
     Args:
         device: ``"cuda"``, ``"cpu"``...; default CUDA when available.
@@ -305,11 +427,11 @@ def load_backend(
         return REGISTRY[name_or_path](**opts)
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
-        return _load_sd3(path, **opts)
+        return _load_pretrained(path, **opts)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ModelError(f"model folder not found: {name_or_path}")
     if name_or_path.count("/") == 1:  # a hub id: org/name
-        return _load_sd3(name_or_path, **opts)
+        return _load_pretrained(name_or_path, **opts)
     raise ModelError(
         f"unknown model {name_or_path!r}: expected one of {sorted(REGISTRY)}, a hub id such as "
         f"{HUB_IDS['sd3-medium']!r}, or a local folder"

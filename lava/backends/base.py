@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import LavaError, ModelError
+from .family import SD3
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,14 @@ class VariantDefaults:
 
 @dataclass
 class Backend:
-    """One loaded SD3-family model, ready for the stages.
+    """One loaded MM-DiT model, ready for the stages.
 
-    ``pipe`` is a diffusers ``StableDiffusion3Pipeline`` (or any object with the same
-    components and ``encode_prompt``). Text encoders may live on ``text_device`` (CPU offload)
-    while the VAE and transformer live on ``device``.
+    ``pipe`` is a diffusers ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or any object with
+    the same components and ``encode_prompt``); ``family`` is its adapter
+    (``lava.backends.family``: what differs between SD3 and Flux). Text encoders may live on
+    ``text_device`` (CPU offload) while the VAE and transformer live on ``device``.
+    ``guidance`` is the guidance-embedding value fed to guidance-distilled models (FLUX.1-dev),
+    ``None`` for models without one.
     """
 
     name: str
@@ -59,6 +63,8 @@ class Backend:
     text_device: torch.device
     max_sequence_length: int = 256
     info: dict[str, Any] = field(default_factory=dict)
+    family: Any = SD3
+    guidance: float | None = None
 
     # ---- modules ---------------------------------------------------------------------------
     @property
@@ -74,8 +80,15 @@ class Backend:
         return self.pipe.scheduler
 
     @property
-    def blocks(self):
-        return self.transformer.transformer_blocks
+    def blocks(self) -> list:
+        """Every transformer block in execution order; lava's block numbers index this list
+        (Flux: double-stream blocks first, then single-stream ones)."""
+        return self.family.blocks(self.transformer)
+
+    @property
+    def block_kinds(self) -> list[str]:
+        """``"joint"`` (SD3), ``"double"``/``"single"`` (Flux) for every block of ``blocks``."""
+        return self.family.block_kinds(self.transformer)
 
     # ---- layout ----------------------------------------------------------------------------
     @property
@@ -84,12 +97,13 @@ class Backend:
 
     @property
     def joint_blocks(self) -> tuple[int, ...]:
-        """Blocks whose ``attn`` is a joint text+image attention (all of them in SD3)."""
-        return tuple(i for i, b in enumerate(self.blocks) if getattr(b.attn, "added_kv_proj_dim", None))
+        """Blocks whose ``attn`` is a joint text+image attention (all of them in SD3 and Flux)."""
+        return tuple(i for i, b in enumerate(self.blocks) if self.family.has_joint_attention(b))
 
     @property
     def patch_size(self) -> int:
-        return int(self.transformer.config.patch_size)
+        """Latent pixels per image token along one side (Flux: 2, its 2x2 packing)."""
+        return self.family.patch_size(self.transformer)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -111,11 +125,21 @@ class Backend:
 
     @property
     def clip_len(self) -> int:
-        return int(self.pipe.tokenizer.model_max_length)
+        """CLIP tokens in the joint text sequence (SD3: 77; Flux: 0, CLIP gives the pooled vector only)."""
+        return self.family.clip_len(self.pipe)
+
+    @property
+    def t5_tokenizer(self):
+        return self.family.t5_tokenizer(self.pipe)
+
+    @property
+    def span_tokenizer(self):
+        """The tokenizer whose window bounds a prompt: CLIP where its tokens are in the sequence, else T5."""
+        return self.pipe.tokenizer if self.clip_len else self.t5_tokenizer
 
     @property
     def has_t5(self) -> bool:
-        return getattr(self.pipe, "text_encoder_3", None) is not None
+        return getattr(self.pipe, self.family.t5_module, None) is not None
 
     @property
     def text_len(self) -> int:
@@ -141,13 +165,34 @@ class Backend:
             raise LavaError(f"sigma must be in [0, 1), got {sigma}")
         return float(sigma) * self.num_train_timesteps
 
-    def timestep_for_step(self, step: int, num_steps: int) -> float:
+    def timestep_for_step(self, step: int, num_steps: int, image_seq_len: int | None = None) -> float:
         """The model timestep of ``step`` in the scheduler's own ``num_steps`` schedule (with shift).
 
-        Seg4Diff reads SD3-medium at ``timesteps[-8]`` of a 28-step schedule with shift 3.
+        Seg4Diff reads SD3-medium at ``timesteps[-8]`` of a 28-step schedule with shift 3. A
+        scheduler with dynamic shifting (FLUX.1-dev) shifts by the image token count
+        ``image_seq_len``, as ``FluxPipeline`` does (σ from 1 to 1/num_steps, ``calculate_shift``).
         """
         sched = type(self.scheduler).from_config(self.scheduler.config)
-        sched.set_timesteps(num_steps)
+        if sched.config.get("use_dynamic_shifting"):
+            if image_seq_len is None:
+                raise LavaError(
+                    f"{self.name}'s scheduler shifts by the image size: give image_seq_len (image tokens, "
+                    "e.g. 4096 at 1024 px) to timestep_for_step"
+                )
+            import numpy as np
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            c = sched.config
+            mu = calculate_shift(
+                image_seq_len,
+                c.get("base_image_seq_len", 256),
+                c.get("max_image_seq_len", 4096),
+                c.get("base_shift", 0.5),
+                c.get("max_shift", 1.15),
+            )
+            sched.set_timesteps(num_steps, sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+        else:
+            sched.set_timesteps(num_steps)
         try:
             return float(sched.timesteps[step])
         except IndexError as err:
@@ -166,12 +211,24 @@ class Backend:
         n = self.num_blocks
         bad = [i for i in layers if not -n <= i < n]
         if bad:
-            raise LavaError(f"layer index {bad[0]} is out of range: {self.name} has {n} blocks (0..{n - 1})")
+            raise LavaError(
+                f"layer index {bad[0]} is out of range: {self.name} has {n} blocks (0..{n - 1}"
+                + self.block_scheme()
+                + ")"
+            )
         norm = tuple(sorted({i % n for i in layers}))
         not_joint = [i for i in norm if i not in self.joint_blocks]
         if not_joint:
             raise LavaError(f"blocks {not_joint} of {self.name} have no joint text-image attention")
         return norm
+
+    def block_scheme(self) -> str:
+        """``", double-stream 0-18, single-stream 19-56"`` for Flux; empty for one kind of block."""
+        kinds = self.block_kinds
+        if len(set(kinds)) == 1:
+            return ""
+        d = kinds.count("double")
+        return f", double-stream 0-{d - 1}, single-stream {d}-{len(kinds) - 1}"
 
     # ---- modules at work -------------------------------------------------------------------
     @torch.no_grad()
@@ -193,19 +250,16 @@ class Backend:
     def encode_text(self, text: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint text embeddings ``[P, T, D]`` and pooled ``[P, Dp]`` of ``P`` prompts (1 for a str),
         via the pipeline's own ``encode_prompt``."""
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=text if isinstance(text, str) else list(text),
-            prompt_2=None,
-            prompt_3=None,
-            device=self.text_device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
+        texts = [text] if isinstance(text, str) else list(text)
+        embeds, pooled = self.family.encode_text(self.pipe, texts, self.text_device, self.max_sequence_length)
         return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
 
     @property
     def text_encoders(self) -> str:
-        """``"CLIP+T5"``, or ``"CLIP"`` when T5 was dropped or the model has none."""
+        """``"CLIP+T5"``, or ``"CLIP"`` when T5 was dropped or the model has none; Flux:
+        ``"T5 (+CLIP pooled)"``."""
+        if self.family.name == "flux":
+            return "T5 (+CLIP pooled)"
         return "CLIP+T5" if self.has_t5 else "CLIP"
 
     def describe(self) -> str:
@@ -213,8 +267,15 @@ class Backend:
         t5 = "CLIP+T5" if self.has_t5 else "CLIP, T5 dropped"
         if "no_t5" in self.info:
             t5 = "CLIP, no T5 in the model"
+        blocks = f"{self.num_blocks} blocks"
+        if self.block_scheme():
+            blocks += f" ({self.block_scheme()[2:]})"
+        if self.family.name == "flux":
+            t5 = "T5 only; CLIP gives the pooled vector"
+        if self.guidance is not None:
+            t5 += f"; guidance {self.guidance:g}"
         return (
-            f"{self.name} ({self.variant}): {self.num_blocks} blocks, patch {self.patch_size}, "
+            f"{self.name} ({self.variant}): {blocks}, patch {self.patch_size}, "
             f"text tokens {self.text_len} ({t5}), "
             f"default timestep {d.timestep:g}, layers {list(d.layers)}, resolution {d.resolution}"
         )

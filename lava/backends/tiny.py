@@ -217,3 +217,108 @@ def build_tiny_pipeline(
 
 
 TINY_MAX_SEQUENCE_LENGTH = 128
+
+
+def build_tiny_flux_pipeline(
+    *,
+    seed: int = 0,
+    num_layers: int = 2,
+    num_single_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 16,
+    guidance_embeds: bool = True,
+):
+    """A ``FluxPipeline`` with toy-size components and seeded random weights (``tiny-flux``).
+
+    The transformer follows diffusers' own Flux model test (2 heads × 16, ``axes_dims_rope``
+    [4, 4, 8]) with 2 double-stream and 2 single-stream blocks (lava blocks 0-1 and 2-3) and a
+    guidance embedding, like FLUX.1-dev. VAE factor 2 with 4 latent channels, packed 2×2 into 16
+    channels: a 32 px image is 16×16 latents, 8×8 = 64 image tokens. The text sequence is T5
+    only (``TINY_MAX_SEQUENCE_LENGTH`` tokens); CLIP gives the pooled vector.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tok, _, t5_tok = build_tokenizers()
+    clip_hidden, joint_dim, latent_channels = 12, 32, 4
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * latent_channels,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=joint_dim,
+            pooled_projection_dim=clip_hidden,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 4, 8),
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=latent_channels,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=32,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(clip_tok),
+                hidden_size=clip_hidden,
+                intermediate_size=24,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=_CLIP_MAX_LEN,
+                bos_token_id=clip_tok.bos_token_id,
+                eos_token_id=clip_tok.eos_token_id,
+                pad_token_id=clip_tok.pad_token_id,
+            )
+        )
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tok),
+                d_model=joint_dim,
+                d_kv=8,
+                d_ff=48,
+                num_layers=2,
+                num_heads=4,
+                pad_token_id=t5_tok.pad_token_id,
+                eos_token_id=t5_tok.eos_token_id,
+                decoder_start_token_id=0,
+            )
+        )
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+    # FLUX.1-dev's scheduler: dynamic shifting by the image token count.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    return pipe

@@ -382,8 +382,8 @@ def load_backend_for(
             "(coloured circles, squares, triangles); it knows no photos. For real images use "
             "--model sd3-medium (or a hub id / local folder)."
         )
-    elif model == "tiny-sd3":
-        note("tiny-sd3 has RANDOM weights, so its masks are meaningless (it exists for tests).")
+    elif model in ("tiny-sd3", "tiny-flux"):
+        note(f"{model} has RANDOM weights, so its masks are meaningless (it exists for tests).")
     if not args.max_memory:
         backend = load_backend(
             model,

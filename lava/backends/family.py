@@ -1,0 +1,271 @@
+"""What differs between MM-DiT families, in one small adapter per family.
+
+The capture processor, the early-exit hook and ``transformer_inputs`` ask the adapter of the
+transformer they are given (``family_of``) and never branch on the family themselves:
+
+* which blocks exist, numbered by one integer in execution order, and which attention of each
+  block is the joint text+image one (SD3.5's image-only ``attn2`` is never captured);
+* the joint sequence of one attention call: token order (SD3: image then text; Flux: text then
+  image), where q/k/v come from, the qk norms and the rotary embedding (Flux rotates q and k
+  after the norm, so probabilities are taken after RoPE, as the model attends);
+* what the processor returns (SD3 and Flux double-stream blocks: the two projected streams;
+  Flux single-stream blocks: the whole sequence, unprojected);
+* the transformer's keyword arguments, and the latent layout (Flux packs 2×2 latent patches
+  into one token).
+
+Layouts of the tensors passed around: q/k/v ``[B, H, N, D]`` with ``N = N_img + T``; latents
+``[B, C, h, w]`` as the VAE gives them (``NoisyLatents``), packed by the adapter when the model
+wants tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+from ..errors import LavaError
+
+
+@dataclass(frozen=True)
+class JointQKV:
+    """q, k, v ``[B, H, N, D]`` of one joint-attention call and where the text tokens sit in it."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    text_start: int
+    text_len: int
+
+
+class SD3Family:
+    """SD3 / SD3.5 (``SD3Transformer2DModel``): joint blocks only, image tokens first, no RoPE."""
+
+    name = "sd3"
+    text_first = False
+
+    def blocks(self, transformer) -> list:
+        """Every transformer block in execution order (index = lava's block number)."""
+        return list(transformer.transformer_blocks)
+
+    def block_kinds(self, transformer) -> list[str]:
+        return ["joint"] * len(transformer.transformer_blocks)
+
+    def has_joint_attention(self, block) -> bool:
+        return bool(getattr(block.attn, "added_kv_proj_dim", None))
+
+    # ---- layout and text ----------------------------------------------------------------------
+    t5_module = "text_encoder_3"
+
+    def patch_size(self, transformer) -> int:
+        """Latent pixels per image token along one side."""
+        return int(transformer.config.patch_size)
+
+    def clip_len(self, pipe) -> int:
+        """CLIP tokens at the start of the joint text sequence (both CLIP encoders share them)."""
+        return int(pipe.tokenizer.model_max_length)
+
+    def t5_tokenizer(self, pipe):
+        return getattr(pipe, "tokenizer_3", None)
+
+    def encode_text(self, pipe, texts: list[str], device, max_sequence_length: int):
+        """``(embeds [P, T, D], pooled [P, Dp])`` from the pipeline's own ``encode_prompt``."""
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=texts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        return embeds, pooled
+
+    def qkv(self, attn, hidden_states, encoder_hidden_states, rotary=None, text_len=None) -> JointQKV:
+        """Per-stream projections and qk norms, then ``[image; text]``, as ``JointAttnProcessor2_0``.
+
+        ``hidden_states`` ``[B, N_img, C]``, ``encoder_hidden_states`` ``[B, T, C]``.
+        """
+        if encoder_hidden_states is None:
+            raise LavaError("an SD3 joint attention call needs the text hidden states; got none")
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
+
+        q, k, v = (heads(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        ctx = encoder_hidden_states
+        cq, ck, cv = (heads(proj(ctx)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        return JointQKV(
+            torch.cat([q, cq], dim=2),
+            torch.cat([k, ck], dim=2),
+            torch.cat([v, cv], dim=2),
+            text_start=hidden_states.shape[1],
+            text_len=ctx.shape[1],
+        )
+
+    def finish(self, attn, out: torch.Tensor, joint: JointQKV, single_stream: bool):
+        """The processor's return value from the attention output ``out`` ``[B, N, H·D]``."""
+        s, t = joint.text_start, joint.text_len
+        hidden, context = out[:, :s], out[:, s : s + t]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        hidden = attn.to_out[1](attn.to_out[0](hidden))
+        return hidden, context
+
+    def inputs(self, latents, embeds, pooled, timestep, *, guidance=None) -> dict:
+        """Keyword arguments of one transformer call. ``timestep`` ``[B]`` in lava's ``σ·1000`` units."""
+        return dict(
+            hidden_states=latents,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=timestep,
+        )
+
+    def output_latents(self, sample: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The model's output as ``[B, C, h, w]`` latents (SD3 already returns them so)."""
+        return sample
+
+
+class FluxFamily:
+    """FLUX.1 (``FluxTransformer2DModel``): double-stream blocks, then single-stream blocks.
+
+    Blocks are numbered in execution order: double-stream ``0 … D-1``, single-stream ``D … D+S-1``
+    (FLUX.1: 0–18 and 19–56, the numbering of Seg4Diff's ``flux_backbone.py``). The joint
+    sequence is ``[text; image]``; q and k get per-head RMS norms, then RoPE over the
+    concatenated sequence (text ids are zeros: identity rotation for text tokens).
+    """
+
+    name = "flux"
+    text_first = True
+
+    def blocks(self, transformer) -> list:
+        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+    def block_kinds(self, transformer) -> list[str]:
+        return ["double"] * len(transformer.transformer_blocks) + ["single"] * len(
+            transformer.single_transformer_blocks
+        )
+
+    def has_joint_attention(self, block) -> bool:
+        # Single-stream blocks attend over the concatenated [text; image] sequence: joint too.
+        return True
+
+    # ---- layout and text ----------------------------------------------------------------------
+    t5_module = "text_encoder_2"
+
+    def patch_size(self, transformer) -> int:
+        # 2x2 latent patches are packed into one token (the transformer's own patch size is 1).
+        return 2 * int(transformer.config.patch_size)
+
+    def clip_len(self, pipe) -> int:
+        """0: CLIP only gives the pooled vector; the joint text sequence is T5 alone."""
+        return 0
+
+    def t5_tokenizer(self, pipe):
+        return getattr(pipe, "tokenizer_2", None)
+
+    def encode_text(self, pipe, texts: list[str], device, max_sequence_length: int):
+        embeds, pooled, _text_ids = pipe.encode_prompt(
+            prompt=texts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
+        )
+        return embeds, pooled
+
+    def qkv(self, attn, hidden_states, encoder_hidden_states, rotary=None, text_len=None) -> JointQKV:
+        """q, k, v as ``FluxAttnProcessor`` builds them, after RoPE, as ``[B, H, N, D]`` views.
+
+        Double-stream: ``hidden_states`` ``[B, N_img, C]`` and ``encoder_hidden_states`` ``[B, T, C]``.
+        Single-stream: ``hidden_states`` is the whole ``[B, T + N_img, C]`` sequence and
+        ``text_len`` says how many of its tokens are text. The same ops in the same layout
+        (``[B, N, H, D]``) as diffusers, so q and k are bitwise the ones the model attends with.
+        """
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (-1, attn.head_dim))
+
+        fused = getattr(attn, "fused_projections", False)  # after transformer.fuse_qkv_projections()
+        if fused:
+            q, k, v = (heads(x) for x in attn.to_qkv(hidden_states).chunk(3, dim=-1))
+        else:
+            q, k, v = (heads(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is not None:
+            ctx = encoder_hidden_states
+            if fused:
+                cq, ck, cv = (heads(x) for x in attn.to_added_qkv(ctx).chunk(3, dim=-1))
+            else:
+                cq, ck, cv = (heads(p(ctx)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+            q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+            text_len = ctx.shape[1]
+        elif text_len is None:
+            raise LavaError(
+                "a Flux single-stream attention call needs the number of text tokens at the start of "
+                "its sequence; capture through lava.capture.capturing, which reads it from the block"
+            )
+        if rotary is not None:
+            q = apply_rotary_emb(q, rotary, sequence_dim=1)
+            k = apply_rotary_emb(k, rotary, sequence_dim=1)
+        # [B, N, H, D] -> [B, H, N, D] views: the layout diffusers' SDPA call permutes to.
+        return JointQKV(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, int(text_len))
+
+    def finish(self, attn, out: torch.Tensor, joint: JointQKV, single_stream: bool):
+        if single_stream:
+            return out  # single-stream attention has no output projection of its own
+        t = joint.text_len
+        context, hidden = out[:, :t], out[:, t:]
+        hidden = attn.to_out[1](attn.to_out[0](hidden.contiguous()))
+        return hidden, attn.to_add_out(context.contiguous())
+
+    def inputs(self, latents, embeds, pooled, timestep, *, guidance=None) -> dict:
+        """Packed latents, position ids, and the timestep as the transformer wants it (``t / 1000``:
+        the model multiplies it by 1000 again). ``guidance`` only for guidance-distilled models (dev)."""
+        h, w = latents.shape[-2:]
+        if h % 2 or w % 2:
+            raise LavaError(f"Flux packs 2x2 latent patches: latent size {h}x{w} must be even on both sides")
+        packed = rearrange(latents, "b c (h p) (w q) -> b (h w) (c p q)", p=2, q=2)
+        # float32 ids (FluxPipeline casts them to the model dtype; bf16 rows and columns would stop
+        # being exact past 256 tokens, i.e. 4096 px). RoPE is computed from them in float64.
+        ids = torch.zeros(h // 2, w // 2, 3, device=latents.device)
+        ids[..., 1] = torch.arange(h // 2, device=latents.device)[:, None]
+        ids[..., 2] = torch.arange(w // 2, device=latents.device)[None, :]
+        out = dict(
+            hidden_states=packed,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=timestep / 1000,
+            img_ids=ids.reshape(-1, 3),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device),
+        )
+        if guidance is not None:
+            out["guidance"] = torch.full_like(timestep, float(guidance))
+        return out
+
+    def output_latents(self, sample: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Packed ``[B, N_img, 4·C]`` model output back to ``[B, C, 2·gh, 2·gw]`` latents."""
+        return rearrange(sample, "b (h w) (c p q) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=2, q=2)
+
+
+SD3 = SD3Family()
+FLUX = FluxFamily()
+FAMILIES = {"sd3": SD3, "flux": FLUX}
+
+
+def family_of(transformer) -> SD3Family | FluxFamily:
+    """The adapter of a loaded transformer, read from its structure (not its name)."""
+    if hasattr(transformer, "single_transformer_blocks"):
+        return FLUX
+    if hasattr(transformer, "transformer_blocks"):
+        return SD3
+    raise LavaError(
+        f"{type(transformer).__name__} is not an MM-DiT lava knows: expected an SD3Transformer2DModel "
+        "or FluxTransformer2DModel (a model with transformer_blocks)"
+    )
