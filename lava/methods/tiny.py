@@ -1,0 +1,86 @@
+"""``tiny-clip`` and ``tiny-sd15``: the comparison methods' models at toy size, built offline.
+
+Like ``tiny-sd3`` (``lava.backends.tiny``), every component is the real transformers/diffusers
+class (``CLIPModel``; ``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel``,
+``DDPMScheduler``) with a tiny config and seeded random weights, and the CLIP BPE tokenizer is
+built locally by rule. Random weights give meaningless masks: these exist for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends.base import VariantDefaults, resolve_device, resolve_dtype
+
+
+def _seeded(seed: int, build):
+    """``build()`` under ``torch.manual_seed(seed)``, leaving the global generator as it was."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _clip_tokenizer():
+    from ..backends.tiny import build_tokenizers
+
+    return build_tokenizers()[0]
+
+
+def build_tiny_clip(seed: int = 0):
+    """``(CLIPModel, CLIPTokenizer)``: ViT with 8 px patches on 32 px images, 3 blocks."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tok = _clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=12,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=8,
+    )
+    model = _seeded(seed, lambda: CLIPModel(config))
+    return model.eval().requires_grad_(False), tok
+
+
+def load_tiny_clip(*, device=None, dtype=None, seed: int = 0, **_):
+    from .maskclip import DEFAULTS, MaskCLIP, SlideWindow
+
+    dev = resolve_device(device if device is not None else "cpu")
+    dt = resolve_dtype(dtype or "float32", dev)
+    model, tok = build_tiny_clip(seed)
+    return MaskCLIP(
+        name="tiny-clip",
+        variant="tiny-clip",
+        model=model.to(dev, dt),
+        tokenizer=tok,
+        defaults=VariantDefaults(
+            timestep=DEFAULTS.timestep,
+            layers=DEFAULTS.layers,
+            resolution=32,
+            source="toy model with random weights: any setting is as good as any other",
+            normalize=DEFAULTS.normalize,
+        ),
+        device=dev,
+        dtype=dt,
+        # 32 px windows moved by 16 px, so a test image is read in several overlapping windows.
+        window=SlideWindow(short_side=32, window=32, stride=16),
+        info={"random_weights": True},
+    )
