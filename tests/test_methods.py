@@ -148,3 +148,99 @@ def test_maskclip_segmenter_refuses_a_timestep_or_other_blocks():
     image = Image.fromarray(np.full((16, 24, 3), 120, dtype=np.uint8))
     heat = seg.heatmaps(image, ["cat", "dog"])[0]
     assert heat.scores.shape == (1, 2, 32, 48) and heat.image_sizes == ((16, 24),)
+
+
+# ---- StableSeg-style UNet cross-attention ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    from lava.methods import load_segmenter
+
+    return load_segmenter("stableseg", "tiny-sd15", dtype=torch.float64)
+
+
+def _unet_inputs(seg, rows: int = 2):
+    gen = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 4, 8, 12, generator=gen, dtype=torch.float64)
+    prompt = seg.encode_prompt(["cat", "dog", "potted plant", "hydrant"], max_classes_per_prompt=2)
+    assert prompt.embeds.shape[0] == rows
+    return latents, prompt
+
+
+def test_unet_capture_equals_explicit_softmax_of_the_layers_own_q_k(sd15):
+    from lava.methods.stableseg import cross_attention_layers
+
+    latents, prompt = _unet_inputs(sd15)
+    layers = cross_attention_layers(sd15.unet)
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = [
+        getattr(module, proj).register_forward_hook(
+            lambda _m, _i, out, key=(i, proj): seen.__setitem__(key, out.detach())
+        )
+        for i, (_, module) in enumerate(layers)
+        for proj in ("to_q", "to_k")
+    ]
+    try:
+        maps = sd15.capture(latents, 100, prompt, layers=range(len(layers)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(maps) == list(range(len(layers))) == [0, 1, 2, 3]
+    cols = list(prompt.columns)
+    for i, (_, module) in enumerate(layers):
+        heads = module.heads
+        q = seen[(i, "to_q")].unflatten(-1, (heads, -1)).transpose(1, 2)  # [P, H, N, d]
+        k = seen[(i, "to_k")].unflatten(-1, (heads, -1)).transpose(1, 2)  # [P, H, 77, d]
+        assert k.shape[2] == 77
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        assert maps[i].shape == (2, heads, q.shape[2], len(cols))
+        torch.testing.assert_close(maps[i].double(), probs[..., cols], rtol=1e-6, atol=1e-7)
+
+
+def test_unet_output_unchanged_and_processors_restored(sd15):
+    latents, prompt = _unet_inputs(sd15)
+    unet = sd15.unet
+    before = {n: type(p) for n, p in unet.attn_processors.items()}
+    rows = prompt.embeds.shape[0]
+    plain = unet(latents.expand(rows, -1, -1, -1), 100, encoder_hidden_states=prompt.embeds).sample
+    from lava.methods.stableseg import capturing_cross_attention
+
+    with capturing_cross_attention(unet, [0, 2], prompt.columns) as store:
+        seen = unet(latents.expand(rows, -1, -1, -1), 100, encoder_hidden_states=prompt.embeds).sample
+    assert sorted(store) == [0, 2]
+    torch.testing.assert_close(seen, plain, rtol=1e-10, atol=1e-10)
+    assert {n: type(p) for n, p in unet.attn_processors.items()} == before
+    with pytest.raises(RuntimeError, match="boom"), capturing_cross_attention(unet, [1], prompt.columns):
+        raise RuntimeError("boom")
+    assert {n: type(p) for n, p in unet.attn_processors.items()} == before
+
+
+def test_unet_class_maps_average_tokens_heads_and_layers_daam_style(sd15):
+    latents, prompt = _unet_inputs(sd15)
+    maps = sd15.capture(latents, 100, prompt, layers=[0, 1])
+    got = sd15.class_maps(maps, prompt, [0, 1], (8, 12))
+    cols = list(prompt.columns)
+    grids = {0: (8, 12), 1: (4, 6)}  # the first down block's grid, then the mid block's
+    want = []
+    for c in prompt.classes:
+        idx = [cols.index(p) for p in prompt.spans[c]]
+        per = []
+        for layer in (0, 1):
+            m = maps[layer][prompt.rows[c]].mean(0)[:, idx].mean(-1).view(1, 1, *grids[layer])
+            per.append(F.interpolate(m, size=(8, 12), mode="bicubic", align_corners=False)[0, 0].clamp_min(0))
+        want.append(torch.stack(per).mean(0))
+    torch.testing.assert_close(got, torch.stack(want))
+    assert prompt.spans["potted plant"] == (1, 2, 3, 4)  # both words, split into several tokens
+
+
+def test_unet_noise_is_the_schedulers_add_noise(sd15):
+    image = Image.fromarray(np.full((16, 24, 3), 90, dtype=np.uint8))
+    got = sd15.noisy_latents(image, 300, seed=4)
+    assert got.shape == (1, 4, 10, 16)  # 20x32 px (multiples of 4 px), VAE factor 2
+    again = sd15.noisy_latents(image, 300, seed=4)
+    torch.testing.assert_close(got, again, rtol=0, atol=0)
+    with pytest.raises(LavaError, match="whole number"):
+        sd15.check_timestep(12.5)
+    with pytest.raises(LavaError, match="out of range: tiny-sd15 has 4 cross-attention layers"):
+        sd15.check_layers([4])

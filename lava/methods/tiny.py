@@ -84,3 +84,102 @@ def load_tiny_clip(*, device=None, dtype=None, seed: int = 0, **_):
         window=SlideWindow(short_side=32, window=32, stride=16),
         info={"random_weights": True},
     )
+
+
+def build_tiny_sd15(seed: int = 0):
+    """A ``StableDiffusionPipeline`` at toy size: VAE factor 2, a two-level UNet (one
+    downsampling) with cross-attention in the first down block, the mid block and the last up
+    block (4 cross-attention layers), a 2-layer CLIP text encoder, SD 1.5's DDPM schedule."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = _clip_tokenizer()
+    hidden = 12
+
+    def build():
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=hidden,
+            attention_head_dim=4,
+            norm_num_groups=4,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=32,
+            scaling_factor=0.18215,
+        )
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tok),
+                hidden_size=hidden,
+                intermediate_size=24,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        )
+        return unet, vae, text
+
+    unet, vae, text = _seeded(seed, build)
+    # SD 1.5's training schedule (its scheduler_config.json).
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        clip_sample=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    for module in (unet, vae, text):
+        module.eval().requires_grad_(False)
+    return pipe
+
+
+def load_tiny_sd15(*, device=None, dtype=None, seed: int = 0, **_):
+    from .stableseg import StableSeg, cross_attention_layers, defaults_for
+
+    dev = resolve_device(device if device is not None else "cpu")
+    dt = resolve_dtype(dtype or "float32", dev)
+    pipe = build_tiny_sd15(seed)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        # Cast only when needed: keeps diffusers' fp32-module bookkeeping quiet.
+        if module.dtype != dt:
+            module.to(dtype=dt)
+        module.to(dev)
+    n = len(cross_attention_layers(pipe.unet))
+    defaults = defaults_for(n, 32, "toy model with random weights: any setting is as good as any other")
+    return StableSeg(
+        name="tiny-sd15",
+        variant="tiny-sd15",
+        pipe=pipe,
+        defaults=defaults,
+        device=dev,
+        dtype=dt,
+        info={"random_weights": True},
+    )
