@@ -18,6 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_MODEL = "lava-shapes"
+# --method values (lava.evaluation.runner.METHODS, spelled out here: the parser imports no torch)
+# and the model each comparison method loads when --model is not given.
+METHODS = ("lava", "maskclip", "stableseg")
+METHOD_MODELS = {"maskclip": "clip-vit-b16", "stableseg": "sd1.5"}
+# Models built in code with random weights, for tests: their masks mean nothing.
+RANDOM_MODELS = ("tiny-sd3", "tiny-clip", "tiny-sd15")
 
 
 def note(message: str) -> None:
@@ -97,6 +103,15 @@ LAYERS_HELP = "negative numbers count from the last block (-1 = the last)"
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
+    g.add_argument(
+        "--method",
+        choices=METHODS,
+        default="lava",
+        help="lava: MM-DiT joint attention (default); maskclip: MaskCLIP's CLIP ViT value features "
+        "(default model clip-vit-b16 = openai/clip-vit-base-patch16; tiny-clip for tests); stableseg: "
+        "Stable Diffusion UNet cross-attention, DAAM-style (default model sd1.5; sd2.1-base, tiny-sd15). "
+        "All run through the same data loading, protocols, mask stage and metrics",
+    )
     g.add_argument(
         "--model",
         default=None,
@@ -232,10 +247,43 @@ def check_source(args: argparse.Namespace) -> None:
     loads: the concept view has neither."""
     from ..errors import LavaError
 
+    check_method(args)  # every command that checks --source checks --method with it
     if args.source == "concept" and (args.direction, args.softmax) != ("image_to_text", "joint"):
         raise LavaError(
             "--source concept has no direction or softmax domain to choose: drop --direction/--softmax "
             f"(got {args.direction}/{args.softmax}) or use --source attention"
+        )
+
+
+def check_method(args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, options that only lava's own method reads when ``--method``
+    names a comparison method (they would be silently ignored)."""
+    from ..errors import LavaError
+
+    if args.method == "lava":
+        return
+    defaults = {
+        "source": "attention",
+        "direction": "image_to_text",
+        "softmax": "joint",
+        "tokens": "all",
+        "attention_impl": "auto",
+        "drop_t5": False,
+        "offload_text_encoders": False,
+        "max_memory": None,
+        "prompt_batch": None,
+        "sigma": None,
+        "views": None,
+    }
+    given = [
+        f"--{key.replace('_', '-')}"
+        for key, value in defaults.items()
+        if hasattr(args, key) and getattr(args, key) != value
+    ]
+    if given:
+        raise LavaError(
+            f"{', '.join(given)} only apply to --method lava (MM-DiT attention); --method {args.method} "
+            "has no such choice: drop them"
         )
 
 
@@ -358,7 +406,25 @@ def load_backend_for(
     one-line summary instead); either way ``backend.info["memory_plan"]`` describes it."""
     from ..backends import load_backend
 
+    method = getattr(args, "method", "lava")
+    if method != "lava":
+        from ..methods import load_segmenter
+
+        model = args.model or METHOD_MODELS[method]
+        if args.model is None:
+            note(f"--method {method} with no --model: using {model}")
+        elif model in RANDOM_MODELS:
+            note(f"{model} has RANDOM weights, so its masks are meaningless (it exists for tests).")
+        return load_segmenter(method, model, device=device or args.device, dtype=args.dtype)
     model = args.model or DEFAULT_MODEL
+    wants = {m: method for method, m in METHOD_MODELS.items()} | {
+        "tiny-clip": "maskclip",
+        "tiny-sd15": "stableseg",
+    }
+    if model in wants:
+        from ..errors import ModelError
+
+        raise ModelError(f"{model} is a model for --method {wants[model]}, not for lava's MM-DiT attention")
     if args.model is None:
         note(
             f"no --model given, using {DEFAULT_MODEL}: a small model trained on synthetic shape scenes "
@@ -472,6 +538,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         seed=args.seed,
         resolution=args.resolution,
         impl=args.attention_impl,
+        method=args.method,
     )
     # Everything that changes a prediction; the journal refuses to mix results made otherwise.
     config = {
@@ -482,7 +549,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         "model": backend.name,
         "variant": backend.variant,
         "dtype": str(backend.dtype),
-        "text_tokens": backend.text_len,
+        "text_tokens": getattr(backend, "text_len", None),
         **cells_spec,
         **{k: v for k, v in vars(settings).items()},
         **prediction_settings(backend, settings, dataset.info),
@@ -498,7 +565,10 @@ def prediction_settings(backend, settings, info) -> dict:
     Recorded in the eval/sweep journal (see ``Journal``) so that a resume cannot mix them.
     """
     from ..kernels import resolve_impl
+    from ..methods.base import is_segmenter
 
+    if is_segmenter(backend):  # its own settings: windows, templates, layer count...
+        return {**backend.prediction_settings(), "classes": list(info.prompt_names)}
     encoder = getattr(backend.pipe, "text_encoder", None)
     param = next(encoder.parameters(), None) if hasattr(encoder, "parameters") else None
     vae = backend.vae

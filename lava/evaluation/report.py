@@ -59,6 +59,8 @@ def protocol_line(
     views = views or [(settings.direction, settings.softmax)]
     read = "; ".join(f"{d}, softmax over {sm} keys" for d, sm in views)
     background = settings.background_mode(info)
+    if settings.method != "lava":  # a comparison method reads no attention view of lava's
+        return f"protocol={settings.protocol} ({vocab}); background={background}; method {settings.method}"
     return f"protocol={settings.protocol} ({vocab}); background={background}; attention {read}"
 
 
@@ -74,6 +76,7 @@ def write_eval_report(
     m = matrix.compute(info.classes)
     report = {
         "dataset": info.name,
+        "method": settings.method,
         "protocol": settings.protocol,
         "protocol_description": protocol_line(info, settings),
         "num_images": num_images,
@@ -139,7 +142,9 @@ def write_sweep(
         panels.append((view, times, labels, grid))
         md += [
             "",
-            f"**{view[0]}, softmax over {view[1]} keys**",
+            f"**{view[0]}, softmax over {view[1]} keys**"
+            if settings.method == "lava"
+            else f"**{settings.method}**",
             "",
             "| timestep \\ blocks | " + " | ".join(labels) + " |",
             "|---:|" + "---:|" * len(labels),
@@ -155,6 +160,7 @@ def write_sweep(
 
     summary = {
         "dataset": info.name,
+        "method": settings.method,
         "protocol": settings.protocol,
         "protocol_description": proto,
         "num_images": num_images,

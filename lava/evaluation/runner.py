@@ -24,6 +24,7 @@ from ..backends.base import Backend
 from ..capture import capture_views
 from ..errors import LavaError
 from ..mask import to_mask
+from ..methods.base import Segmenter, is_segmenter
 from ..noise import noise
 from ..prompts import encode_prompt
 from ..refine import check_refine
@@ -37,7 +38,10 @@ PROTOCOLS = ("all", "present")
 BACKGROUNDS = ("auto", "class", "threshold", "none")
 # Settings added after journals were first written, with the value every older journal was made
 # with: a journal that does not record one is checked against that value, not assumed to match.
-UNRECORDED_DEFAULTS = {"refine": None, "source": "attention"}
+UNRECORDED_DEFAULTS = {"refine": None, "source": "attention", "method": "lava"}
+# The segmentation methods the harness runs: lava's MM-DiT attention, and the comparison methods of
+# ``lava.methods`` (segmenters that produce heatmaps; everything after them is shared).
+METHODS = ("lava", "maskclip", "stableseg")
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,8 @@ class EvalSettings:
     ``refine``: ``"pamr"`` refines each image's class maps with its colours before the mask stage
     (``lava.refine``); ``None`` uses the maps as aggregated. ``source``: ``"attention"`` reads the
     attention probabilities, ``"concept"`` the concept view (``lava.concept``; only with the
-    default view image_to_text/joint).
+    default view image_to_text/joint). ``method``: ``"lava"``, or the comparison method
+    (``lava.methods``) whose segmenter is run: it reads no direction, softmax, source or tokens.
     """
 
     protocol: str = "all"
@@ -93,9 +98,19 @@ class EvalSettings:
     separator: str = " "
     max_classes_per_prompt: int | None = None
     refine: str | None = None
+    method: str = "lava"
 
     def __post_init__(self) -> None:
         check_refine(self.refine)
+        if self.method not in METHODS:
+            raise LavaError(f"method must be one of {METHODS}, got {self.method!r}")
+        lava_only = {"direction": "image_to_text", "softmax": "joint", "source": "attention", "tokens": "all"}
+        changed = [f"{k}={getattr(self, k)}" for k, v in lava_only.items() if getattr(self, k) != v]
+        if self.method != "lava" and changed:
+            raise LavaError(
+                f"{', '.join(changed)} choose how lava reads MM-DiT attention; method {self.method} has no "
+                "such choice: leave them at their defaults"
+            )
         if self.protocol not in PROTOCOLS:
             raise LavaError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.background not in BACKGROUNDS:
@@ -303,7 +318,7 @@ def _dense(entries: list[list[int]], num_classes: int) -> torch.Tensor:
 
 
 def run(
-    backend: Backend,
+    backend: Backend | Segmenter,
     dataset: SegmentationDataset,
     cells: Sequence[Cell],
     settings: EvalSettings,
@@ -358,7 +373,8 @@ def run(
         sample = dataset[i]
         image, label = sample.load()
         names, ids = vocabulary(info, label, settings)
-        if names not in prompts:
+        # A comparison method encodes its own prompts (inside its heatmaps call).
+        if names not in prompts and not is_segmenter(backend):
             prompts[names] = encode_prompt(
                 backend,
                 names,
@@ -368,26 +384,46 @@ def run(
             )
             if on_prompt is not None:
                 on_prompt(prompts[names])
-        prompt = prompts[names]
+        prompt = prompts.get(names)
         per_cell: dict[str, torch.Tensor] = {}
         for t, idx in by_time.items():
-            noisy = noise(backend, image, timestep=t, seed=settings.seed, resolution=settings.resolution)
-            # One forward per timestep: every block and every view of this timestep's cells at once.
-            views = capture_views(
-                backend,
-                noisy,
-                prompt,
-                views=capture_views_at[t],
-                layers=capture_layers[t],
-                impl=settings.impl,
-                prompt_batch=prompt_batch,
-                source=settings.source,
-            )
-            for ci in idx:
-                cell = cells[ci]
-                heat = aggregate(
-                    views[cell.view], prompt, AggregateConfig(**{**asdict(agg), "layers": cell.layers})
+            if is_segmenter(backend):
+                # One forward per timestep too: the segmenter reads every cell's layers at once.
+                heats = backend.heatmaps(
+                    image,
+                    names,
+                    timestep=t,
+                    layer_groups=[cells[ci].layers for ci in idx],
+                    normalize=settings.normalize,
+                    seed=settings.seed,
+                    resolution=settings.resolution,
+                    template=settings.template,
+                    separator=settings.separator,
+                    max_classes_per_prompt=settings.max_classes_per_prompt,
                 )
+            else:
+                noisy = noise(backend, image, timestep=t, seed=settings.seed, resolution=settings.resolution)
+                # One forward per timestep: every block and every view of this timestep's cells at once.
+                views = capture_views(
+                    backend,
+                    noisy,
+                    prompt,
+                    views=capture_views_at[t],
+                    layers=capture_layers[t],
+                    impl=settings.impl,
+                    prompt_batch=prompt_batch,
+                    source=settings.source,
+                )
+                heats = [
+                    aggregate(
+                        views[cells[ci].view],
+                        prompt,
+                        AggregateConfig(**{**asdict(agg), "layers": cells[ci].layers}),
+                    )
+                    for ci in idx
+                ]
+            for ci, heat in zip(idx, heats):
+                cell = cells[ci]
                 if settings.refine is not None:
                     heat = refine_heatmaps(heat, [image], method=settings.refine)
                 seg = to_mask(heat, config=mask_cfg, images=(image,))

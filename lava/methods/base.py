@@ -52,6 +52,9 @@ class Segmenter(Protocol):
         normalize: str,
         seed: int = 0,
         resolution: int | str | None = None,
+        template: str = "{}",
+        separator: str = " ",
+        max_classes_per_prompt: int | None = None,
     ) -> list[Heatmaps]: ...
 
     def prediction_settings(self) -> dict[str, Any]: ...

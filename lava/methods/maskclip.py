@@ -311,10 +311,17 @@ class MaskCLIP:
         normalize: str | None = None,
         seed: int = 0,
         resolution: int | str | None = None,
+        template: str | None = None,
+        separator: str | None = None,
+        max_classes_per_prompt: int | None = None,
     ) -> list[Heatmaps]:
         """One ``Heatmaps`` per layer group (all the same: MaskCLIP has one reading) of ``image``
         into ``classes``: scores ``[1, C, H', W']`` at the resized image (short side
-        ``resolution``, default the window's ``short_side``). ``seed`` is unused (no noise)."""
+        ``resolution``, default the window's ``short_side``).
+
+        ``seed`` is unused (nothing is noised); ``template``/``separator``/
+        ``max_classes_per_prompt`` too: each class name is put in the 80 ``templates`` on its
+        own (the harness passes its prompt settings to every method)."""
         if timestep is not None:
             self.check_timestep(timestep)
         for group in layer_groups:
