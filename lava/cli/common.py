@@ -84,11 +84,14 @@ def views(text: str) -> list[tuple[str, str]]:
 def resolution(text: str) -> int | str | None:
     if text in ("native", "original"):
         return None if text == "native" else text
+    w, x, h = text.lower().partition("x")
+    if x and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0:
+        return f"{int(w)}x{int(h)}"  # every image stretched to W x H px (aspect not kept)
     try:
         value = int(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(
-            f"expected a number of pixels, 'native' or 'original', got {text!r}"
+            f"expected a number of pixels, 'native', 'original' or WxH like 1024x1024, got {text!r}"
         ) from err
     if value <= 0:
         raise argparse.ArgumentTypeError(f"resolution must be positive, got {value}")
@@ -111,6 +114,17 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "(default model clip-vit-b16 = openai/clip-vit-base-patch16; tiny-clip for tests); stableseg: "
         "Stable Diffusion UNet cross-attention, DAAM-style (default model sd1.5; sd2.1-base, tiny-sd15). "
         "All run through the same data loading, protocols, mask stage and metrics",
+    )
+    from ..presets import PRESETS
+
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="a published setting in one flag: seg4diff = Seg4Diff's SD3-medium evaluation (T5 dropped, 154 "
+        "text tokens, fp16, images stretched to 1024x1024, block 9, timesteps[-8] of 28 with shift 3, "
+        "image->text joint softmax, heads mean, raw scores, CLIP class tokens averaged, present classes, "
+        "no background; see docs/evaluation.md). Options given as well win, and lava names them",
     )
     g.add_argument(
         "--model",
@@ -162,7 +176,8 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
         "--resolution",
         type=resolution,
         default=None,
-        help="long image side fed to the model in px, 'native' (default) or 'original'; sides are "
+        help="long image side fed to the model in px, 'native' (default), 'original', or WxH such as "
+        "1024x1024 (every image stretched to that size, aspect not kept, as Seg4Diff does); sides are "
         "rounded to the model's token grid (multiples of 16 px for SD3: 1020 becomes 1024)",
     )
     g.add_argument(
@@ -247,11 +262,68 @@ def check_source(args: argparse.Namespace) -> None:
     loads: the concept view has neither."""
     from ..errors import LavaError
 
+    apply_preset(args)  # first: a preset fills options the checks below look at
     check_method(args)  # every command that checks --source checks --method with it
     if args.source == "concept" and (args.direction, args.softmax) != ("image_to_text", "joint"):
         raise LavaError(
             "--source concept has no direction or softmax domain to choose: drop --direction/--softmax "
             f"(got {args.direction}/{args.softmax}) or use --source attention"
+        )
+
+
+def explicit_options(argv: Sequence[str]) -> set[str]:
+    """The destinations of the options typed in ``argv`` (not left at their defaults), found by
+    parsing it again with every default replaced by a marker (so abbreviations count too)."""
+    from . import build_parser
+
+    parser = build_parser()
+    unset = object()
+    parsers = [parser]
+    while parsers:
+        current = parsers.pop()
+        for action in current._actions:
+            action.default = unset
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+    return {key for key, value in vars(parser.parse_args(argv)).items() if value is not unset}
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the options of ``args.preset`` (``lava.presets``) that were not given on the command line.
+
+    Options given as well keep their value and are named in a note (the run then differs from the
+    published setting). A sweep keeps its own --timesteps/--layers grid. Refuses a preset of
+    another method than ``--method``'s."""
+    from ..errors import LavaError
+    from ..presets import PRESETS, seg4diff_timestep
+
+    if not getattr(args, "preset", None):
+        return
+    preset = PRESETS[args.preset]
+    given = explicit_options(getattr(args, "argv", None) or [])
+    if args.method != preset.method:
+        raise LavaError(
+            f"--preset {preset.name} is a setting of --method {preset.method}, not --method {args.method}"
+        )
+    if "model" not in given:
+        args.model = preset.model
+    kept = []
+    for key, value in preset.options.items():
+        if args.command == "sweep" and key in preset.grid:
+            continue  # a sweep varies these itself
+        if key == "timestep":
+            value = seg4diff_timestep()
+        if key != "max_sequence_length" and not hasattr(args, key):
+            continue  # an option this command does not have
+        if key in given:
+            if getattr(args, key) != value:
+                kept.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
+            continue
+        setattr(args, key, value)
+    if kept:
+        note(
+            f"--preset {preset.name}: kept the options given ({', '.join(kept)}) over the preset's values; "
+            f"this run does not reproduce {preset.paper} exactly"
         )
 
 
@@ -433,6 +505,12 @@ def load_backend_for(
         )
     elif model == "tiny-sd3":
         note("tiny-sd3 has RANDOM weights, so its masks are meaningless (it exists for tests).")
+    # Set by a preset (Seg4Diff: 77, so 154 text tokens), else the model's own.
+    text_window = (
+        {"max_sequence_length": args.max_sequence_length}
+        if getattr(args, "max_sequence_length", None)
+        else {}
+    )
     if not args.max_memory:
         backend = load_backend(
             model,
@@ -440,6 +518,7 @@ def load_backend_for(
             dtype=args.dtype,
             drop_t5=args.drop_t5,
             offload_text_encoders=args.offload_text_encoders,
+            **text_window,
         )
         note_loaded(backend, args.resolution)
         return backend
@@ -451,7 +530,7 @@ def load_backend_for(
     target = resolve_device(device or args.device)
     dtype = resolve_dtype(args.dtype, target)
     # Load on the CPU first so that planning can still move or drop parts before they reach the device.
-    backend = load_backend(model, device="cpu", dtype=dtype, drop_t5=args.drop_t5)
+    backend = load_backend(model, device="cpu", dtype=dtype, drop_t5=args.drop_t5, **text_window)
     note_loaded(backend, args.resolution)
     if sizes is None:
         if args.resolution == "original":
@@ -543,6 +622,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
     # Everything that changes a prediction; the journal refuses to mix results made otherwise.
     config = {
         "command": args.command,
+        "preset": getattr(args, "preset", None),
         "dataset": args.dataset,
         # "val" when not given, as before --split could be left out: older journals still resume.
         "split": args.split or "val",
