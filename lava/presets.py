@@ -98,8 +98,13 @@ SEG4DIFF = Preset(
         "noise: lava's is seeded (--seed, default 0); Seg4Diff draws it unseeded (BACKBONE.SEED None)",
         "attention arithmetic: Seg4Diff computes q·k and the softmax in fp16 under autocast; lava's "
         "slice kernels accumulate in float32 from the same fp16 q and k",
-        "class names: lava's tables (lava.evaluation.classnames) against Seg4Diff's datasets/*.json; "
-        "a name that differs gives another prompt",
+        "class names: lava prompts with its tables' prompt names (lava.evaluation.classnames: 'potted "
+        "plant', 'dining table', 'tv monitor'); Seg4Diff's datasets/voc20.json keeps VOC's raw "
+        "'pottedplant', 'diningtable', 'tvmonitor' (split at '-' only)",
+        "COCO-Object: Seg4Diff's coco_2017_test_object_wo_bg ignores background pixels (ignore_label 0) "
+        "but still names 'background' in the prompt when the ground truth holds some, and detectron2's "
+        "mIoU then counts background (predicted, never scored) as a class with IoU 0; lava's nearest is "
+        "--dataset coco_object80 (background neither named nor scored)",
     ),
 )
 

@@ -102,3 +102,18 @@ def test_stretched_resolution_ignores_the_aspect_ratio(tiny):
     from lava.cli.common import resolution
 
     assert resolution("1024X768") == "1024x768" and resolution("native") is None
+
+
+def test_coco_object80_scores_the_things_only(tmp_path):
+    import numpy as np
+    from eval_fixtures import make_coco_object
+
+    from lava.evaluation import dataset_info, load_dataset
+
+    info = dataset_info("coco_object80")
+    assert info.num_classes == 80 and info.background is None and info.classes[0] == "person"
+    assert info.classes == dataset_info("coco_object").classes[1:]
+    fake = make_coco_object(tmp_path, n=1)
+    _, label = load_dataset("coco_object80", fake.root)[0].load()
+    raw = fake.raw_labels[fake.ids[0]]
+    np.testing.assert_array_equal(label, np.where(raw == 0, 255, raw.astype(np.int64) - 1))
