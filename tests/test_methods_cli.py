@@ -204,3 +204,23 @@ def test_method_lists_agree():
 
     assert common.METHODS == runner.METHODS == METHODS
     assert common.METHOD_MODELS == DEFAULT_MODELS
+
+
+def test_documented_comparison_commands_parse():
+    """Every `lava eval`/`lava sweep` line of docs/evaluation.md's "Comparing methods" section is a
+    valid command line (parsed, not run: they name real weights and datasets)."""
+    import re
+    import shlex
+
+    from lava.cli import build_parser
+
+    text = (Path(__file__).parent.parent / "docs" / "evaluation.md").read_text()
+    section = text.split("## Comparing methods", 1)[1].split("\n## ", 1)[0]
+    block = section.replace("\\\n", " ")
+    lines = [m.group(1) for m in re.finditer(r"^\s*lava ((?:eval|sweep) .*)$", block, re.M)]
+    assert len(lines) >= 8
+    parser = build_parser()
+    for line in lines:
+        words = shlex.split(line.replace("$D", "/data").replace("$ds", "voc20"))
+        args = parser.parse_args(words)
+        assert args.command in ("eval", "sweep")
