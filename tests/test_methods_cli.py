@@ -224,3 +224,11 @@ def test_documented_comparison_commands_parse():
         words = shlex.split(line.replace("$D", "/data").replace("$ds", "voc20"))
         args = parser.parse_args(words)
         assert args.command in ("eval", "sweep")
+
+
+def test_models_lists_the_comparison_methods_and_presets(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "clip-vit-b16         --method maskclip: openai/clip-vit-base-patch16" in out
+    assert "sd1.5                --method stableseg: stable-diffusion-v1-5/stable-diffusion-v1-5" in out
+    assert "timestep 100 is unmeasured" in out and "seg4diff" in out

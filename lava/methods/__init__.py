@@ -57,4 +57,21 @@ def load_segmenter(method: str, model: str | None = None, **kw: Any) -> Segmente
     return _LOADERS[method](model or DEFAULT_MODELS[method], **kw)
 
 
-__all__ = ["DEFAULT_MODELS", "METHODS", "Segmenter", "is_segmenter", "load_segmenter"]
+def list_segmenters() -> list[tuple[str, str, str, Any]]:
+    """``(method, model name, what it loads, VariantDefaults)`` for the comparison methods' named
+    models (``lava models`` prints them). Any CLIP / SD 1.x-2.x hub id or folder also loads."""
+    from .maskclip import DEFAULTS as MASKCLIP_DEFAULTS
+    from .maskclip import HUB_IDS as CLIP_IDS
+    from .stableseg import HUB_IDS as SD_IDS
+    from .stableseg import defaults_for
+    from .tiny import TOY_SOURCE, tiny_clip_defaults
+
+    rows = [("maskclip", name, hub, MASKCLIP_DEFAULTS) for name, hub in CLIP_IDS.items()]
+    toy = "built in code, random weights (offline)"
+    rows.append(("maskclip", "tiny-clip", f"toy CLIP {toy}", tiny_clip_defaults()))
+    rows += [("stableseg", name, hub, defaults_for(16, 512)) for name, hub in SD_IDS.items()]
+    rows.append(("stableseg", "tiny-sd15", f"toy SD 1.5 {toy}", defaults_for(4, 32, TOY_SOURCE)))
+    return rows
+
+
+__all__ = ["DEFAULT_MODELS", "METHODS", "Segmenter", "is_segmenter", "list_segmenters", "load_segmenter"]

@@ -60,8 +60,23 @@ def build_tiny_clip(seed: int = 0):
     return model.eval().requires_grad_(False), tok
 
 
+TOY_SOURCE = "toy model with random weights: any setting is as good as any other"
+
+
+def tiny_clip_defaults() -> VariantDefaults:
+    from .maskclip import DEFAULTS
+
+    return VariantDefaults(
+        timestep=DEFAULTS.timestep,
+        layers=DEFAULTS.layers,
+        resolution=32,
+        source=TOY_SOURCE,
+        normalize=DEFAULTS.normalize,
+    )
+
+
 def load_tiny_clip(*, device=None, dtype=None, seed: int = 0, **_):
-    from .maskclip import DEFAULTS, MaskCLIP, SlideWindow
+    from .maskclip import MaskCLIP, SlideWindow
 
     dev = resolve_device(device if device is not None else "cpu")
     dt = resolve_dtype(dtype or "float32", dev)
@@ -71,13 +86,7 @@ def load_tiny_clip(*, device=None, dtype=None, seed: int = 0, **_):
         variant="tiny-clip",
         model=model.to(dev, dt),
         tokenizer=tok,
-        defaults=VariantDefaults(
-            timestep=DEFAULTS.timestep,
-            layers=DEFAULTS.layers,
-            resolution=32,
-            source="toy model with random weights: any setting is as good as any other",
-            normalize=DEFAULTS.normalize,
-        ),
+        defaults=tiny_clip_defaults(),
         device=dev,
         dtype=dt,
         # 32 px windows moved by 16 px, so a test image is read in several overlapping windows.
@@ -173,7 +182,7 @@ def load_tiny_sd15(*, device=None, dtype=None, seed: int = 0, **_):
             module.to(dtype=dt)
         module.to(dev)
     n = len(cross_attention_layers(pipe.unet))
-    defaults = defaults_for(n, 32, "toy model with random weights: any setting is as good as any other")
+    defaults = defaults_for(n, 32, TOY_SOURCE)
     return StableSeg(
         name="tiny-sd15",
         variant="tiny-sd15",
