@@ -244,3 +244,14 @@ def test_unet_noise_is_the_schedulers_add_noise(sd15):
         sd15.check_timestep(12.5)
     with pytest.raises(LavaError, match="out of range: tiny-sd15 has 4 cross-attention layers"):
         sd15.check_layers([4])
+
+
+def test_maskclip_text_cache_is_per_name_and_order_free():
+    from lava.methods import load_segmenter
+
+    seg = load_segmenter("maskclip", "tiny-clip")
+    first = seg.class_embeddings(["cat", "dog"])
+    again = seg.class_embeddings(["dog", "sofa", "cat"])
+    fresh = text_embeddings(seg.model, seg.tokenizer, ["dog", "sofa", "cat"])
+    torch.testing.assert_close(again, fresh)
+    torch.testing.assert_close(again[[2, 0]], first)

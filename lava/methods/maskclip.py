@@ -274,8 +274,9 @@ class MaskCLIP:
     templates: tuple[str, ...] = IMAGENET_TEMPLATES
     info: dict[str, Any] = field(default_factory=dict)
     method: str = "maskclip"
-    # Text embeddings per class list: the same vocabulary recurs for every image of a dataset.
-    _text_cache: dict = field(default_factory=dict, repr=False)
+    # Text embeddings per class name: under the present-classes protocol every image names another
+    # subset of the same dataset classes, and each name costs 80 text-encoder rows.
+    _text_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_blocks(self) -> int:
@@ -295,11 +296,12 @@ class MaskCLIP:
         return norm
 
     def class_embeddings(self, classes: Sequence[str]) -> torch.Tensor:
-        key = tuple(classes)
-        if key not in self._text_cache:
-            self._text_cache.clear()
-            self._text_cache[key] = text_embeddings(self.model, self.tokenizer, classes, self.templates)
-        return self._text_cache[key]
+        """``[C, D]`` unit-norm text embeddings of ``classes`` (``text_embeddings``), cached by name."""
+        missing = [c for c in dict.fromkeys(classes) if c not in self._text_cache]
+        if missing:
+            new = text_embeddings(self.model, self.tokenizer, missing, self.templates)
+            self._text_cache.update(zip(missing, new))
+        return torch.stack([self._text_cache[c] for c in classes])
 
     def heatmaps(
         self,
