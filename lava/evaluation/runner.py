@@ -24,6 +24,7 @@ from ..backends.base import Backend
 from ..capture import capture_views
 from ..errors import LavaError
 from ..mask import to_mask
+from ..methods import METHODS
 from ..methods.base import Segmenter, is_segmenter
 from ..noise import noise
 from ..prompts import encode_prompt
@@ -39,9 +40,6 @@ BACKGROUNDS = ("auto", "class", "threshold", "none")
 # Settings added after journals were first written, with the value every older journal was made
 # with: a journal that does not record one is checked against that value, not assumed to match.
 UNRECORDED_DEFAULTS = {"refine": None, "source": "attention", "method": "lava"}
-# The segmentation methods the harness runs: lava's MM-DiT attention, and the comparison methods of
-# ``lava.methods`` (segmenters that produce heatmaps; everything after them is shared).
-METHODS = ("lava", "maskclip", "stableseg")
 
 
 @dataclass(frozen=True)
