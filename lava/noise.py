@@ -9,7 +9,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from .backends.base import Backend
 from .errors import ImageError, LavaError
-from .images import ImageInput, fit_to_grid, load_images
+from .images import ImageInput, fit_to_grid, load_images, stretch_size
 from .types import NoisyLatents
 
 
@@ -28,18 +28,31 @@ def input_size(backend: Backend, size: tuple[int, int], resolution: int | str | 
     """Pixel size ``(H', W')`` fed to the VAE for an image of ``size = (H, W)``.
 
     ``resolution``: long side in pixels; ``None`` → the backend's native resolution;
-    ``"original"`` → the image's own size. Raises if it exceeds the position embedding.
+    ``"original"`` → the image's own size; ``"WxH"`` (e.g. ``"1024x1024"``) → that size whatever
+    the image's aspect ratio (stretched; sides rounded to the token grid). Raises if it exceeds
+    the position embedding.
     """
     unit = backend.grid_unit
+    stretched = stretch_size(resolution)
+    if stretched is not None:
+        out = tuple(max(unit, round(side / unit) * unit) for side in stretched)
+        _check_limit(backend, size, resolution, out)
+        return out
     if resolution is None:
         resolution = backend.defaults.resolution
     elif resolution == "original":
         resolution = max(size)
     elif not isinstance(resolution, int) or resolution <= 0:
         raise LavaError(
-            f"resolution must be a positive number of pixels, None or 'original', got {resolution!r}"
+            "resolution must be a positive number of pixels, None, 'original' or 'WxH' (e.g. '1024x1024'), "
+            f"got {resolution!r}"
         )
     out = fit_to_grid(size, int(resolution), unit)
+    _check_limit(backend, size, resolution, out)
+    return out
+
+
+def _check_limit(backend: Backend, size: tuple[int, int], resolution, out: tuple[int, int]) -> None:
     limit = backend.max_resolution
     if limit is not None and max(out) > limit:
         raise ImageError(
@@ -47,7 +60,6 @@ def input_size(backend: Backend, size: tuple[int, int], resolution: int | str | 
             f"{backend.name}'s position embedding covers at most {limit} px per side; "
             f"use a resolution <= {limit}"
         )
-    return out
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from .capture import capture
 from .errors import LavaError
 from .images import ImageInput, as_image_list, image_size, load_image, load_images
 from .mask import check_background_class, to_mask
+from .methods.base import Segmenter, is_segmenter
 from .noise import noise
 from .prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, encode_prompt
 from .refine import RefineSpec, split_refine
@@ -119,7 +120,7 @@ def segment(
     images: ImageInput | Sequence[ImageInput],
     classes: str | Sequence[str],
     *,
-    backend: Backend | str = "lava-shapes",
+    backend: Backend | Segmenter | str = "lava-shapes",
     timestep: float | None = None,
     sigma: float | None = None,
     layers: Sequence[int] | None = None,
@@ -150,7 +151,9 @@ def segment(
     Args:
         images: paths, PIL images or uint8 arrays (any mode; converted to RGB).
         classes: class names, or one comma-separated string.
-        backend: a loaded ``Backend`` or a name for ``load_backend``.
+        backend: a loaded ``Backend`` or a name for ``load_backend``, or a comparison method's
+            segmenter (``lava.methods.load_segmenter``: MaskCLIP, StableSeg-style UNet), which
+            replaces the noise/capture/aggregate stages and shares the mask stage.
         timestep / sigma: when to read the attention (default: the backend's).
         seed: the noise seed (default 0).
         timesteps / seeds: an ensemble instead: the maps of every timestep with every seed,
@@ -232,7 +235,7 @@ def segment_iter(
     images: ImageInput | Sequence[ImageInput],
     classes: str | Sequence[str],
     *,
-    backend: Backend | str = "lava-shapes",
+    backend: Backend | Segmenter | str = "lava-shapes",
     timestep: float | None = None,
     sigma: float | None = None,
     layers: Sequence[int] | None = None,
@@ -270,6 +273,41 @@ def segment_iter(
     if isinstance(backend, str):
         backend = load_backend(backend)
     inputs = as_image_list(images)
+    if is_segmenter(backend):  # a comparison method (lava.methods): its heatmaps, lava's mask stage
+        from .methods.segment import segment_with
+
+        lava_only = {
+            "sigma": (sigma, None),
+            "direction": (direction, "image_to_text"),
+            "softmax": (softmax, "joint"),
+            "heads": (heads, "mean"),
+            "impl": (impl, "auto"),
+            "source": (source, "attention"),
+            "prompt_batch": (prompt_batch, None),
+            "timesteps": (timesteps, None),
+            "seeds": (seeds, None),
+        }
+        yield from segment_with(
+            backend,
+            inputs,
+            classes,
+            timestep=timestep,
+            layers=layers,
+            seed=0 if seed is None else seed,
+            resolution=resolution,
+            template=template,
+            separator=separator,
+            max_classes_per_prompt=max_classes_per_prompt,
+            normalize=normalize,
+            background_threshold=background_threshold,
+            min_presence=min_presence,
+            aggregate_config=aggregate_config,
+            mask_config=mask_config,
+            refine=refine,
+            progress=progress,
+            lava_only=lava_only,
+        )
+        return
     prompt = encode_prompt(
         backend,
         classes,

@@ -133,6 +133,7 @@ def _load_tiny(
     offload_text_encoders: bool = False,
     variant: str = "sd3",
     seed: int = 0,
+    max_sequence_length: int = TINY_MAX_SEQUENCE_LENGTH,
     **kw,
 ) -> Backend:
     pipe = build_tiny_pipeline(variant, seed=seed, t5=not drop_t5, **kw)
@@ -143,7 +144,7 @@ def _load_tiny(
         device=dev,
         dtype=resolve_dtype(dtype or "float32", dev),
         offload_text_encoders=offload_text_encoders,
-        max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
+        max_sequence_length=max_sequence_length,
         defaults=DEFAULTS["tiny-sd3"],
     )
     backend.variant = f"tiny-{variant}"

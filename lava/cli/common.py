@@ -18,6 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_MODEL = "lava-shapes"
+# --method values (lava.evaluation.runner.METHODS, spelled out here: the parser imports no torch)
+# and the model each comparison method loads when --model is not given.
+METHODS = ("lava", "maskclip", "stableseg")
+METHOD_MODELS = {"maskclip": "clip-vit-b16", "stableseg": "sd1.5"}
+# Models built in code with random weights, for tests: their masks mean nothing.
+RANDOM_MODELS = ("tiny-sd3", "tiny-clip", "tiny-sd15")
 
 
 def note(message: str) -> None:
@@ -78,11 +84,14 @@ def views(text: str) -> list[tuple[str, str]]:
 def resolution(text: str) -> int | str | None:
     if text in ("native", "original"):
         return None if text == "native" else text
+    w, x, h = text.lower().partition("x")
+    if x and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0:
+        return f"{int(w)}x{int(h)}"  # every image stretched to W x H px (aspect not kept)
     try:
         value = int(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(
-            f"expected a number of pixels, 'native' or 'original', got {text!r}"
+            f"expected a number of pixels, 'native', 'original' or WxH like 1024x1024, got {text!r}"
         ) from err
     if value <= 0:
         raise argparse.ArgumentTypeError(f"resolution must be positive, got {value}")
@@ -97,6 +106,26 @@ LAYERS_HELP = "negative numbers count from the last block (-1 = the last)"
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
+    g.add_argument(
+        "--method",
+        choices=METHODS,
+        default="lava",
+        help="lava: MM-DiT joint attention (default); maskclip: MaskCLIP's CLIP ViT value features "
+        "(default model clip-vit-b16 = openai/clip-vit-base-patch16; tiny-clip for tests); stableseg: "
+        "Stable Diffusion UNet cross-attention, DAAM-style (default model sd1.5; sd2.1-base, tiny-sd15). "
+        "All run through the same data loading, protocols, mask stage and metrics",
+    )
+    from ..presets import PRESETS
+
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="a published setting in one flag: seg4diff = Seg4Diff's SD3-medium evaluation (T5 dropped, 154 "
+        "text tokens, fp16, images stretched to 1024x1024, block 9, timesteps[-8] of 28 with shift 3, "
+        "image->text joint softmax, heads mean, raw scores, CLIP class tokens averaged, present classes, "
+        "no background; see docs/evaluation.md). Options given as well win, and lava names them",
+    )
     g.add_argument(
         "--model",
         default=None,
@@ -163,7 +192,8 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
         "--resolution",
         type=resolution,
         default=None,
-        help="long image side fed to the model in px, 'native' (default) or 'original'; sides are "
+        help="long image side fed to the model in px, 'native' (default), 'original', or WxH such as "
+        "1024x1024 (every image stretched to that size, aspect not kept, as Seg4Diff does); sides are "
         "rounded to the model's token grid (multiples of 16 px for SD3: 1020 becomes 1024)",
     )
     g.add_argument(
@@ -249,10 +279,100 @@ def check_source(args: argparse.Namespace) -> None:
     loads: the concept view has neither."""
     from ..errors import LavaError
 
+    apply_preset(args)  # first: a preset fills options the checks below look at
+    check_method(args)  # every command that checks --source checks --method with it
     if args.source == "concept" and (args.direction, args.softmax) != ("image_to_text", "joint"):
         raise LavaError(
             "--source concept has no direction or softmax domain to choose: drop --direction/--softmax "
             f"(got {args.direction}/{args.softmax}) or use --source attention"
+        )
+
+
+def explicit_options(argv: Sequence[str]) -> set[str]:
+    """The destinations of the options typed in ``argv`` (not left at their defaults), found by
+    parsing it again with every default replaced by a marker (so abbreviations count too)."""
+    from . import build_parser
+
+    parser = build_parser()
+    unset = object()
+    parsers = [parser]
+    while parsers:
+        current = parsers.pop()
+        for action in current._actions:
+            action.default = unset
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+    return {key for key, value in vars(parser.parse_args(argv)).items() if value is not unset}
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the options of ``args.preset`` (``lava.presets``) that were not given on the command line.
+
+    Options given as well keep their value and are named in a note (the run then differs from the
+    published setting). A sweep keeps its own --timesteps/--layers grid. Refuses a preset of
+    another method than ``--method``'s."""
+    from ..errors import LavaError
+    from ..presets import PRESETS, seg4diff_timestep
+
+    if not getattr(args, "preset", None):
+        return
+    preset = PRESETS[args.preset]
+    given = explicit_options(getattr(args, "argv", None) or [])
+    if args.method != preset.method:
+        raise LavaError(
+            f"--preset {preset.name} is a setting of --method {preset.method}, not --method {args.method}"
+        )
+    if "model" not in given:
+        args.model = preset.model
+    kept = []
+    for key, value in preset.options.items():
+        if args.command == "sweep" and key in preset.grid:
+            continue  # a sweep varies these itself
+        if key == "timestep":
+            value = seg4diff_timestep()
+        if key != "max_sequence_length" and not hasattr(args, key):
+            continue  # an option this command does not have
+        if key in given:
+            if getattr(args, key) != value:
+                kept.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
+            continue
+        setattr(args, key, value)
+    if kept:
+        note(
+            f"--preset {preset.name}: kept the options given ({', '.join(kept)}) over the preset's values; "
+            f"this run does not reproduce {preset.paper} exactly"
+        )
+
+
+def check_method(args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, options that only lava's own method reads when ``--method``
+    names a comparison method (they would be silently ignored)."""
+    from ..errors import LavaError
+
+    if args.method == "lava":
+        return
+    defaults = {
+        "source": "attention",
+        "direction": "image_to_text",
+        "softmax": "joint",
+        "tokens": "all",
+        "attention_impl": "auto",
+        "drop_t5": False,
+        "offload_text_encoders": False,
+        "max_memory": None,
+        "prompt_batch": None,
+        "sigma": None,
+        "views": None,
+    }
+    given = [
+        f"--{key.replace('_', '-')}"
+        for key, value in defaults.items()
+        if hasattr(args, key) and getattr(args, key) != value
+    ]
+    if given:
+        raise LavaError(
+            f"{', '.join(given)} only apply to --method lava (MM-DiT attention); --method {args.method} "
+            "has no such choice: drop them"
         )
 
 
@@ -375,7 +495,25 @@ def load_backend_for(
     one-line summary instead); either way ``backend.info["memory_plan"]`` describes it."""
     from ..backends import load_backend
 
+    method = getattr(args, "method", "lava")
+    if method != "lava":
+        from ..methods import load_segmenter
+
+        model = args.model or METHOD_MODELS[method]
+        if args.model is None:
+            note(f"--method {method} with no --model: using {model}")
+        elif model in RANDOM_MODELS:
+            note(f"{model} has RANDOM weights, so its masks are meaningless (it exists for tests).")
+        return load_segmenter(method, model, device=device or args.device, dtype=args.dtype)
     model = args.model or DEFAULT_MODEL
+    wants = {m: method for method, m in METHOD_MODELS.items()} | {
+        "tiny-clip": "maskclip",
+        "tiny-sd15": "stableseg",
+    }
+    if model in wants:
+        from ..errors import ModelError
+
+        raise ModelError(f"{model} is a model for --method {wants[model]}, not for lava's MM-DiT attention")
     if args.model is None:
         note(
             f"no --model given, using {DEFAULT_MODEL}: a small model trained on synthetic shape scenes "
@@ -384,6 +522,12 @@ def load_backend_for(
         )
     elif model in ("tiny-sd3", "tiny-flux"):
         note(f"{model} has RANDOM weights, so its masks are meaningless (it exists for tests).")
+    # Set by a preset (Seg4Diff: 77, so 154 text tokens), else the model's own.
+    text_window = (
+        {"max_sequence_length": args.max_sequence_length}
+        if getattr(args, "max_sequence_length", None)
+        else {}
+    )
     if not args.max_memory:
         backend = load_backend(
             model,
@@ -391,6 +535,7 @@ def load_backend_for(
             dtype=args.dtype,
             drop_t5=args.drop_t5,
             offload_text_encoders=args.offload_text_encoders,
+            **text_window,
         )
         note_loaded(backend, args.resolution)
         return backend
@@ -402,7 +547,7 @@ def load_backend_for(
     target = resolve_device(device or args.device)
     dtype = resolve_dtype(args.dtype, target)
     # Load on the CPU first so that planning can still move or drop parts before they reach the device.
-    backend = load_backend(model, device="cpu", dtype=dtype, drop_t5=args.drop_t5)
+    backend = load_backend(model, device="cpu", dtype=dtype, drop_t5=args.drop_t5, **text_window)
     note_loaded(backend, args.resolution)
     if sizes is None:
         if args.resolution == "original":
@@ -490,17 +635,19 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         seeds=tuple(args.seeds) if args.seeds else None,
         resolution=args.resolution,
         impl=args.attention_impl,
+        method=args.method,
     )
     # Everything that changes a prediction; the journal refuses to mix results made otherwise.
     config = {
         "command": args.command,
+        "preset": getattr(args, "preset", None),
         "dataset": args.dataset,
         # "val" when not given, as before --split could be left out: older journals still resume.
         "split": args.split or "val",
         "model": backend.name,
         "variant": backend.variant,
         "dtype": str(backend.dtype),
-        "text_tokens": backend.text_len,
+        "text_tokens": getattr(backend, "text_len", None),
         **cells_spec,
         **{k: v for k, v in vars(settings).items()},
         **prediction_settings(backend, settings, dataset.info),
@@ -516,7 +663,10 @@ def prediction_settings(backend, settings, info) -> dict:
     Recorded in the eval/sweep journal (see ``Journal``) so that a resume cannot mix them.
     """
     from ..kernels import resolve_impl
+    from ..methods.base import is_segmenter
 
+    if is_segmenter(backend):  # its own settings: windows, templates, layer count...
+        return {**backend.prediction_settings(), "classes": list(info.prompt_names)}
     encoder = getattr(backend.pipe, "text_encoder", None)
     param = next(encoder.parameters(), None) if hasattr(encoder, "parameters") else None
     vae = backend.vae

@@ -26,4 +26,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'':20s}   source: {d.source}")
         print(f"{'':20s}   masks: {d.describe_mask()}")
         print(f"{'':20s}   source: {d.mask_source}")
+    from ..methods import list_segmenters
+    from ..presets import PRESETS
+
+    print("\ncomparison methods (--method NAME --model MODEL):")
+    for method, name, what, d in list_segmenters():
+        print(f"{name:20s} --method {method}: {what}")
+        if method == "stableseg":
+            layers = f"cross-attention layers {list(d.layers)}"
+            print(f"{'':20s}   timestep {d.timestep:g}, {layers}, resolution {d.resolution}")
+        else:
+            print(f"{'':20s}   short side {d.resolution} px")
+        print(f"{'':20s}   source: {d.source}")
+    print("\npresets (--preset NAME):")
+    for name, preset in PRESETS.items():
+        print(f"{name:20s} {preset.paper}: --method {preset.method} --model {preset.model}")
     return 0

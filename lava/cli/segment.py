@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     sets = [output_files(out, stem, args) for stem in stems]
     check_output_folder(out, [path for files in sets for path in files.values()])
     backend = load_backend_for(args, sizes=sizes, announce_plan=False)
-    note(run_summary(backend, args, sizes))
+    note(run_summary(backend, args, sizes) if args.method == "lava" else method_summary(backend, args))
     agg, mask = resolve_configs(
         backend,
         AggregateConfig(tokens=args.tokens),
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         min_presence=args.min_presence,
         classes=classes,
     )
-    if args.verbose:
+    if args.verbose and args.method == "lava":
         describe_reading(backend, classes, args, agg, mask)
     results = segment_iter(
         args.images,
@@ -246,6 +246,17 @@ def run_summary(backend, args: argparse.Namespace, sizes) -> str:
         within = backend.info.get("memory_plan_for")
         line += f"; memory plan{' ' + within if within else ''}: {backend.info['memory_plan']}"
     return line
+
+
+def method_summary(segmenter, args: argparse.Namespace) -> str:
+    """``lava segment``'s opening line for a comparison method (``--method``): what it reads, with
+    the timestep and layers checked first."""
+    d = segmenter.defaults
+    timestep = args.timestep if args.timestep is not None else d.timestep
+    segmenter.check_timestep(timestep)
+    segmenter.check_layers(args.layers if args.layers is not None else d.layers)
+    dtype = str(segmenter.dtype).removeprefix("torch.")
+    return f"running {segmenter.describe()}; {dtype} on {segmenter.device}"
 
 
 def describe_reading(backend, classes, args, agg, mask) -> None:

@@ -427,6 +427,11 @@ _SPECS: dict[str, _Spec] = {
     "coco_object": _Spec(
         _info("coco_object", cn.COCO_OBJECT_CLASSES, 0), _list_coco_object, _identity_table(81)
     ),
+    # COCO-Object without background (Seg4Diff's coco_2017_test_object_wo_bg): the 80 things only,
+    # background pixels ignored, ids shift down by one (as voc20 is to voc21).
+    "coco_object80": _Spec(
+        _info("coco_object80", cn.COCO_OBJECT_CLASSES[1:], None), _list_coco_object, _reduce_zero_table(80)
+    ),
     # ADE20K's 0 is "other objects", never scored (mmseg fixes reduce_zero_label=True).
     "ade20k": _Spec(_info("ade20k", cn.ADE20K_CLASSES, None), _list_ade20k, _reduce_zero_table(150)),
     "cityscapes": _Spec(

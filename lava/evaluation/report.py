@@ -62,6 +62,8 @@ def protocol_line(
     else:
         read = "attention " + "; ".join(f"{d}, softmax over {sm} keys" for d, sm in views)
     background = settings.background_mode(info)
+    if settings.method != "lava":  # a comparison method reads no attention view of lava's
+        return f"protocol={settings.protocol} ({vocab}); background={background}; method {settings.method}"
     return f"protocol={settings.protocol} ({vocab}); background={background}; {read}"
 
 
@@ -77,6 +79,7 @@ def write_eval_report(
     m = matrix.compute(info.classes)
     report = {
         "dataset": info.name,
+        "method": settings.method,
         "protocol": settings.protocol,
         "protocol_description": protocol_line(info, settings),
         "num_images": num_images,
@@ -148,7 +151,7 @@ def write_sweep(
         panels.append((view, times, labels, grid))
         md += [
             "",
-            f"**{view_name(view)}**",
+            f"**{view_name(view)}**" if settings.method == "lava" else f"**{settings.method}**",
             "",
             "| timestep \\ blocks | " + " | ".join(labels) + " |",
             "|---:|" + "---:|" * len(labels),
@@ -164,6 +167,7 @@ def write_sweep(
 
     summary = {
         "dataset": info.name,
+        "method": settings.method,
         "protocol": settings.protocol,
         "protocol_description": proto,
         "num_images": num_images,

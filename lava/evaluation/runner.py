@@ -25,6 +25,8 @@ from ..backends.base import Backend
 from ..capture import capture_views
 from ..errors import LavaError
 from ..mask import to_mask
+from ..methods import METHODS
+from ..methods.base import Segmenter, is_segmenter
 from ..noise import noise
 from ..prompts import encode_prompt
 from ..refine import check_refine, split_refine
@@ -38,7 +40,7 @@ PROTOCOLS = ("all", "present")
 BACKGROUNDS = ("auto", "class", "threshold", "none")
 # Settings added after journals were first written, with the value every older journal was made
 # with: a journal that does not record one is checked against that value, not assumed to match.
-UNRECORDED_DEFAULTS = {"refine": None, "source": "attention", "seeds": None}
+UNRECORDED_DEFAULTS = {"refine": None, "source": "attention", "seeds": None, "method": "lava"}
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class EvalSettings:
     ``seeds``: noise seeds whose maps are averaged (an ensemble) instead of ``seed`` alone.
     ``source``: ``"attention"`` reads the attention probabilities, ``"concept"`` the concept view
     (``lava.concept``; only with the default view image_to_text/joint).
+    ``method``: ``"lava"``, or the comparison method (``lava.methods``) whose segmenter is run:
+    it reads no direction, softmax, source or tokens, and keeps no attention to propagate with.
     """
 
     protocol: str = "all"
@@ -102,9 +106,24 @@ class EvalSettings:
     max_classes_per_prompt: int | None = None
     refine: str | None = None
     seeds: tuple[int, ...] | None = None
+    method: str = "lava"
 
     def __post_init__(self) -> None:
         check_refine(self.refine)
+        if self.method not in METHODS:
+            raise LavaError(f"method must be one of {METHODS}, got {self.method!r}")
+        lava_only = {"direction": "image_to_text", "softmax": "joint", "source": "attention", "tokens": "all"}
+        changed = [f"{k}={getattr(self, k)}" for k, v in lava_only.items() if getattr(self, k) != v]
+        if self.method != "lava" and changed:
+            raise LavaError(
+                f"{', '.join(changed)} choose how lava reads MM-DiT attention; method {self.method} has no "
+                "such choice: leave them at their defaults"
+            )
+        if self.method != "lava" and split_refine(self.refine)[0]:
+            raise LavaError(
+                f"refine propagate uses the MM-DiT's own image attention; method {self.method} keeps none: "
+                "refine with pamr only"
+            )
         if self.seeds is not None and (not self.seeds or self.seed != 0):
             raise LavaError(
                 f"give seeds (at least one) or seed, not both: seed={self.seed}, seeds={self.seeds}"
@@ -320,7 +339,7 @@ def _dense(entries: list[list[int]], num_classes: int) -> torch.Tensor:
 
 
 def run(
-    backend: Backend,
+    backend: Backend | Segmenter,
     dataset: SegmentationDataset,
     cells: Sequence[Cell],
     settings: EvalSettings,
@@ -377,7 +396,8 @@ def run(
         sample = dataset[i]
         image, label = sample.load()
         names, ids = vocabulary(info, label, settings)
-        if names not in prompts:
+        # A comparison method encodes its own prompts (inside its heatmaps call).
+        if names not in prompts and not is_segmenter(backend):
             prompts[names] = encode_prompt(
                 backend,
                 names,
@@ -387,12 +407,29 @@ def run(
             )
             if on_prompt is not None:
                 on_prompt(prompts[names])
-        prompt = prompts[names]
+        prompt = prompts.get(names)
         per_cell: dict[str, torch.Tensor] = {}
         # Each cell's maps of every run (timestep x seed) it averages; one capture is held at a time.
         runs: dict[int, list[Heatmaps]] = {ci: [] for ci in range(len(cells))}
         for t, idx in by_time.items():
             for seed in settings.noise_seeds:
+                if is_segmenter(backend):
+                    # One forward per timestep and seed too: the segmenter reads every cell's layers.
+                    heats = backend.heatmaps(
+                        image,
+                        names,
+                        timestep=t,
+                        layer_groups=[cells[ci].layers for ci in idx],
+                        normalize=settings.normalize,
+                        seed=seed,
+                        resolution=settings.resolution,
+                        template=settings.template,
+                        separator=settings.separator,
+                        max_classes_per_prompt=settings.max_classes_per_prompt,
+                    )
+                    for ci, heat in zip(idx, heats, strict=True):
+                        runs[ci].append(heat)
+                    continue
                 noisy = noise(backend, image, timestep=t, seed=seed, resolution=settings.resolution)
                 # One forward per timestep and seed: every block and view of its cells at once.
                 views = capture_views(

@@ -1,0 +1,94 @@
+"""``lava.segment`` for a comparison-method segmenter: its heatmaps, then lava's own mask stage.
+
+``lava.segment_iter(images, classes, backend=segmenter)`` lands here; the refinement, the
+background and presence rules and the label maps are the same code lava's method runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from ..errors import LavaError
+from ..images import ImageInput, load_image
+from ..mask import to_mask
+from ..prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, parse_classes
+from ..refine import check_refine, split_refine
+from ..refine import refine as refine_heatmaps
+from ..types import AggregateConfig, MaskConfig, Segmentation
+from .base import Segmenter
+
+
+def segment_with(
+    segmenter: Segmenter,
+    inputs: Sequence[ImageInput],
+    classes: str | Sequence[str],
+    *,
+    timestep: float | None = None,
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+    resolution: int | str | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    separator: str = DEFAULT_SEPARATOR,
+    max_classes_per_prompt: int | None = None,
+    normalize: str | None = None,
+    background_threshold: float | None = None,
+    min_presence: float | None = None,
+    aggregate_config: AggregateConfig | None = None,
+    mask_config: MaskConfig | None = None,
+    refine: str | None = None,
+    progress: bool = False,
+    lava_only: dict | None = None,
+) -> Iterator[tuple[int, Segmentation]]:
+    """Yields ``(index, Segmentation of that image)`` in input order, one image at a time.
+
+    ``lava_only``: the reading options of lava's own method the caller set (direction, softmax,
+    heads, source, sigma, ...) with their defaults; any changed one is refused, since the
+    segmenter would ignore it. ``aggregate_config.tokens``/``layers`` likewise."""
+    from ..pipeline import resolve_configs
+
+    changed = [k for k, (value, default) in (lava_only or {}).items() if value != default]
+    if aggregate_config is not None and aggregate_config.tokens != "all":
+        changed.append("tokens")
+    if changed:
+        raise LavaError(
+            f"{', '.join(changed)} choose how lava reads MM-DiT attention; method {segmenter.method} has "
+            "no such choice: leave them at their defaults"
+        )
+    names = parse_classes(classes)
+    layers = segmenter.check_layers(layers if layers is not None else segmenter.defaults.layers)
+    timestep = segmenter.defaults.timestep if timestep is None else timestep
+    segmenter.check_timestep(timestep)
+    agg, mask = resolve_configs(
+        segmenter,
+        aggregate_config,
+        mask_config,
+        normalize=normalize,
+        background_threshold=background_threshold,
+        min_presence=min_presence,
+        classes=names,
+    )
+    check_refine(refine)
+    if split_refine(refine)[0]:
+        raise LavaError(
+            f"refine propagate uses the MM-DiT's own image attention; method {segmenter.method} keeps none: "
+            "refine with pamr only"
+        )
+    for i in tqdm(range(len(inputs)), desc="segment", unit="image", disable=not progress):
+        image = load_image(inputs[i])
+        (heat,) = segmenter.heatmaps(
+            image,
+            names,
+            timestep=timestep,
+            layer_groups=[layers],
+            normalize=agg.normalize,
+            seed=seed,
+            resolution=resolution,
+            template=template,
+            separator=separator,
+            max_classes_per_prompt=max_classes_per_prompt,
+        )
+        if refine is not None:
+            heat = refine_heatmaps(heat, [image], method=refine)
+        yield i, to_mask(heat, config=mask, images=(image,))
