@@ -6,8 +6,9 @@
 Every method is a named setting of ``lava.reference.measure`` (the same settings whose mIoU that
 script reports), run through ``lava.segment`` on ``lava-shapes`` with all 12 class names, on the
 first ``--scenes`` held-out scenes of the hard split. All methods run in this one process, the
-plain call (``defaults``) first, and each is reported as the ratio of its median to the plain
-call's median, which is what survives a noisy shared machine. Peak memory is the largest total
+plain slice (``defaults-no-refine``: attention probabilities, no refinement) first, and each is
+reported as the ratio of its median to the plain slice's, which is what survives a noisy shared
+machine. Peak memory is the largest total
 of live tensor bytes during one call (``memprobe.peak_bytes``: the allocator's counter on CUDA,
 the profiler's memory events replayed on CPU).
 """
@@ -23,7 +24,17 @@ from pathlib import Path
 from memprobe import peak_bytes
 from PIL import Image
 
-METHODS = ("defaults", "concept", "defaults-pamr", "concept-pamr")
+METHODS = (
+    "defaults-no-refine",
+    "defaults",
+    "concept-no-refine",
+    "concept",
+    "propagate",
+    "propagate-pamr",
+    "seeds-5",
+    "timesteps-3",
+)
+BASE = "defaults-no-refine"  # the plain slice: attention probabilities, no refinement
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,8 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         p.error(f"unknown methods {unknown}: expected some of {list(SETTINGS)}")
-    if names[0] != "defaults":
-        names = ["defaults", *[n for n in names if n != "defaults"]]
+    names = [BASE, *[n for n in names if n != BASE]]
     backend = lava.load_backend("lava-shapes", device=a.device)
     classes = list(class_names()[1:])
     images = [Image.fromarray(make_scene(s).render(64)) for s in heldout_seeds(a.scenes, "hard")]
@@ -64,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         for image in images[:3]:
             peaks[name].append(peak_bytes(lambda image=image: call(image), a.device)[0])
 
-    base_t = statistics.median(seconds["defaults"])
-    base_m = statistics.median(peaks["defaults"])
+    base_t = statistics.median(seconds[BASE])
+    base_m = statistics.median(peaks[BASE])
     rows = []
     for name in names:
         t, m = statistics.median(seconds[name]), statistics.median(peaks[name])

@@ -24,7 +24,7 @@ from .mask import check_background_class, to_mask
 from .methods.base import Segmenter, is_segmenter
 from .noise import noise
 from .prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, encode_prompt
-from .refine import RefineSpec, split_refine
+from .refine import RefineSpec, resolve_refine, split_refine
 from .refine import refine as refine_heatmaps
 from .types import AggregateConfig, MaskConfig, Segmentation
 
@@ -187,8 +187,9 @@ def segment(
             attention, ``lava.propagate``; the capture then keeps their image queries and keys),
             a chain ``"propagate,pamr"`` / ``("propagate", "pamr")``, or ``Propagate(...)`` /
             ``PAMR(...)`` objects with their parameters. In an ensemble, propagation uses each
-            run's own attention before the mean, PAMR runs once after it. ``None`` (default) uses
-            the maps as aggregated.
+            run's own attention before the mean, PAMR runs once after it. ``None`` (default): the
+            backend's default (``backend.defaults.refine``: PAMR for ``lava-shapes``, none for
+            the SD3 and Flux models); ``"none"`` uses the maps as aggregated.
 
     Every image is read before any work starts. Returns a ``Segmentation`` with one label map
     per image, in input order, at original size. To handle each image as soon as it is done
@@ -273,6 +274,7 @@ def segment_iter(
     if isinstance(backend, str):
         backend = load_backend(backend)
     inputs = as_image_list(images)
+    refine = resolve_refine(refine, getattr(backend.defaults, "refine", None))
     if is_segmenter(backend):  # a comparison method (lava.methods): its heatmaps, lava's mask stage
         from .methods.segment import segment_with
 

@@ -34,6 +34,8 @@ from .propagate import propagate
 from .types import AttentionSlices, Heatmaps
 
 REFINE_METHODS = ("propagate", "pamr")
+# Turns a backend's default refinement off (``None`` asks for the default).
+NO_REFINE = "none"
 
 # The working grid: a few pixels per token is enough for colour edges to cut a token in parts,
 # and the cost grows with the pixels (48 neighbours × iterations): 4× the token grid, longer side
@@ -175,14 +177,26 @@ RefineSpec = str | RefineStep | Sequence[str | RefineStep] | None
 _STEPS: dict[str, type] = {"propagate": Propagate, "pamr": PAMR}
 
 
+def resolve_refine(method: RefineSpec, default: str | None) -> RefineSpec:
+    """The refinement a call runs: ``None`` → the backend's default (``VariantDefaults.refine``),
+    ``"none"`` → no refinement, anything else as given (the same rule as the mask settings:
+    ``None`` means "the model's own")."""
+    if method is None:
+        return default
+    if isinstance(method, str) and method.strip() == NO_REFINE:
+        return None
+    return method
+
+
 def refine_steps(method: RefineSpec) -> tuple[RefineStep, ...]:
-    """The chain ``method`` names, in order: ``None`` → ``()``; ``"pamr"``; ``"propagate,pamr"``;
-    a sequence of names or steps; a step with its parameters (``Propagate(iterations=2)``).
+    """The chain ``method`` names, in order: ``None`` or ``"none"`` → ``()``; ``"pamr"``;
+    ``"propagate,pamr"``; a sequence of names or steps; a step with its parameters
+    (``Propagate(iterations=2)``).
 
     Refuses unknown names, and propagation after PAMR (PAMR leaves the token grid that
     propagation's attention is defined on).
     """
-    if method is None:
+    if method is None or (isinstance(method, str) and method.strip() == NO_REFINE):
         return ()
     if isinstance(method, str):
         items: list = method.split(",")

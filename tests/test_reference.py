@@ -162,7 +162,9 @@ def test_open_vocabulary_gate_on_heldout_scenes(shapes, split):
     assert colour["all"] >= 0.85 * colour["present"], colour
 
 
-@pytest.mark.parametrize("name", ["defaults", "minmax-0.4", "raw", "defaults-cross", "split-4"])
+@pytest.mark.parametrize(
+    "name", ["defaults", "minmax-0.4", "raw", "defaults-cross", "split-4", "defaults-no-refine", "concept"]
+)
 def test_measure_reads_what_segment_gives(shapes, name):
     # measure.py shares one forward between settings; each label map must equal the public call's.
     scene = make_scene(heldout_seeds(3, "hard")[2])
@@ -172,7 +174,14 @@ def test_measure_reads_what_segment_gives(shapes, name):
     got = scene_labels(shapes, Image.fromarray(image), classes, [SETTINGS["minmax-none"], s], 64)[1]
     kw = {
         k: getattr(s, k)
-        for k in ("normalize", "background_threshold", "min_presence", "max_classes_per_prompt")
+        for k in (
+            "normalize",
+            "background_threshold",
+            "min_presence",
+            "max_classes_per_prompt",
+            "refine",
+            "source",
+        )
     }
     seg = lava.segment(image, classes, backend=shapes, softmax=s.softmax, **kw)
     assert np.array_equal(got, to_global(seg.labels[0], seg.classes, "colour_shape"))

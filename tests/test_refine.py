@@ -161,7 +161,7 @@ def test_segment_with_refine_runs_on_both_backends(which, request):
     backend = request.getfixturevalue(which)
     img = scene(40, 56)
     classes = ["red square", "blue circle"] if which == "shapes" else ["cat", "dog"]
-    plain = lava.segment(img, classes, backend=backend)
+    plain = lava.segment(img, classes, backend=backend, refine="none")
     seg = lava.segment(img, classes, backend=backend, refine="pamr")
     assert seg.labels[0].shape == (40, 56) and seg.scores[0].shape == (2, 40, 56)
     assert seg.classes == plain.classes
@@ -235,3 +235,33 @@ def test_sweep_accepts_refine(voc, tmp_path):
     assert main([*args, "--limit", "1", "--timesteps", "300", "--layers", "1", "--refine", "pamr"]) == 0
     header = json.loads((out / "journal.rank0.jsonl").read_text().splitlines()[0])
     assert header["config"]["refine"] == "pamr"
+
+
+def test_the_backend_default_refinement_and_none(tiny, shapes):
+    """``refine=None`` takes the backend's default (PAMR for lava-shapes, none for tiny-sd3);
+    ``"none"`` turns it off; the CLI and eval record what ran."""
+    img = scene(40, 56)
+    assert shapes.defaults.refine == "pamr" and tiny.defaults.refine is None
+    classes = ["red square", "blue circle"]
+    default = lava.segment(img, classes, backend=shapes)
+    pamr = lava.segment(img, classes, backend=shapes, refine="pamr")
+    off = lava.segment(img, classes, backend=shapes, refine="none")
+    assert torch.equal(default.scores[0], pamr.scores[0])
+    assert not torch.equal(default.scores[0], off.scores[0])
+    assert torch.equal(
+        lava.segment(img, ["cat", "dog"], backend=tiny).scores[0],
+        lava.segment(img, ["cat", "dog"], backend=tiny, refine="none").scores[0],
+    )
+    assert "refine pamr" in shapes.defaults.describe_mask()
+
+
+def test_cli_default_refinement_is_announced_and_can_be_turned_off(tmp_path, capsys):
+    from lava.cli import main
+
+    path = tmp_path / "in.png"
+    scene(40, 56).save(path)
+    base = ["segment", str(path), "--classes", "red square,blue circle", "--out", str(tmp_path / "o")]
+    assert main(base) == 0
+    assert "refine pamr" in capsys.readouterr().err
+    assert main([*base, "--refine", "none"]) == 0
+    assert "refine" not in capsys.readouterr().err.split("running", 1)[1].splitlines()[0]

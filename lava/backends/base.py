@@ -35,11 +35,13 @@ class VariantDefaults:
     background_threshold: float | None = None
     min_presence: float | None = None
     mask_source: str = "lava's generic mask settings, not measured for this model"
+    refine: str | None = None
 
     def describe_mask(self) -> str:
         bg = "none" if self.background_threshold is None else f"threshold {self.background_threshold:g}"
         presence = "" if self.min_presence is None else f", min presence {self.min_presence:g}"
-        return f"normalize {self.normalize}, background {bg}{presence}"
+        refine = "" if self.refine is None else f", refine {self.refine}"
+        return f"normalize {self.normalize}, background {bg}{presence}{refine}"
 
 
 @dataclass

@@ -162,8 +162,10 @@ def refine_method(text: str) -> str:
     """``--refine`` values: a refinement ``lava.refine`` knows, or a comma-separated chain of them
     (checked here, before the model loads); returned as the chain's canonical name."""
     from ..errors import LavaError
-    from ..refine import REFINE_METHODS, refine_name
+    from ..refine import NO_REFINE, REFINE_METHODS, refine_name
 
+    if text.strip() == NO_REFINE:
+        return NO_REFINE
     unknown = [m.strip() for m in text.split(",") if m.strip() not in REFINE_METHODS]
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -263,7 +265,8 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
         help="refine the class maps before labelling, in the order given: 'propagate' (spread them "
         "along the captured blocks' own image-to-image attention, on the token grid), 'pamr' "
         "(pixel-adaptive mask refinement with the image colours, on a grid 4x the token grid, longer "
-        "side <= 256 px), or the chain 'propagate,pamr'; see docs/method.md. Default: none",
+        "side <= 256 px), or the chain 'propagate,pamr'; 'none' turns the model's default off; see "
+        "docs/method.md. Default: the model's (`lava models`; pamr for lava-shapes, none elsewhere)",
     )
     add_verbose_option(g)
     g.add_argument(
@@ -603,6 +606,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
     from ..evaluation import distributed
     from ..evaluation.datasets import load_dataset
     from ..evaluation.runner import EvalSettings
+    from ..refine import refine_name, resolve_refine
 
     check_source(args)
     device = distributed.init(args.device)
@@ -630,7 +634,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         normalize=args.normalize or d.normalize,
         min_presence=(args.min_presence or None) if args.min_presence is not None else d.min_presence,
         max_classes_per_prompt=args.max_classes_per_prompt,
-        refine=args.refine,
+        refine=refine_name(resolve_refine(args.refine, getattr(d, "refine", None))),
         seed=args.seed,
         seeds=tuple(args.seeds) if args.seeds else None,
         resolution=args.resolution,

@@ -211,6 +211,7 @@ def run_summary(backend, args: argparse.Namespace, sizes) -> str:
     so instead of announcing itself.
     """
     from ..noise import input_size
+    from ..refine import refine_name, resolve_refine
 
     d = backend.defaults
     if args.sigma is not None:
@@ -242,6 +243,9 @@ def run_summary(backend, args: argparse.Namespace, sizes) -> str:
         f"running {backend.name} (variant {backend.variant}): {when}, blocks {blocks}, {res}, "
         f"{dtype} on {backend.device}, {text}"
     )
+    refine = refine_name(resolve_refine(args.refine, getattr(d, "refine", None)))
+    if refine is not None:
+        line += f", refine {refine}"
     if "memory_plan" in backend.info:
         within = backend.info.get("memory_plan_for")
         line += f"; memory plan{' ' + within if within else ''}: {backend.info['memory_plan']}"

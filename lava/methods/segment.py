@@ -14,7 +14,7 @@ from ..errors import LavaError
 from ..images import ImageInput, load_image
 from ..mask import to_mask
 from ..prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, parse_classes
-from ..refine import check_refine, split_refine
+from ..refine import check_refine, refine_steps, split_refine
 from ..refine import refine as refine_heatmaps
 from ..types import AggregateConfig, MaskConfig, Segmentation
 from .base import Segmenter
@@ -89,6 +89,6 @@ def segment_with(
             separator=separator,
             max_classes_per_prompt=max_classes_per_prompt,
         )
-        if refine is not None:
+        if refine_steps(refine):
             heat = refine_heatmaps(heat, [image], method=refine)
         yield i, to_mask(heat, config=mask, images=(image,))

@@ -18,9 +18,9 @@ __all__ = ["BACKGROUND_THRESHOLD", "REFERENCE_DEFAULTS", "load_reference_backend
 
 # Where to read: ``python -m lava.reference.sweep --scenes 60`` (docs/reference-model.md): block 0
 # of 4 at t = 50. How to mask: ``python -m lava.reference.measure --tune --timestep 50 --layers 0``
-# ranks normalisation × background threshold × presence floor by mean mIoU over both held-out
-# splits and both protocols (scene's own classes / all 12 names), on scenes the reported table
-# does not use (docs/open-vocabulary.md).
+# ranks normalisation × background threshold × presence floor × refinement (none / PAMR) by mean
+# mIoU over both held-out splits and both protocols (scene's own classes / all 12 names), on
+# scenes the reported table does not use (docs/open-vocabulary.md, docs/method.md).
 REFERENCE_DEFAULTS = VariantDefaults(
     timestep=50.0,
     layers=(0,),
@@ -30,9 +30,11 @@ REFERENCE_DEFAULTS = VariantDefaults(
     background_threshold=0.2,
     min_presence=0.3,
     mask_source=(
-        "measured by lava.reference.measure --tune on 2×200 held-out tuning scenes, both protocols: "
-        "per-class min-max, background below 0.2, classes under 0.3 of the strongest peak dropped"
+        "measured by lava.reference.measure --tune on held-out tuning scenes, both protocols: "
+        "per-class min-max, background below 0.2, classes under 0.3 of the strongest peak dropped, "
+        "maps refined by PAMR"
     ),
+    refine="pamr",
 )
 # Background is a threshold on the min-max normalised maps (``MaskConfig(background_threshold=…)``):
 # a class named "background" in the prompt localises worse in this model (sweep.py measures both).

@@ -54,7 +54,8 @@ class Setting:
     presence: str = "peak"  # "peak" (Heatmaps.presence from the maps) or "denoise"
     softmax: str = "joint"
     max_classes_per_prompt: int | None = None
-    refine: str | None = None  # a lava.refine method applied after normalisation (None: none)
+    # A lava.refine chain applied after normalisation: None takes the backend's default, "none" none.
+    refine: str | None = None
     source: str = "attention"  # what the capture reads: attention probabilities or the concept view
     # More lava.segment keywords (e.g. ensembles). A setting with any runs through lava.segment
     # itself instead of sharing the other settings' forward pass.
@@ -62,6 +63,13 @@ class Setting:
 
     def capture_key(self) -> tuple[int | None, str]:
         return self.max_classes_per_prompt, self.source
+
+    def needs_own_run(self, backend) -> bool:
+        """Whether this setting runs through ``lava.segment`` itself: extra keywords, or a
+        propagation step (it needs the capture's own image queries and keys)."""
+        from lava.refine import resolve_refine, split_refine
+
+        return bool(self.call) or bool(split_refine(resolve_refine(self.refine, backend.defaults.refine))[0])
 
     def segment_kwargs(self) -> dict[str, Any]:
         """The ``lava.segment`` keywords of this setting (``None``: the backend's default)."""
@@ -78,36 +86,44 @@ class Setting:
 
 
 # Each row changes one or two things against the plain call, so the table shows what each is worth.
+# refine=None takes the backend's default (PAMR for lava-shapes); rows that stand for settings
+# from before that default (or from other work) say refine="none".
 SETTINGS: dict[str, Setting] = {
-    "defaults": Setting("the plain call lava.segment(image, classes): the backend's mask defaults"),
+    "defaults": Setting("the plain call lava.segment(image, classes): the backend's defaults"),
     "minmax-none": Setting(
-        "per-class min-max, no background, no presence floor (the plain call before this change)",
+        "per-class min-max, no background, no presence floor (the plain call before the open-vocabulary "
+        "defaults)",
         normalize="minmax",
         background_threshold=0,
         min_presence=0,
+        refine="none",
     ),
     "minmax-0.4": Setting(
-        "per-class min-max, background below 0.4 (the hand-tuned flags before this change)",
+        "per-class min-max, background below 0.4 (the hand-tuned flags before the open-vocabulary defaults)",
         normalize="minmax",
         background_threshold=0.4,
         min_presence=0,
+        refine="none",
     ),
     "raw": Setting(
-        "raw probabilities (no normalisation), no background: Seg4Diff's choice",
+        "raw probabilities (no normalisation), no background, no refinement: Seg4Diff's choice",
         normalize="none",
         background_threshold=0,
         min_presence=0,
+        refine="none",
     ),
     "global-0.4": Setting(
-        "min-max over all classes of the image together, background below 0.4",
+        "min-max over all classes of the image together, background below 0.4, no refinement",
         normalize="global",
         background_threshold=0.4,
         min_presence=0,
+        refine="none",
     ),
     "minmax-0.4-peak": Setting(
         "minmax-0.4 plus the defaults' presence floor on the map peaks",
         normalize="minmax",
         background_threshold=0.4,
+        refine="none",
     ),
     "defaults-denoise": Setting(
         "defaults, presence from the denoising error instead of map peaks", presence="denoise"
@@ -117,13 +133,25 @@ SETTINGS: dict[str, Setting] = {
     ),
     "split-4": Setting("defaults, classes forced into prompts of at most 4 names", max_classes_per_prompt=4),
     "split-1": Setting("defaults, one prompt per class", max_classes_per_prompt=1),
-    "defaults-pamr": Setting("defaults, maps refined with the image by PAMR (lava.refine)", refine="pamr"),
+    "defaults-no-refine": Setting(
+        "defaults without PAMR: the maps as aggregated (the plain call before PAMR became the default)",
+        refine="none",
+    ),
     "concept": Setting(
         "defaults, concept view (lava.concept: attention outputs, softmax over classes) instead of "
         "attention probabilities",
         source="concept",
     ),
-    "concept-pamr": Setting("concept view, then PAMR", source="concept", refine="pamr"),
+    "concept-no-refine": Setting("concept view, no refinement", source="concept", refine="none"),
+    "propagate-pamr": Setting(
+        "defaults, maps propagated by block 0's own image attention (lava.propagate, 1 step) before PAMR",
+        refine="propagate,pamr",
+    ),
+    "propagate": Setting("maps propagated by the block's image attention, no PAMR", refine="propagate"),
+    "seeds-5": Setting("defaults, maps averaged over noise seeds 0-4", call=(("seeds", (0, 1, 2, 3, 4)),)),
+    "timesteps-3": Setting(
+        "defaults, maps averaged over timesteps 20, 50, 100", call=(("timesteps", (20.0, 50.0, 100.0)),)
+    ),
 }
 
 # --tune: every combination, joint softmax, peak and denoise presence.
@@ -132,6 +160,7 @@ TUNE_GRID = {
     "background_threshold": (0, 0.1, 0.2, 0.3, 0.4, 0.5),
     "min_presence": (0, 0.3, 0.5, 0.7, 0.8, 0.9),
     "presence": ("peak", "denoise"),
+    "refine": ("none", "pamr"),
 }
 
 
@@ -143,12 +172,13 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
     from lava.pipeline import resolve_configs
     from lava.presence import denoising_presence, with_presence
     from lava.refine import refine as lava_refine
+    from lava.refine import refine_steps, resolve_refine
 
     noisy = lava.noise(backend, image)
     # One capture per prompt split, holding only the softmax domains some setting reads.
     domains: dict[tuple[int | None, str], list[str]] = {}
     for s in settings:
-        if s.call:
+        if s.needs_own_run(backend):
             continue
         domains.setdefault(s.capture_key(), [])
         if s.softmax not in domains[s.capture_key()]:
@@ -157,7 +187,7 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
     denoised: dict = {}
     out = []
     for s in settings:
-        if s.call:
+        if s.needs_own_run(backend):
             seg = lava.segment(image, classes, backend=backend, **s.segment_kwargs())
             out.append(to_global(seg.labels[0], seg.classes, "colour_shape"))
             continue
@@ -188,8 +218,9 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
             if key not in denoised:
                 denoised[key] = denoising_presence(backend, noisy, prompt)
             heat = with_presence(heat, denoised[key])
-        if s.refine is not None:
-            heat = lava_refine(heat, [image], method=s.refine)
+        refine = resolve_refine(s.refine, backend.defaults.refine)
+        if refine_steps(refine):
+            heat = lava_refine(heat, [image], method=refine)
         seg = lava.to_mask(heat, [(size, size)], config=mask)
         out.append(to_global(seg.labels[0], seg.classes, "colour_shape"))
     return out
@@ -294,13 +325,12 @@ def markdown(rows: list[dict], metric: str = "miou") -> str:
 
 
 def tune_settings() -> dict[str, Setting]:
-    grid = TUNE_GRID
     out = {}
-    for norm, bg, pres, how in itertools.product(*grid.values()):
+    for norm, bg, pres, how, refine in itertools.product(*TUNE_GRID.values()):
         if how == "denoise" and pres == 0:
             continue
-        out[f"{norm} bg={bg} presence={how}>={pres}"] = Setting(
-            "tuning", normalize=norm, background_threshold=bg, min_presence=pres, presence=how
+        out[f"{norm} bg={bg} presence={how}>={pres} refine={refine}"] = Setting(
+            "tuning", normalize=norm, background_threshold=bg, min_presence=pres, presence=how, refine=refine
         )
     return out
 
