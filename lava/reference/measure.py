@@ -324,9 +324,21 @@ def markdown(rows: list[dict], metric: str = "miou") -> str:
     return "\n".join(lines) + "\n"
 
 
-def tune_settings() -> dict[str, Setting]:
+def parse_grid(text: str | None) -> dict[str, tuple]:
+    """``TUNE_GRID`` with some axes narrowed: ``"normalize=minmax;min_presence=0.3,0.5"``."""
+    grid = dict(TUNE_GRID)
+    for item in filter(None, (text or "").split(";")):
+        key, _, values = item.partition("=")
+        if key not in grid:
+            raise ValueError(f"unknown tuning axis {key!r}: expected one of {list(grid)}")
+        cast = type(grid[key][0])
+        grid[key] = tuple(v if cast is str else float(v) for v in values.split(","))
+    return grid
+
+
+def tune_settings(grid: dict[str, tuple] | None = None) -> dict[str, Setting]:
     out = {}
-    for norm, bg, pres, how, refine in itertools.product(*TUNE_GRID.values()):
+    for norm, bg, pres, how, refine in itertools.product(*(grid or TUNE_GRID).values()):
         if how == "denoise" and pres == 0:
             continue
         out[f"{norm} bg={bg} presence={how}>={pres} refine={refine}"] = Setting(
@@ -351,6 +363,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", default=None, help="comma-separated blocks to read (default: the model's)")
     p.add_argument("--tune", action="store_true", help="rank TUNE_GRID on the next --scenes seeds instead")
     p.add_argument(
+        "--grid",
+        default=None,
+        help="with --tune, narrow axes of TUNE_GRID, e.g. 'normalize=minmax;min_presence=0.3,0.5'",
+    )
+    p.add_argument(
         "--figure",
         default=None,
         help="also draw the first 4 hard held-out scenes (all 12 names) under each setting to this PNG",
@@ -365,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         timestep = a.timestep if a.timestep is not None else backend.defaults.timestep
         backend.defaults = dataclasses.replace(backend.defaults, timestep=timestep, layers=layers)
     if a.tune:
-        named = tune_settings()
+        named = tune_settings(parse_grid(a.grid))
     else:
         unknown = [n for n in a.settings.split(",") if n not in SETTINGS]
         if unknown:
