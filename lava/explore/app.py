@@ -1,0 +1,443 @@
+"""The Gradio layout of ``lava explore``: widgets wired to ``Explorer`` (``session.py``).
+
+Every model call goes through one queue slot (``concurrency_id="model"``, limit 1), so tabs and
+API clients wait their turn and none fails; the ``Explorer`` lock guards the model as well.
+Handlers never raise into Gradio: bad input becomes lava's one-line message in the status box
+(the API endpoint raises ``gr.Error`` with it), so no traceback reaches a page and the server
+keeps serving.
+
+Files: Gradio stores uploads, and serves files, only inside the app's temporary folder (its
+``GRADIO_TEMP_DIR``, set by ``serve`` before Gradio is imported); the shipped examples are copied
+there, results are written there, and ``Explorer.load`` refuses any image path outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import LavaError
+from .render import grid_image, heat_gallery, write_downloads
+from .session import (
+    BACKGROUNDS,
+    DIRECTIONS,
+    SOFTMAXES,
+    TOKENS,
+    Explorer,
+    error_message,
+    parse_timesteps,
+    settings_from_ui,
+)
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
+INSTALL_HINT = 'pip install -e ".[explore]" in a clone of lava, or pip install "lava-seg[explore]"'
+DEFAULT_MAX_UPLOAD = "10mb"
+
+
+def require_gradio():
+    """The ``gradio`` module, or a ``LavaError`` that says how to install it."""
+    try:
+        import gradio
+    except ImportError:
+        raise LavaError(f"lava explore needs Gradio, an optional extra: {INSTALL_HINT}") from None
+    return gradio
+
+
+def copy_examples(folder: Path) -> dict[str, tuple[Path, str]]:
+    """The shipped example scenes copied into ``folder``: ``{name: (image path, classes text)}``.
+
+    Copies, not the package's own files: Gradio serves only the app's folder."""
+    scenes = json.loads((EXAMPLES_DIR / "examples.json").read_text())["scenes"]
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for scene in scenes:
+        target = folder / scene["image"]
+        shutil.copyfile(EXAMPLES_DIR / scene["image"], target)
+        out[Path(scene["image"]).stem] = (target, ", ".join(scene["classes"]))
+    return out
+
+
+def _describe(result, sigma: float, seconds: float) -> str:
+    s = result.settings
+    ran = (
+        f"{result.forwards} model forward in {seconds:.2f} s"
+        if result.forwards
+        else f"maps from this session's cache, no model run ({seconds:.2f} s)"
+    )
+    blocks = ", ".join(map(str, s.layers))
+    mean = " (mean)" if len(s.layers) > 1 else ""
+    bg = {"threshold": f"background below {s.background_threshold:g}", "none": "no background"}.get(
+        s.background, "background named as a class"
+    )
+    return (
+        f"**{len(s.classes)} classes** · t = {s.timestep:g} (σ {sigma:.3f}) · blocks {blocks}{mean} · "
+        f"{s.source}{'' if s.source == 'concept' else f' {s.direction}/{s.softmax}'} · {bg} · {ran}"
+    )
+
+
+def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results_dir: Path):
+    """The ``gr.Blocks`` app over ``explorer``; ``results_dir`` (inside the app folder) receives
+    each request's download files."""
+    gr = require_gradio()
+    backend = explorer.backend
+    d = backend.defaults
+    n_time = backend.num_train_timesteps
+    block_names = [str(i) for i in backend.joint_blocks]
+    results_dir.mkdir(parents=True, exist_ok=True)
+
+    def progress_of(progress):
+        return lambda fraction, message: progress(fraction, desc=message)
+
+    with gr.Blocks(title=f"lava explore — {backend.name}", delete_cache=(3600, 3600)) as app:
+        cache = gr.State(None)
+        gr.Markdown(
+            f"## lava explore · `{backend.name}`\n{backend.describe()}. Pick an image and name the "
+            "classes; the map depends strongly on the timestep and the block it is read from."
+        )
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                image = gr.Image(
+                    label="image",
+                    type="filepath",
+                    image_mode=None,  # keep the file as sent: lava's own loader converts it
+                    sources=["upload", "clipboard"],
+                    format="png",
+                    height=260,
+                    elem_id="image",
+                )
+                example = gr.Dropdown(
+                    choices=list(examples),
+                    value=None,
+                    label="or a shipped example",
+                    elem_id="example",
+                )
+                classes = gr.Textbox(
+                    label="classes (comma-separated; Enter runs)",
+                    placeholder="red square, blue triangle, yellow circle",
+                    elem_id="classes",
+                )
+                with gr.Row():
+                    timestep = gr.Slider(
+                        0, n_time - 1, value=d.timestep, step=1, label="timestep", elem_id="timestep", scale=3
+                    )
+                    sigma = gr.Number(
+                        value=round(backend.sigma_for_timestep(d.timestep), 4),
+                        label="σ",
+                        minimum=0,
+                        maximum=0.999,
+                        step=0.001,
+                        elem_id="sigma",
+                        scale=1,
+                    )
+                blocks = gr.CheckboxGroup(
+                    block_names,
+                    value=[str(i) for i in d.layers],
+                    label="blocks (the mean of the selected)",
+                    elem_id="blocks",
+                )
+                with gr.Accordion("how the attention is read", open=False):
+                    source = gr.Radio(["attention", "concept"], value="attention", label="source")
+                    direction = gr.Radio(list(DIRECTIONS), value="image_to_text", label="direction")
+                    softmax = gr.Radio(list(SOFTMAXES), value="joint", label="softmax domain")
+                    tokens = gr.Radio(list(TOKENS), value="all", label="class tokens")
+                    normalize = gr.Dropdown(
+                        ["default", "minmax", "global", "classes", "none"],
+                        value="default",
+                        label=f"normalisation (default: {d.normalize})",
+                    )
+                    refine = gr.Radio(["none", "pamr"], value="none", label="refine")
+                    seed = gr.Number(value=0, precision=0, label="noise seed")
+                with gr.Accordion("background (no model run)", open=True):
+                    background = gr.Radio(
+                        list(BACKGROUNDS),
+                        value="threshold" if d.background_threshold is not None else "none",
+                        label="background",
+                        info="threshold: weak pixels are background · none: every pixel gets a class · "
+                        "class: name 'background' in the prompt",
+                    )
+                    threshold = gr.Slider(
+                        0, 1, value=d.background_threshold or 0.0, step=0.01, label="background threshold"
+                    )
+                    presence = gr.Slider(
+                        0,
+                        1,
+                        value=d.min_presence or 0.0,
+                        step=0.01,
+                        label="min presence (0: every class competes)",
+                    )
+                run = gr.Button("Segment", variant="primary", elem_id="run")
+                status = gr.Markdown(
+                    "Upload an image or pick an example, name the classes, press Segment.", elem_id="status"
+                )
+            with gr.Column(scale=2):
+                with gr.Tab("segmentation"):
+                    with gr.Row():
+                        overlay = gr.Image(
+                            label="overlay", format="png", interactive=False, elem_id="overlay"
+                        )
+                        labels = gr.Image(
+                            label="label map", format="png", interactive=False, elem_id="labels"
+                        )
+                    heatmaps = gr.Gallery(
+                        label="one heatmap per class",
+                        columns=4,
+                        format="png",
+                        height="auto",
+                        elem_id="heatmaps",
+                    )
+                    downloads = gr.File(
+                        label="downloads", file_count="multiple", interactive=False, elem_id="downloads"
+                    )
+                with gr.Tab("timestep × block grid"):
+                    with gr.Row():
+                        grid_class = gr.Dropdown(
+                            [], label="class", allow_custom_value=True, elem_id="grid_class"
+                        )
+                        grid_times = gr.Textbox(
+                            value=",".join(str(t) for t in _spread(n_time)),
+                            label="timesteps",
+                            elem_id="grid_times",
+                        )
+                    grid_blocks = gr.CheckboxGroup(
+                        block_names, value=block_names, label="blocks", elem_id="grid_blocks"
+                    )
+                    grid_run = gr.Button("Compute grid (one forward per timestep)", elem_id="grid_run")
+                    grid_status = gr.Markdown("", elem_id="grid_status")
+                    grid = gr.Image(
+                        label="class map: timestep × block", format="png", interactive=False, elem_id="grid"
+                    )
+
+        # the API endpoint: hidden widgets, model defaults (what `lava segment` does with no options)
+        with gr.Row(visible=False):
+            api_image = gr.Image(type="filepath", image_mode=None, format="png")
+            api_classes = gr.Textbox()
+            api_overlay = gr.Image(format="png")
+            api_labels = gr.Image(format="png")
+            api_button = gr.Button()
+
+        reading = [
+            image,
+            classes,
+            timestep,
+            blocks,
+            source,
+            direction,
+            softmax,
+            tokens,
+            seed,
+            normalize,
+            background,
+            threshold,
+            presence,
+            refine,
+        ]
+
+        def settings_of(values):
+            (
+                _,
+                classes_,
+                t,
+                blocks_,
+                source_,
+                direction_,
+                softmax_,
+                tokens_,
+                seed_,
+                normalize_,
+                background_,
+                threshold_,
+                presence_,
+                refine_,
+            ) = values
+            return settings_from_ui(
+                backend,
+                classes=classes_,
+                timestep=t,
+                blocks=blocks_,
+                source=source_,
+                direction=direction_,
+                softmax=softmax_,
+                tokens=tokens_,
+                seed=seed_,
+                normalize=normalize_,
+                background=background_,
+                background_threshold=threshold_,
+                min_presence=presence_,
+                refine=refine_,
+            )
+
+        def segment_ui(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
+            *values, session = values
+            session = session or explorer.new_cache()
+            start = time.perf_counter()
+            try:
+                settings = settings_of(values)
+                result = explorer.run(session, values[0], settings, progress_of(progress))
+                folder = Path(tempfile.mkdtemp(dir=results_dir))
+                stem = Path(values[0]).stem or "image"
+                files = write_downloads(folder, result, stem)
+            except Exception as err:  # shown in the page; the server keeps serving
+                return (f"**error:** {error_message(err)}", *[gr.skip()] * 5, session)
+            names = list(settings.classes)
+            return (
+                _describe(result, backend.sigma_for_timestep(settings.timestep), time.perf_counter() - start),
+                str(files[1]),
+                str(files[0]),
+                heat_gallery(result),
+                [str(f) for f in files],
+                gr.Dropdown(choices=names, value=names[0]),
+                session,
+            )
+
+        def grid_ui(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
+            *values, class_name, times, grid_blocks_, session = values
+            session = session or explorer.new_cache()
+            start = time.perf_counter()
+            try:
+                settings = settings_of(values)
+                chosen = class_name or settings.classes[0]
+                layers = (
+                    explorer.backend.check_layers([int(b) for b in grid_blocks_]) if grid_blocks_ else None
+                )
+                if layers is None:
+                    raise LavaError("no block ticked for the grid: tick at least one")
+                result = explorer.grid(
+                    session,
+                    values[0],
+                    settings,
+                    chosen,
+                    parse_timesteps(backend, times),
+                    layers,
+                    progress_of(progress),
+                )
+                picture = grid_image(result)
+            except Exception as err:
+                return f"**error:** {error_message(err)}", gr.skip(), session
+            note = (
+                f"{len(result.timesteps)} timesteps × {len(result.columns)} columns for {chosen!r}: "
+                f"{result.forwards} model forward(s), {time.perf_counter() - start:.2f} s"
+            )
+            return note, picture, session
+
+        def segment_api(image_path, classes_text):
+            """Segment an image into comma-separated classes with the model's defaults: returns the
+            overlay (with a legend) and the label map (palette PNG, pixel value i = i-th class)."""
+            try:
+                settings = explorer.default_settings(classes_text)
+                result = explorer.run(explorer.new_cache(), image_path, settings)
+                files = write_downloads(Path(tempfile.mkdtemp(dir=results_dir)), result, "api")
+            except Exception as err:
+                raise gr.Error(error_message(err), print_exception=False) from None
+            return str(files[1]), str(files[0])
+
+        def load_example(name):
+            if name not in examples:
+                return gr.skip(), gr.skip()
+            path, names = examples[name]
+            return str(path), names
+
+        def sigma_to_t(s):
+            try:
+                return backend.timestep_for_sigma(float(s))
+            except (LavaError, TypeError, ValueError):
+                return gr.skip()
+
+        def t_to_sigma(t):
+            return round(float(t) / n_time, 4)
+
+        outputs = [status, overlay, labels, heatmaps, downloads, grid_class, cache]
+        model = dict(concurrency_id="model", concurrency_limit=1, trigger_mode="always_last")
+        run.click(segment_ui, [*reading, cache], outputs, api_name="explore", **model)
+        for trigger in (
+            classes.submit,
+            timestep.release,
+            sigma.submit,
+            threshold.release,
+            presence.release,
+            blocks.input,
+            source.input,
+            direction.input,
+            softmax.input,
+            tokens.input,
+            normalize.input,
+            background.input,
+            refine.input,
+        ):
+            trigger(segment_ui, [*reading, cache], outputs, api_visibility="private", **model)
+        example.input(load_example, example, [image, classes], api_visibility="private", queue=False).then(
+            segment_ui, [*reading, cache], outputs, api_visibility="private", **model
+        )
+        timestep.input(t_to_sigma, timestep, sigma, api_visibility="private", queue=False)
+        sigma.input(sigma_to_t, sigma, timestep, api_visibility="private", queue=False)
+        grid_run.click(
+            grid_ui,
+            [*reading, grid_class, grid_times, grid_blocks, cache],
+            [grid_status, grid, cache],
+            api_name="grid",
+            **model,
+        )
+        api_button.click(
+            segment_api,
+            [api_image, api_classes],
+            [api_overlay, api_labels],
+            api_name="segment",
+            concurrency_id="model",
+            concurrency_limit=1,
+        )
+    return app
+
+
+def _spread(n_time: int, count: int = 5) -> list[int]:
+    """``count`` timesteps spread over the schedule (100, 300, 500, 700, 900 for 1000 steps)."""
+    return [round(n_time * (2 * i + 1) / (2 * count)) for i in range(count)]
+
+
+def serve(
+    explorer_factory,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    max_upload: str = DEFAULT_MAX_UPLOAD,
+    block: bool = True,
+    ready=None,
+):
+    """Make the app folder, point Gradio at it, build the explorer (``explorer_factory(folder)``:
+    the model loads once, here) and serve until interrupted. Returns the running app when
+    ``block`` is false (tests). ``ready(message)`` is called once the server answers."""
+    folder = Path(tempfile.mkdtemp(prefix="lava-explore-")).resolve()
+    # Before Gradio is imported: it reads these once. Uploads, cached files and examples all live in
+    # the app folder, the only one it will serve or accept a file path from.
+    os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(folder / "gradio" / "examples")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    require_gradio()
+    explorer = explorer_factory(folder)
+    app = build_app(explorer, copy_examples(folder / "gradio" / "examples"), folder / "gradio" / "results")
+    app.queue(default_concurrency_limit=1)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        max_file_size=max_upload,
+        share=False,
+        show_error=True,  # our messages, raised as gr.Error, reach the API client
+        footer_links=["api"],
+        prevent_thread_lock=True,
+        quiet=True,
+        ssr_mode=False,
+    )
+    if ready is not None:
+        ready(f"ready: {app.local_url}")
+    if not block:
+        return app, folder
+    try:
+        app.block_thread()
+    finally:
+        app.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    return app, folder
+
+
+__all__ = ["build_app", "copy_examples", "require_gradio", "serve"]
