@@ -29,6 +29,7 @@ from .session import (
     TOKENS,
     Explorer,
     error_message,
+    parse_blocks,
     parse_timesteps,
     settings_from_ui,
 )
@@ -236,55 +237,55 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
             refine,
         ]
 
-        def settings_of(values):
-            (
-                _,
-                classes_,
-                t,
-                blocks_,
-                source_,
-                direction_,
-                softmax_,
-                tokens_,
-                seed_,
-                normalize_,
-                background_,
-                threshold_,
-                presence_,
-                refine_,
-            ) = values
-            return settings_from_ui(
-                backend,
-                classes=classes_,
-                timestep=t,
-                blocks=blocks_,
-                source=source_,
-                direction=direction_,
-                softmax=softmax_,
-                tokens=tokens_,
-                seed=seed_,
-                normalize=normalize_,
-                background=background_,
-                background_threshold=threshold_,
-                min_presence=presence_,
-                refine=refine_,
-            )
-
-        def segment_ui(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
-            *values, session = values
+        # Named parameters, in the order of ``reading``: they are the API's parameter names.
+        def segment_ui(
+            image,
+            classes,
+            timestep,
+            blocks,
+            source,
+            direction,
+            softmax,
+            tokens,
+            seed,
+            normalize,
+            background,
+            background_threshold,
+            min_presence,
+            refine,
+            session,
+            progress=gr.Progress(),  # noqa: B008 (how Gradio hands a handler its progress bar)
+        ):
+            """Segment with every reading and mask option of the page; returns the status line, the
+            overlay, the label map, one heatmap per class and the download files."""
             session = session or explorer.new_cache()
             start = time.perf_counter()
             try:
-                settings = settings_of(values)
-                result = explorer.run(session, values[0], settings, progress_of(progress))
+                settings = settings_from_ui(
+                    backend,
+                    classes=classes,
+                    timestep=timestep,
+                    blocks=blocks,
+                    source=source,
+                    direction=direction,
+                    softmax=softmax,
+                    tokens=tokens,
+                    seed=seed,
+                    normalize=normalize,
+                    background=background,
+                    background_threshold=background_threshold,
+                    min_presence=min_presence,
+                    refine=refine,
+                )
+                result = explorer.run(session, image, settings, progress_of(progress))
                 folder = Path(tempfile.mkdtemp(dir=results_dir))
-                stem = Path(values[0]).stem or "image"
-                files = write_downloads(folder, result, stem)
+                files = write_downloads(folder, result, Path(image).stem or "image")
             except Exception as err:  # shown in the page; the server keeps serving
                 return (f"**error:** {error_message(err)}", *[gr.skip()] * 5, session)
             names = list(settings.classes)
+            seconds = time.perf_counter() - start
             return (
-                _describe(result, backend.sigma_for_timestep(settings.timestep), time.perf_counter() - start),
+                _describe(result, backend.sigma_for_timestep(settings.timestep), seconds),
                 str(files[1]),
                 str(files[0]),
                 heat_gallery(result),
@@ -293,27 +294,53 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
                 session,
             )
 
-        def grid_ui(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
-            *values, class_name, times, grid_blocks_, session = values
+        def grid_ui(
+            image,
+            classes,
+            timestep,
+            blocks,
+            source,
+            direction,
+            softmax,
+            tokens,
+            seed,
+            normalize,
+            background,
+            background_threshold,
+            min_presence,
+            refine,
+            grid_class,
+            grid_timesteps,
+            grid_blocks,
+            session,
+            progress=gr.Progress(),  # noqa: B008
+        ):
+            """One class's map at each timestep × block (and their mean): one forward per timestep."""
             session = session or explorer.new_cache()
             start = time.perf_counter()
             try:
-                settings = settings_of(values)
-                chosen = class_name or settings.classes[0]
-                layers = (
-                    explorer.backend.check_layers([int(b) for b in grid_blocks_]) if grid_blocks_ else None
+                settings = settings_from_ui(
+                    backend,
+                    classes=classes,
+                    timestep=timestep,
+                    blocks=blocks,
+                    source=source,
+                    direction=direction,
+                    softmax=softmax,
+                    tokens=tokens,
+                    seed=seed,
+                    normalize=normalize,
+                    background=background,
+                    background_threshold=background_threshold,
+                    min_presence=min_presence,
+                    refine=refine,
                 )
-                if layers is None:
+                chosen = grid_class or settings.classes[0]
+                if not grid_blocks:
                     raise LavaError("no block ticked for the grid: tick at least one")
-                result = explorer.grid(
-                    session,
-                    values[0],
-                    settings,
-                    chosen,
-                    parse_timesteps(backend, times),
-                    layers,
-                    progress_of(progress),
-                )
+                layers = parse_blocks(backend, grid_blocks)
+                times = parse_timesteps(backend, grid_timesteps)
+                result = explorer.grid(session, image, settings, chosen, times, layers, progress_of(progress))
                 picture = grid_image(result)
             except Exception as err:
                 return f"**error:** {error_message(err)}", gr.skip(), session
