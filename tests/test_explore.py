@@ -313,3 +313,19 @@ def test_explore_options(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["explore", "--max-upload", "-1"])
     assert "expected a positive number of megabytes" in capsys.readouterr().err
+
+
+def test_old_result_folders_are_removed(tmp_path):
+    import os
+    import time
+
+    from lava.explore.app import fresh_folder
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "labels.png").write_bytes(b"x")
+    hour_ago = time.time() - 3700
+    os.utime(old, (hour_ago, hour_ago))
+    recent = fresh_folder(tmp_path)
+    newer = fresh_folder(tmp_path)
+    assert not old.exists() and recent.is_dir() and newer.is_dir() and recent != newer

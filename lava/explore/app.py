@@ -62,6 +62,22 @@ def copy_examples(folder: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
+RESULT_AGE_S = 3600  # result folders older than this are removed as new ones are made
+
+
+def fresh_folder(results_dir: Path, max_age: float = RESULT_AGE_S) -> Path:
+    """A new folder for one request's files; folders of requests older than ``max_age`` seconds are
+    removed first, so a long-running server does not fill the disk."""
+    now = time.time()
+    for old in results_dir.iterdir():
+        try:
+            if now - old.stat().st_mtime > max_age:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # removed by a concurrent request
+            pass
+    return Path(tempfile.mkdtemp(dir=results_dir))
+
+
 def _describe(result, sigma: float, seconds: float) -> str:
     s = result.settings
     ran = (
@@ -140,6 +156,10 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
                     label="blocks (the mean of the selected)",
                     elem_id="blocks",
                 )
+                run = gr.Button("Segment", variant="primary", elem_id="run")
+                status = gr.Markdown(
+                    "Upload an image or pick an example, name the classes, press Segment.", elem_id="status"
+                )
                 with gr.Accordion("how the attention is read", open=False):
                     source = gr.Radio(["attention", "concept"], value="attention", label="source")
                     direction = gr.Radio(list(DIRECTIONS), value="image_to_text", label="direction")
@@ -170,18 +190,14 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
                         step=0.01,
                         label="min presence (0: every class competes)",
                     )
-                run = gr.Button("Segment", variant="primary", elem_id="run")
-                status = gr.Markdown(
-                    "Upload an image or pick an example, name the classes, press Segment.", elem_id="status"
-                )
             with gr.Column(scale=2):
                 with gr.Tab("segmentation"):
                     with gr.Row():
                         overlay = gr.Image(
-                            label="overlay", format="png", interactive=False, elem_id="overlay"
+                            label="overlay", format="png", interactive=False, height=330, elem_id="overlay"
                         )
                         labels = gr.Image(
-                            label="label map", format="png", interactive=False, elem_id="labels"
+                            label="label map", format="png", interactive=False, height=330, elem_id="labels"
                         )
                     heatmaps = gr.Gallery(
                         label="one heatmap per class",
@@ -278,8 +294,7 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
                     refine=refine,
                 )
                 result = explorer.run(session, image, settings, progress_of(progress))
-                folder = Path(tempfile.mkdtemp(dir=results_dir))
-                files = write_downloads(folder, result, Path(image).stem or "image")
+                files = write_downloads(fresh_folder(results_dir), result, Path(image).stem or "image")
             except Exception as err:  # shown in the page; the server keeps serving
                 return (f"**error:** {error_message(err)}", *[gr.skip()] * 5, session)
             names = list(settings.classes)
@@ -356,7 +371,7 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
             try:
                 settings = explorer.default_settings(classes_text)
                 result = explorer.run(explorer.new_cache(), image_path, settings)
-                files = write_downloads(Path(tempfile.mkdtemp(dir=results_dir)), result, "api")
+                files = write_downloads(fresh_folder(results_dir), result, "api")
             except Exception as err:
                 raise gr.Error(error_message(err), print_exception=False) from None
             return str(files[1]), str(files[0])
