@@ -336,3 +336,24 @@ def test_browser_upload_classes_run(server, browser, expected):
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys("red square, blue triangle", Keys.ENTER)
     _wait(browser, lambda d: _status(d).startswith("2 classes"))
+
+
+def test_browser_example_and_grid(server, browser):
+    """Picking a shipped example fills in its classes and runs; the grid tab computes one class's
+    map over the default timesteps × all blocks with one forward per timestep."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(server)
+    _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#example input")).click()
+    option = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "[role=option][aria-label=scene_1]"))
+    option.click()
+    _wait(browser, lambda d: "model forward" in _status(d) or "no model run" in _status(d))
+    classes = browser.find_element(By.CSS_SELECTOR, "#classes textarea").get_attribute("value")
+    assert classes == "yellow square, green circle, red circle"
+    assert _status(browser).startswith("3 classes")
+    next(t for t in browser.find_elements(By.CSS_SELECTOR, "[role=tab]") if "grid" in t.text).click()
+    browser.find_element(By.CSS_SELECTOR, "#grid_run").click()
+    _wait(browser, lambda d: "forward" in d.find_element(By.CSS_SELECTOR, "#grid_status").text)
+    grid_status = browser.find_element(By.CSS_SELECTOR, "#grid_status").text
+    assert grid_status.startswith("5 timesteps × 5 columns for 'yellow square': 5 model forward(s)")
+    assert browser.find_elements(By.CSS_SELECTOR, "#grid img")

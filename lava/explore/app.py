@@ -194,10 +194,10 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
                 with gr.Tab("segmentation"):
                     with gr.Row():
                         overlay = gr.Image(
-                            label="overlay", format="png", interactive=False, height=330, elem_id="overlay"
+                            label="overlay", format="png", interactive=False, elem_id="overlay"
                         )
                         labels = gr.Image(
-                            label="label map", format="png", interactive=False, height=330, elem_id="labels"
+                            label="label map", format="png", interactive=False, elem_id="labels"
                         )
                     heatmaps = gr.Gallery(
                         label="one heatmap per class",
