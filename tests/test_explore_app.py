@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "lava" / "assets" / "examples"
 SCENE = EXAMPLES / "scene_0.png"
 CLASSES = "red square, blue triangle, yellow circle"
-MAX_UPLOAD_MB = 1
+MAX_UPLOAD_MB = 0.5
 
 
 def free_port() -> int:

@@ -49,7 +49,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         type=upload_size,
         default=10,
         metavar="MB",
-        help="refuse uploads larger than this many megabytes (default: %(default)s)",
+        help="refuse uploads larger than this many megabytes (MiB; default: %(default)s)",
     )
     add_model_options(p)
     add_verbose_option(p)
@@ -71,5 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return Explorer(load_backend_for(backend_args), root=folder)
 
     note(f"starting on http://{args.host}:{args.port} (Ctrl+C stops it)")
-    serve(explorer, host=args.host, port=args.port, max_upload=f"{args.max_upload:g}mb", ready=note)
+    serve(
+        explorer, host=args.host, port=args.port, max_upload=round(args.max_upload * 1024 * 1024), ready=note
+    )
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from .session import (
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
 INSTALL_HINT = 'pip install -e ".[explore]" in a clone of lava, or pip install "lava-seg[explore]"'
-DEFAULT_MAX_UPLOAD = "10mb"
+DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024  # bytes
 
 
 def require_gradio():
@@ -442,13 +443,14 @@ def serve(
     explorer_factory,
     host: str = "127.0.0.1",
     port: int = 7860,
-    max_upload: str = DEFAULT_MAX_UPLOAD,
+    max_upload: int = DEFAULT_MAX_UPLOAD,
     block: bool = True,
     ready=None,
 ):
     """Make the app folder, point Gradio at it, build the explorer (``explorer_factory(folder)``:
-    the model loads once, here) and serve until interrupted. Returns the running app when
-    ``block`` is false (tests). ``ready(message)`` is called once the server answers."""
+    the model loads once, here) and serve until interrupted; uploads over ``max_upload`` bytes are
+    refused. ``ready(message)`` is called once the server answers. Returns the running app and its
+    folder at once when ``block`` is false."""
     folder = Path(tempfile.mkdtemp(prefix="lava-explore-")).resolve()
     # Before Gradio is imported: it reads these once. Uploads, cached files and examples all live in
     # the app folder, the only one it will serve or accept a file path from.
@@ -474,6 +476,11 @@ def serve(
         ready(f"ready: {app.local_url}")
     if not block:
         return app, folder
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # a plain `kill` stops the server as Ctrl+C does, folder removed too
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         app.block_thread()
     finally:
