@@ -358,3 +358,18 @@ def test_browser_example_and_grid(server, browser):
     grid_status = browser.find_element(By.CSS_SELECTOR, "#grid_status").text
     assert grid_status.startswith("5 timesteps × 5 columns for 'yellow square': 5 model forward(s)")
     assert browser.find_elements(By.CSS_SELECTOR, "#grid img")
+
+
+def test_port_in_use_is_refused_before_the_model_loads(capsys):
+    from lava.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["explore", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"lava: error: cannot listen on 127.0.0.1:{port}: address already in use; pick another --port" in err
+    )
+    assert "using lava-shapes" not in err

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -439,6 +440,21 @@ def _spread(n_time: int, count: int = 5) -> list[int]:
     return [round(n_time * (2 * i + 1) / (2 * count)) for i in range(count)]
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse at once (before the model loads) an address the server could not listen on."""
+    from ..io import describe_os_error
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise LavaError(
+                f"cannot listen on {host}:{port}: {describe_os_error(err)}; pick another --port (or --host)"
+            ) from None
+
+
 def serve(
     explorer_factory,
     host: str = "127.0.0.1",
@@ -451,42 +467,53 @@ def serve(
     the model loads once, here) and serve until interrupted; uploads over ``max_upload`` bytes are
     refused. ``ready(message)`` is called once the server answers. Returns the running app and its
     folder at once when ``block`` is false."""
-    folder = Path(tempfile.mkdtemp(prefix="lava-explore-")).resolve()
-    # Before Gradio is imported: it reads these once. Uploads, cached files and examples all live in
-    # the app folder, the only one it will serve or accept a file path from.
-    os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
-    os.environ["GRADIO_EXAMPLES_CACHE"] = str(folder / "gradio" / "examples")
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     require_gradio()
-    explorer = explorer_factory(folder)
-    app = build_app(explorer, copy_examples(folder / "gradio" / "examples"), folder / "gradio" / "results")
-    app.queue(default_concurrency_limit=1)
-    app.launch(
-        server_name=host,
-        server_port=port,
-        max_file_size=max_upload,
-        share=False,
-        show_error=True,  # our messages, raised as gr.Error, reach the API client
-        footer_links=["api"],
-        prevent_thread_lock=True,
-        quiet=True,
-        ssr_mode=False,
-    )
-    if ready is not None:
-        ready(f"ready: {app.local_url}")
-    if not block:
-        return app, folder
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt  # a plain `kill` stops the server as Ctrl+C does, folder removed too
-
-    signal.signal(signal.SIGTERM, stop)
+    check_port(host, port)
+    folder = Path(tempfile.mkdtemp(prefix="lava-explore-")).resolve()
+    app = None
     try:
+        # Before Gradio is imported: it reads these once. Uploads, cached files and examples all live
+        # in the app folder, the only one it will serve or accept a file path from.
+        os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
+        os.environ["GRADIO_EXAMPLES_CACHE"] = str(folder / "gradio" / "examples")
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        explorer = explorer_factory(folder)
+        app = build_app(
+            explorer, copy_examples(folder / "gradio" / "examples"), folder / "gradio" / "results"
+        )
+        app.queue(default_concurrency_limit=1)
+        try:
+            app.launch(
+                server_name=host,
+                server_port=port,
+                max_file_size=max_upload,
+                share=False,
+                show_error=True,  # our messages, raised as gr.Error, reach the API client
+                footer_links=["api"],
+                prevent_thread_lock=True,
+                quiet=True,
+                ssr_mode=False,
+            )
+        except OSError as err:  # the port was taken while the model loaded
+            raise LavaError(f"cannot listen on {host}:{port}: {err}") from None
+        if ready is not None:
+            ready(f"ready: {app.local_url}")
+        if not block:
+            return app, folder
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt  # a plain `kill` stops the server as Ctrl+C does, folder removed too
+
+        signal.signal(signal.SIGTERM, stop)
         app.block_thread()
-    finally:
-        app.close()
+    except BaseException:
+        if app is not None:
+            app.close()
         shutil.rmtree(folder, ignore_errors=True)
+        raise
+    app.close()
+    shutil.rmtree(folder, ignore_errors=True)
     return app, folder
 
 
-__all__ = ["build_app", "copy_examples", "require_gradio", "serve"]
+__all__ = ["build_app", "check_port", "copy_examples", "require_gradio", "serve"]
