@@ -337,6 +337,17 @@ def test_browser_upload_classes_run(server, browser, expected):
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys("red square, blue triangle", Keys.ENTER)
     _wait(browser, lambda d: _status(d).startswith("2 classes"))
+    # a noise level out of range: lava's message; a good one runs there and moves the slider
+    sigma = browser.find_element(By.CSS_SELECTOR, "#sigma input")
+    sigma.send_keys(Keys.CONTROL, "a")
+    sigma.send_keys("1.5", Keys.ENTER)
+    _wait(browser, lambda d: "error" in _status(d))
+    assert _status(browser) == "error: sigma must be in [0, 1), got 1.5"
+    sigma.send_keys(Keys.CONTROL, "a")
+    sigma.send_keys("0.3", Keys.ENTER)
+    _wait(browser, lambda d: _status(d).startswith("2 classes · t = 300 (σ 0.300)"))
+    slider = browser.find_element(By.CSS_SELECTOR, "#timestep input[type=number]")
+    assert slider.get_attribute("value") == "300"
 
 
 def test_browser_example_and_grid(server, browser):

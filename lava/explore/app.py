@@ -145,10 +145,8 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
                     )
                     sigma = gr.Number(
                         value=round(backend.sigma_for_timestep(d.timestep), 4),
-                        label="σ",
-                        minimum=0,
-                        maximum=0.999,
-                        step=0.001,
+                        label="σ (Enter runs)",
+                        step=0.001,  # no bounds here: lava checks σ and says what is wrong
                         elem_id="sigma",
                         scale=1,
                     )
@@ -393,13 +391,31 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
         def t_to_sigma(t):
             return round(float(t) / n_time, 4)
 
+        def segment_at_sigma(
+            sigma_value,
+            image,
+            classes,
+            timestep,
+            *rest,
+            progress=gr.Progress(),  # noqa: B008
+        ):
+            """Run at the timestep of ``sigma_value`` (lava's message when it is out of range) and
+            move the slider there."""
+            try:
+                if sigma_value is None:
+                    raise LavaError("σ is empty: enter a noise level in [0, 1)")
+                t = backend.timestep_for_sigma(float(sigma_value))
+                backend.check_timestep(t)
+            except (LavaError, TypeError, ValueError) as err:
+                return (f"**error:** {error_message(err)}", *[gr.skip()] * 6, gr.skip())
+            return (*segment_ui(image, classes, t, *rest, progress=progress), t)
+
         outputs = [status, overlay, labels, heatmaps, downloads, grid_class, cache]
         model = dict(concurrency_id="model", concurrency_limit=1, trigger_mode="always_last")
         run.click(segment_ui, [*reading, cache], outputs, api_name="explore", **model)
         for trigger in (
             classes.submit,
             timestep.release,
-            sigma.submit,
             threshold.release,
             presence.release,
             blocks.input,
@@ -414,6 +430,13 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
             trigger(segment_ui, [*reading, cache], outputs, api_visibility="private", **model)
         example.input(load_example, example, [image, classes], api_visibility="private", queue=False).then(
             segment_ui, [*reading, cache], outputs, api_visibility="private", **model
+        )
+        sigma.submit(
+            segment_at_sigma,
+            [sigma, *reading, cache],
+            [*outputs, timestep],
+            api_visibility="private",
+            **model,
         )
         timestep.input(t_to_sigma, timestep, sigma, api_visibility="private", queue=False)
         sigma.input(sigma_to_t, sigma, timestep, api_visibility="private", queue=False)
