@@ -329,3 +329,26 @@ def test_old_result_folders_are_removed(tmp_path):
     recent = fresh_folder(tmp_path)
     newer = fresh_folder(tmp_path)
     assert not old.exists() and recent.is_dir() and newer.is_dir() and recent != newer
+
+
+@pytest.mark.parametrize(
+    "changes", [dict(tokens="t5"), dict(source="concept"), dict(background_threshold=0.3)]
+)
+def test_other_backends(tiny, tmp_path, changes):
+    """tiny-sd3 (CLIP+T5, no mask defaults): the same equality, and /segment's defaults need no
+    threshold."""
+    path = tmp_path / "scene.png"
+    shutil.copyfile(SCENE, path)
+    explorer = Explorer(tiny, root=tmp_path)
+    background = "threshold" if "background_threshold" in changes else "none"
+    settings = settings_from_ui(
+        tiny, classes="cat, dog", timestep=500, blocks=["1", "2"], background=background, **changes
+    )
+    assert_same(
+        explorer.run(explorer.new_cache(), path, settings),
+        lava.segment(SCENE, backend=tiny, **segment_kwargs(settings)),
+    )
+    defaults = explorer.default_settings("cat, dog")
+    assert (defaults.background, defaults.layers, defaults.timestep) == ("none", (1, 2), 500.0)
+    with pytest.raises(lava.LavaError, match="tiny-sd3 has no default: enter one"):
+        settings_from_ui(tiny, classes="cat", timestep=500, blocks=["1"], background="threshold")
