@@ -107,6 +107,10 @@ def test_background_modes(shapes):
     named = ui(shapes, background="class", classes="red square, background")
     assert named.classes == ("red square", "background") and named.background_threshold is None
     assert ui(shapes, background="class").classes[-1] == "background"
+    assert ui(shapes, background="class", classes="Background, red square").classes == (
+        "Background",
+        "red square",
+    )
     assert ui(shapes, min_presence=0).min_presence is None  # 0: every class competes
 
 

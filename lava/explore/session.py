@@ -183,7 +183,7 @@ def settings_from_ui(
         raise LavaError(f"the background threshold is empty and {backend.name} has no default: enter one")
     presence = _unit("min presence", min_presence)
     if background == "class":
-        if BACKGROUND_CLASS not in names:
+        if not any(n.lower() == BACKGROUND_CLASS for n in names):  # names are unique without case
             names = (*names, BACKGROUND_CLASS)
         threshold = None
     elif background == "none":
