@@ -172,7 +172,7 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
                     )
                     refine = gr.Radio(["none", "pamr"], value="none", label="refine")
                     seed = gr.Number(value=0, precision=0, label="noise seed")
-                with gr.Accordion("background (no model run)", open=True):
+                with gr.Accordion("background", open=True):
                     background = gr.Radio(
                         list(BACKGROUNDS),
                         value="threshold" if d.background_threshold is not None else "none",
