@@ -285,7 +285,8 @@ def _wait(driver, condition, timeout: float = 60):
 def _status(driver) -> str:
     from selenium.webdriver.common.by import By
 
-    return driver.find_element(By.CSS_SELECTOR, "#status").text
+    # the markdown only: while a request runs, the element also shows Gradio's progress text
+    return driver.find_element(By.CSS_SELECTOR, "#status [data-testid=markdown]").text
 
 
 def test_browser_upload_classes_run(server, browser, expected):
@@ -365,8 +366,11 @@ def test_browser_example_and_grid(server, browser):
     assert _status(browser).startswith("3 classes")
     next(t for t in browser.find_elements(By.CSS_SELECTOR, "[role=tab]") if "grid" in t.text).click()
     browser.find_element(By.CSS_SELECTOR, "#grid_run").click()
-    _wait(browser, lambda d: "forward" in d.find_element(By.CSS_SELECTOR, "#grid_status").text)
-    grid_status = browser.find_element(By.CSS_SELECTOR, "#grid_status").text
+    _wait(
+        browser,
+        lambda d: "forward" in d.find_element(By.CSS_SELECTOR, "#grid_status [data-testid=markdown]").text,
+    )
+    grid_status = browser.find_element(By.CSS_SELECTOR, "#grid_status [data-testid=markdown]").text
     assert grid_status.startswith("5 timesteps × 5 columns for 'yellow square': 5 model forward(s)")
     assert browser.find_elements(By.CSS_SELECTOR, "#grid img")
 
