@@ -428,7 +428,7 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
             refine.input,
         ):
             trigger(segment_ui, [*reading, cache], outputs, api_visibility="private", **model)
-        example.input(load_example, example, [image, classes], api_visibility="private", queue=False).then(
+        example.select(load_example, example, [image, classes], api_visibility="private", queue=False).then(
             segment_ui, [*reading, cache], outputs, api_visibility="private", **model
         )
         sigma.submit(
