@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from .. import __version__
 
 # In the order `lava --help` lists them.
-COMMANDS = ("segment", "eval", "sweep", "models")
+COMMANDS = ("segment", "eval", "sweep", "models", "explore")
 
 
 def _command(name: str):
