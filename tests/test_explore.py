@@ -71,7 +71,8 @@ def test_defaults_are_the_models(shapes):
         d.background_threshold,
         d.min_presence,
     )
-    assert s.refine is None and s.layers == (0,)
+    assert s.refine == d.refine == "pamr" and s.layers == (0,)
+    assert ui(shapes, refine="none").refine is None
 
 
 @pytest.mark.parametrize(

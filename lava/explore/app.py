@@ -170,7 +170,11 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
                         value="default",
                         label=f"normalisation (default: {d.normalize})",
                     )
-                    refine = gr.Radio(["none", "pamr"], value="none", label="refine")
+                    refine = gr.Radio(
+                        ["default", "none", "pamr"],
+                        value="default",
+                        label=f"refine (default: {d.refine or 'none'})",
+                    )
                     seed = gr.Number(value=0, precision=0, label="noise seed")
                 with gr.Accordion("background", open=True):
                     background = gr.Radio(

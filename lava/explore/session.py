@@ -35,7 +35,7 @@ from ..mask import to_mask
 from ..noise import noise
 from ..pipeline import resolve_configs
 from ..prompts import encode_prompt, parse_classes
-from ..refine import check_refine
+from ..refine import NO_REFINE, check_refine, resolve_refine
 from ..refine import refine as refine_heatmaps
 from ..types import SOURCES, AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding, Segmentation
 
@@ -168,7 +168,9 @@ def settings_from_ui(
     d = backend.defaults
     normalize = d.normalize if normalize in (None, "", "default") else normalize
     _choice("normalize", normalize, NORMALIZATIONS)
-    refine = None if refine in (None, "", "none") else refine
+    # "default" (or empty) is the model's own refinement (PAMR for lava-shapes), "none" none.
+    refine = resolve_refine(None if refine in (None, "", "default") else refine, d.refine)
+    refine = None if refine == NO_REFINE else refine
     check_refine(refine)
     try:
         seed_value = int(seed)
@@ -225,7 +227,7 @@ def segment_kwargs(settings: Settings) -> dict:
         aggregate_config=AggregateConfig(tokens=settings.tokens, normalize=settings.normalize),
         background_threshold=threshold,
         min_presence=settings.min_presence or 0.0,
-        refine=settings.refine,
+        refine=NO_REFINE if settings.refine is None else settings.refine,
     )
 
 
