@@ -52,7 +52,7 @@ def weight_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     for index in sorted(folder.glob("*.safetensors.index.json")):
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
+        return [folder / n for n in names if (folder / n).exists()]
     files = sorted(folder.glob("*.safetensors"))
     plain = [f for f in files if not re.search(r"\.[a-z0-9]+\.safetensors$", f.name)]
     return plain or files

@@ -10,6 +10,7 @@ from .common import (
     add_dataset_options,
     add_model_options,
     add_reading_options,
+    dry_run,
     eval_setup,
     int_list,
     note,
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.runner import run as run_cells
     from ..viz import label_image
 
+    if args.dry_run:  # plans for a square at the resolution; the dataset is not read
+        return dry_run(args)
     dataset, backend, settings, config = eval_setup(args, {})
     timestep = args.timestep if args.timestep is not None else backend.defaults.timestep
     layers = backend.check_layers(args.layers if args.layers is not None else backend.defaults.layers)

@@ -10,6 +10,7 @@ from .common import (
     add_dataset_options,
     add_model_options,
     add_reading_options,
+    dry_run,
     eval_setup,
     float_list,
     int_list,
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.runner import Cell
     from ..evaluation.runner import run as run_cells
 
+    if args.dry_run:  # plans for a square at the resolution; the dataset is not read
+        return dry_run(args)
     dataset, backend, settings, config = eval_setup(
         args,
         {
