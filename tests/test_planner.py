@@ -291,3 +291,37 @@ def test_eval_and_sweep_dry_run(command, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     assert "estimated peak" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_max_memory_with_a_folder_plans_then_loads_in_place(tmp_path, capsys):
+    from conftest import scene
+
+    from lava.backends.tiny import build_tiny_pipeline
+
+    folder = tmp_path / "m"
+    build_tiny_pipeline().save_pretrained(folder)
+    path = tmp_path / "a.png"
+    scene().save(path)
+    out = tmp_path / "out"
+    args = ["segment", str(path), "--classes", "cat", "--model", str(folder), "--out", str(out)]
+    assert main([*args, "--resolution", "64", "--layers", "1", "--max-memory", "4GiB"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"memory plan for 64x\d+ px within 4GiB: estimated peak [0-9.]+ [KMG]iB", err)
+    assert (out / "a_labels.png").exists()
+
+
+def test_a_folder_missing_a_component_fails_before_loading(tmp_path, monkeypatch):
+    import shutil
+
+    from lava.backends import loading
+    from lava.backends.tiny import build_tiny_pipeline
+    from lava.errors import ModelError
+
+    folder = tmp_path / "m"
+    build_tiny_pipeline().save_pretrained(folder)
+    for f in (folder / "transformer").glob("*.safetensors"):
+        f.unlink()
+    shutil.rmtree(folder / "text_encoder_2")
+    monkeypatch.setattr(loading, "load_module", lambda *a, **k: pytest.fail("loaded before checking"))
+    with pytest.raises(ModelError, match=r"lists transformer, text_encoder_2 but those folders hold no"):
+        lava.load_backend(str(folder), device="cpu")

@@ -191,16 +191,35 @@ def _load_modules(
 
     index = model_index(folder) or {}
     text_device = torch.device("cpu") if offload_text_encoders else device
+    wanted = [
+        name
+        for name in HEAVY_MODULES
+        if name not in skip and isinstance(index.get(name), (list, tuple)) and index[name] and index[name][0]
+    ]
+    # What the folder holds is checked before anything loads: a missing component fails in a
+    # second, not after gigabytes of the others have been read.
+    missing = [n for n in wanted if not _has_weights(os.path.join(folder, n))]
+    if missing:
+        raise ModelError(
+            f"{folder}: model_index.json lists {', '.join(missing)} but "
+            f"{'that folder holds' if len(missing) == 1 else 'those folders hold'} no weights "
+            "(*.safetensors or *.bin); expected a complete folder saved with save_pretrained()"
+        )
     out = {}
-    for name in HEAVY_MODULES:
-        entry = index.get(name)
-        if name in skip or not isinstance(entry, (list, tuple)) or not entry or entry[0] is None:
-            continue
+    for name in wanted:
         on_text = name.startswith("text_encoder")
         dev = text_device if on_text else device
         dt = text_dtype(dev, dtype) if on_text else dtype
         out[name] = load_module(module_class(index, name), os.path.join(folder, name), dtype=dt, device=dev)
     return out
+
+
+def _has_weights(component: str) -> bool:
+    from .loading import weight_files
+
+    return os.path.isdir(component) and (
+        bool(weight_files(component)) or any(f.endswith(".bin") for f in os.listdir(component))
+    )
 
 
 def model_index(source: str, revision: str | None = None) -> dict | None:
