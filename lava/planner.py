@@ -300,6 +300,7 @@ class MemoryPlan:
     vae_tiling: bool = False
     vae_tiles: bool = False
     placement: dict[str, tuple[str, str]] = field(default_factory=dict)
+    tokens: tuple[int, int, int] = (0, 0, 1)  # image tokens, text tokens, prompts per forward
 
     @property
     def total(self) -> int:
@@ -341,6 +342,11 @@ class MemoryPlan:
             lines.append("  VAE encode      tiling on, but no side exceeds the VAE's tile size: one pass")
         else:
             lines.append("  VAE encode      one pass (no tiling)")
+        n_img, n_text, batch = self.tokens
+        lines.append(
+            f"  forward pass    {n_img} image + {n_text} text tokens, {batch} prompt(s) per forward pass, "
+            "stopping after the deepest captured block (more prompts: activations grow with them)"
+        )
         for m in self.memories:
             what = "process memory, shared by every module on the CPU" if m.name == "cpu" else "device memory"
             lines.append(f"  {m.name} ({what}): {m.describe()}")
@@ -430,6 +436,7 @@ def estimate_memory(
         vae_tiling=vae_tiling,
         vae_tiles=tiles,
         placement=placement,
+        tokens=(n_img, t, batch),
     )
 
 

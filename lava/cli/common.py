@@ -463,7 +463,8 @@ def dry_run(args: argparse.Namespace, device: str | None = None, sizes=None) -> 
     planned = make_plan(args, target, dtype, sizes)
     model = args.model or DEFAULT_MODEL
     budget = f", budget {args.max_memory}" if args.max_memory else ""
-    print(f"dry run for {model} (no weights loaded){budget}")
+    how = "no weights loaded" if planned.backend is None else "a small built-in model, built to plan"
+    print(f"dry run for {model} ({how}){budget}")
     for line in planned.plan.report():
         print(line)
     return 0
