@@ -1,7 +1,7 @@
 """The memory planner against measured peaks on a full-size SD3-medium → docs/benchmarks.md.
 
     python benchmarks/full_size.py                    # the default grid (15-25 min on 2 shared cores)
-    python benchmarks/full_size.py --settings fp32-1024,bf16-512-offload --keep /tmp/sd3
+    python benchmarks/full_size.py --settings fp32-1024,bf16-1024-offload --keep /tmp/sd3
 
 Builds a full-size SD3-medium folder with seeded random weights (transformer 2.0 B parameters,
 CLIP-L, CLIP-G, the 16-channel VAE; no T5, as a T5-less download would be) in a temporary
