@@ -1,42 +1,69 @@
-"""Memory planning for high-resolution segmentation on a budget.
+"""Memory planning: what goes on which device in which dtype, and the peak of each memory.
 
-The peak of one ``segment`` call on the compute device is estimated as
+The plan is made from the model's configs alone (``ModelSpec``: parameter counts from the
+safetensors headers or from modules built without storage), so ``lava segment --dry-run`` and
+``--max-memory`` decide before any weights load, and the model is then loaded straight into the
+planned dtype and device (``lava/backends/loading.py``).
 
-    peak = weights + max(vae_activations, text_activations, transformer_activations + slices)
+Placement. The transformer and the VAE run on the compute device in the compute dtype; the text
+encoders run there too, or on the CPU when offloaded, and on the CPU they are always float32
+(``backends.text_dtype``). On a CPU run every module shares one memory, the process's RAM:
+"offloading" the text encoders moves nothing and saves nothing there. On CUDA the device memory
+holds the transformer, the VAE and the text encoders that are not offloaded; the process's RAM
+holds the offloaded encoders.
 
-because the VAE encode, the text encoders and the transformer pass run one after the other:
+The peak of one memory is
 
-* ``weights``: bytes of every parameter resident on the device (text encoders count only when
-  not offloaded, T5 only when loaded);
-* ``transformer_activations = B · N · d · e · 12``: N = image + text tokens, d = width, e =
-  bytes per element. Inside one joint block ~12 ``[N, d]``-sized tensors live at once (residual
-  streams, norms, q/k/v, attention output, the 4d-wide MLP hidden layer and its activation).
-  Flash attention and lava's slice op add nothing of size N²;
-* ``vae_activations = B · H · W · c₀ · e · 6``: the VAE encoder's first stage (c₀ = 128 channels
-  in SD3's VAE) at full resolution holds ~6 such maps at once; with tiling, ``H · W`` is one
-  tile's;
-* ``text_activations``: small (77 + 256 tokens), bounded by ``B · 333 · 4096 · e · 16``;
+    peak = base + weights + max(loading, text, VAE, transformer + slices)
+
+because the load, the text encoders, the VAE encode and the transformer pass happen one after
+the other:
+
+* ``base``: what the process holds besides weights and activations: 0.5 GiB after importing
+  Python, torch, diffusers and transformers, plus 0.4 GiB that the full-size CPU runs held beyond
+  the modelled terms (allocator slack after loading, tokenizers, images); 0 on a CUDA device
+  (allocations only, as torch counts them; the CUDA context is not included);
+* ``weights``: the bytes of every module resident in that memory, each in its own dtype;
+* ``loading``: modules are filled one tensor at a time, so loading adds the largest tensor,
+  once as stored and once converted (a CUDA device sees only the converted one);
+* ``transformer = B · N · d · e · 12``: N = image + text tokens, d = width, e = bytes per element;
+  inside one joint block ~12 ``[N, d]``-sized tensors live at once (residual streams, norms,
+  q/k/v, attention output, the 4d-wide MLP hidden layer). Flash attention and lava's slice op
+  add nothing of size N², and the pass stops after the deepest captured block;
+* ``VAE = B · h · w · c₀ · e · 5``: the encoder's first stage (c₀ = 128 channels for SD3) at full
+  resolution holds ~5 such maps at once (measured 0.64 GiB at 512² in fp32). diffusers tiles
+  only when tiling is on *and* a side exceeds the VAE's own ``sample_size`` (1024 for SD3), and
+  then its tiles are ``sample_size`` px: ``h · w`` is one such tile, otherwise the whole image;
+* ``text = B · T · D · e · 12``: small (77 + 256 tokens);
 * ``slices = L · B · h · N_img · K · 4``: float32 slices kept for ``L`` captured blocks, ``h`` =
   1 when heads are averaged, plus one per-head buffer while a block is captured.
 
-``plan_memory`` tries, in order, what lowers the peak without changing results — offloading the
-text encoders to the CPU, then VAE tiling — then what changes them — dropping T5 — and refuses
-with the estimate when nothing fits. ``benchmarks/planner_check.py`` compares the transformer
-term with measured peaks (docs/benchmarks.md).
+``plan_memory`` tries, in order, what lowers the budgeted memory's peak without changing results
+(text encoders to the CPU, on CUDA only) or barely (VAE tiling, only where it tiles), then what
+changes them (dropping T5), and otherwise refuses, proposing the cheapest setting that fits —
+another dtype, offloading, tiling, dropping T5, a lower resolution — with its estimate.
+``benchmarks/full_size.py`` measures the estimate against peaks on a full-size SD3-medium.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import LavaError
 
 TRANSFORMER_FACTOR = 12
-VAE_FACTOR = 6
-VAE_TILE_PX = 512
+VAE_FACTOR = 5
+# 0.5 GiB after imports (a --dry-run process) + 0.4 GiB that full-size runs hold beyond the modelled
+# terms (allocator slack after loading, tokenizers, images): docs/benchmarks.md, full-size table.
+CPU_BASE_BYTES = int(0.9 * 2**30)
+HEAVY = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -62,48 +89,276 @@ def param_count(module) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---- what the planner knows about a model ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's sizes, from configs: no weights needed.
+
+    ``params``: module name → number of floating-point elements (parameters and buffers) for the
+    modules present; ``largest``: the largest single tensor's elements; the rest is geometry.
+    """
+
+    params: dict[str, int]
+    heads: int
+    head_dim: int
+    patch_size: int
+    joint_dim: int
+    vae_scale: int = 8
+    vae_channels: int = 128
+    vae_sample_size: int | None = None
+    clip_len: int = 77
+    t5_len: int = 256
+    largest: int = 0
+
+    @property
+    def has_t5(self) -> bool:
+        return "text_encoder_3" in self.params
+
+    @property
+    def grid_unit(self) -> int:
+        return self.vae_scale * self.patch_size
+
+
+def spec_from_pipeline(pipe, max_sequence_length: int = 256) -> ModelSpec:
+    """The spec of an already-built pipeline (any object with its attributes; missing parts count 0)."""
+    params, largest = {}, 0
+    for name in HEAVY:
+        module = getattr(pipe, name, None)
+        if module is None or not hasattr(module, "parameters"):
+            continue
+        tensors = [*module.parameters(), *getattr(module, "buffers", lambda: ())()]
+        params[name] = sum(t.numel() for t in tensors if t.is_floating_point())
+        largest = max([largest, *(t.numel() for t in tensors)])
+    cfg = pipe.transformer.config
+    vae = getattr(pipe, "vae", None)
+    vcfg = getattr(vae, "config", None)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    return ModelSpec(
+        params=params,
+        heads=int(cfg.num_attention_heads),
+        head_dim=int(cfg.attention_head_dim),
+        patch_size=int(cfg.patch_size),
+        joint_dim=int(cfg.joint_attention_dim),
+        vae_scale=2 ** (len(vcfg.block_out_channels) - 1) if vcfg is not None else 1,
+        vae_channels=int(vcfg.block_out_channels[0]) if vcfg is not None else 3,
+        vae_sample_size=_int_or_none(getattr(vcfg, "sample_size", None)) if vcfg is not None else None,
+        clip_len=int(getattr(tokenizer, "model_max_length", 77)),
+        t5_len=max_sequence_length,
+        largest=largest,
+    )
+
+
+def _int_or_none(value) -> int | None:
+    if isinstance(value, (list, tuple)):
+        value = max(value) if value else None
+    return None if value is None else int(value)
+
+
+def spec_from_folder(folder: str, *, drop_t5: bool = False, max_sequence_length: int = 256) -> ModelSpec:
+    """The spec of a pipeline folder (``save_pretrained`` layout) from its JSON files and the headers
+    of its safetensors files: nothing heavy is read. Components ``model_index.json`` lists as null
+    are absent; without safetensors a module is built without storage to count its parameters."""
+    from .backends import lacks_t5, model_index
+    from .backends.loading import module_class, stored_tensors
+    from .errors import ModelError
+
+    index = model_index(folder)
+    if not isinstance(index, dict):
+        raise ModelError(
+            f"{folder} has no readable model_index.json: expected a folder saved with save_pretrained()"
+        )
+    skip_t5 = drop_t5 or lacks_t5(index)
+    params, largest = {}, 0
+    for name in HEAVY:
+        entry = index.get(name)
+        if (name == "text_encoder_3" and skip_t5) or not isinstance(entry, (list, tuple)) or entry[0] is None:
+            continue
+        tensors = stored_tensors(os.path.join(folder, name))
+        if tensors:
+            sizes = [_numel(shape) for dt, shape in tensors.values() if dt.is_floating_point]
+        else:  # no safetensors: count a module built without storage
+            sizes = _meta_sizes(module_class(index, name), os.path.join(folder, name))
+        params[name] = sum(sizes)
+        largest = max([largest, *sizes])
+
+    def config(name: str, file: str = "config.json") -> dict:
+        with open(os.path.join(folder, name, file)) as fh:
+            return json.load(fh)
+
+    t = config("transformer")
+    vae = config("vae") if "vae" in params else None
+    has_tok = os.path.isfile(os.path.join(folder, "tokenizer", "tokenizer_config.json"))
+    tok = config("tokenizer", "tokenizer_config.json") if has_tok else {}
+    return ModelSpec(
+        params=params,
+        heads=int(t["num_attention_heads"]),
+        head_dim=int(t["attention_head_dim"]),
+        patch_size=int(t["patch_size"]),
+        joint_dim=int(t["joint_attention_dim"]),
+        vae_scale=2 ** (len(vae["block_out_channels"]) - 1) if vae else 1,
+        vae_channels=int(vae["block_out_channels"][0]) if vae else 3,
+        vae_sample_size=_int_or_none(vae.get("sample_size")) if vae else None,
+        clip_len=int(tok.get("model_max_length", 77)),
+        t5_len=max_sequence_length,
+        largest=largest,
+    )
+
+
+def spec_for(source: str, *, drop_t5: bool = False, max_sequence_length: int = 256):
+    """``(ModelSpec, transformer config)`` of a local folder, or of a hub id from its JSON files alone
+    (downloaded once into the Hugging Face cache, weights not fetched)."""
+    from diffusers.configuration_utils import FrozenDict
+
+    from .backends import load_error_message
+    from .errors import ModelError
+
+    folder = os.path.expanduser(source)
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.model"])
+        except Exception as err:  # the hub's own errors, explained as load_backend explains them
+            raise ModelError(load_error_message(source, err)) from err
+    spec = spec_from_folder(folder, drop_t5=drop_t5, max_sequence_length=max_sequence_length)
+    with open(os.path.join(folder, "transformer", "config.json")) as fh:
+        return spec, FrozenDict(json.load(fh))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _meta_sizes(cls, folder: str) -> list[int]:
+    from accelerate import init_empty_weights
+
+    from .backends.loading import _empty
+
+    with init_empty_weights(include_buffers=True):
+        module = _empty(cls, folder)
+    return [t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+
+
+# ---- the plan ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Memory:
+    """One memory (the process's RAM, or one CUDA device) and what it holds at its peak."""
+
+    name: str
+    base: int
+    weights: dict[str, tuple[str, int]]  # module → (dtype, bytes)
+    phases: dict[str, int]  # loading / text / VAE / transformer + slices → bytes at once
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(b for _, b in self.weights.values())
+
+    @property
+    def peak(self) -> int:
+        return self.base + self.weight_bytes + max(self.phases.values(), default=0)
+
+    def describe(self) -> str:
+        parts = [f"weights {fmt_bytes(self.weight_bytes)}"]
+        if self.base:
+            parts.insert(0, f"process {fmt_bytes(self.base)}")
+        phases = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.phases.items() if v)
+        return f"estimated peak {fmt_bytes(self.peak)} = {' + '.join(parts)}" + (
+            f" + max({phases})" if phases else ""
+        )
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
-    """An estimate of the peak, and the choices that produced it."""
+    """Where each module goes in which dtype, and the estimated peak of each memory.
 
-    weights: int
+    ``total`` is the peak of the compute device's memory (the one ``--max-memory`` budgets: the
+    process's RAM on a CPU run, the GPU's memory on CUDA).
+    """
+
+    size: tuple[int, int]
+    device: str
+    dtype: str
+    memories: tuple[Memory, ...]
     transformer_activations: int
     vae_activations: int
     text_activations: int
     slices: int
+    weights: int
     offload_text_encoders: bool = False
     drop_t5: bool = False
     vae_tiling: bool = False
+    vae_tiles: bool = False
+    placement: dict[str, tuple[str, str]] = field(default_factory=dict)
+    tokens: tuple[int, int, int] = (0, 0, 1)  # image tokens, text tokens, prompts per forward
 
     @property
     def total(self) -> int:
-        return self.weights + max(
-            self.vae_activations, self.text_activations, self.transformer_activations + self.slices
-        )
+        return self.memory(self.device).peak
+
+    def memory(self, name: str) -> Memory:
+        for m in self.memories:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def choices(self) -> list[str]:
+        on = [
+            ("text encoders on CPU", self.offload_text_encoders),
+            ("T5 dropped", self.drop_t5),
+            ("VAE tiling" + ("" if self.vae_tiles else " (no effect at this size)"), self.vae_tiling),
+        ]
+        return [n for n, flag in on if flag]
 
     def describe(self) -> str:
-        choices = [
-            n
-            for n, on in (
-                ("text encoders on CPU", self.offload_text_encoders),
-                ("T5 dropped", self.drop_t5),
-                ("VAE tiling", self.vae_tiling),
-            )
-            if on
-        ]
-        return (
-            f"estimated peak {fmt_bytes(self.total)} = weights {fmt_bytes(self.weights)} + max(VAE "
-            f"{fmt_bytes(self.vae_activations)}, text {fmt_bytes(self.text_activations)}, transformer "
-            f"{fmt_bytes(self.transformer_activations)} + slices {fmt_bytes(self.slices)})"
-            + (f" with {', '.join(choices)}" if choices else "")
+        """One line: the budgeted memory's estimate, then the choices made (kept short for logs)."""
+        choices = self.choices()
+        return f"{self.memory(self.device).describe()} on {self.device}, {self.dtype}" + (
+            f" with {', '.join(choices)}" if choices else ""
         )
+
+    def report(self) -> list[str]:
+        """Several lines for ``--dry-run``: what goes where, tiling, and each memory's estimate."""
+        h, w = self.size
+        lines = [f"plan for {w}x{h} px, {self.dtype} on {self.device}:"]
+        for name, (dev, dt) in self.placement.items():
+            bytes_ = next(m.weights[name][1] for m in self.memories if name in m.weights)
+            lines.append(f"  {name:<15} {dt:<9} on {dev:<7} {fmt_bytes(bytes_)}")
+        if self.drop_t5:
+            lines.append("  text_encoder_3  dropped (T5 not loaded, its tokens are zeros)")
+        if self.vae_tiles:
+            lines.append("  VAE encode      tiled")
+        elif self.vae_tiling:
+            lines.append("  VAE encode      tiling on, but no side exceeds the VAE's tile size: one pass")
+        else:
+            lines.append("  VAE encode      one pass (no tiling)")
+        n_img, n_text, batch = self.tokens
+        lines.append(
+            f"  forward pass    {n_img} image + {n_text} text tokens, {batch} prompt(s) per forward pass, "
+            "stopping after the deepest captured block (more prompts: activations grow with them)"
+        )
+        for m in self.memories:
+            what = "process memory, shared by every module on the CPU" if m.name == "cpu" else "device memory"
+            lines.append(f"  {m.name} ({what}): {m.describe()}")
+        return lines
 
 
 def estimate_memory(
-    pipe,
+    model,
     size: tuple[int, int],
     *,
     dtype: torch.dtype,
+    device: str | torch.device = "cpu",
     batch: int = 1,
     captured_layers: int = 1,
     columns: int = 32,
@@ -113,57 +368,114 @@ def estimate_memory(
     drop_t5: bool = False,
     vae_tiling: bool = False,
 ) -> MemoryPlan:
-    """Estimate the peak device memory of segmenting ``batch`` images of ``size = (H, W)`` px.
+    """Estimate the peak of each memory for segmenting ``batch`` images of ``size = (H, W)`` px.
 
-    ``pipe`` is a ``StableDiffusion3Pipeline`` (on any device: only parameter counts are read).
+    ``model`` is a ``ModelSpec`` or a ``StableDiffusion3Pipeline`` (only sizes are read).
     """
+    from .backends import text_dtype
+
+    spec = model if isinstance(model, ModelSpec) else spec_from_pipeline(model)
+    dev = torch.device(device)
+    devname = "cpu" if dev.type == "cpu" else str(dev if dev.index is not None else torch.device("cuda", 0))
     e = torch.empty((), dtype=dtype).element_size()
-    cfg = pipe.transformer.config
-    width = cfg.num_attention_heads * cfg.attention_head_dim
-    vae = pipe.vae
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    n_img = (size[0] // (factor * cfg.patch_size)) * (size[1] // (factor * cfg.patch_size))
-    clip_len = pipe.tokenizer.model_max_length
-    t = text_tokens if text_tokens is not None else clip_len + 256
-    has_t5 = getattr(pipe, "text_encoder_3", None) is not None and not drop_t5
+    has_t5 = spec.has_t5 and not drop_t5
+    text_dev = torch.device("cpu") if offload_text_encoders or dev.type == "cpu" else dev
+    text_devname = "cpu" if text_dev.type == "cpu" else devname
+    tdt = text_dtype(text_dev, dtype)
 
-    # Weights are cast to the compute dtype when placed on the device.
-    on_device = [pipe.transformer, vae]
-    if not offload_text_encoders:
-        on_device += [pipe.text_encoder, pipe.text_encoder_2] + ([pipe.text_encoder_3] if has_t5 else [])
-    weights = sum(param_count(m) for m in on_device) * e
+    placement: dict[str, tuple[str, str]] = {}
+    for name in HEAVY:
+        if name not in spec.params or (name == "text_encoder_3" and not has_t5):
+            continue
+        text = name in TEXT_ENCODERS
+        placement[name] = (text_devname if text else devname, dtype_name(tdt if text else dtype))
+    sizes = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+    weight_of = {n: spec.params[n] * sizes.get(getattr(torch, dt), e) for n, (_, dt) in placement.items()}
 
+    width = spec.heads * spec.head_dim
+    n_img = (size[0] // spec.grid_unit) * (size[1] // spec.grid_unit)
+    t = text_tokens if text_tokens is not None else spec.clip_len + spec.t5_len
     transformer = batch * (n_img + t) * width * e * TRANSFORMER_FACTOR
-    if vae is not None:
-        c0 = vae.config.block_out_channels[0]
-        h, w = (min(size[0], VAE_TILE_PX), min(size[1], VAE_TILE_PX)) if vae_tiling else size
-        vae_act = batch * h * w * c0 * e * VAE_FACTOR
+    kept = spec.heads if heads_kept else 1
+    slices = batch * n_img * columns * 4 * (captured_layers * kept + spec.heads)
+    tile = spec.vae_sample_size
+    tiles = bool(vae_tiling and tile and "vae" in spec.params and max(size) > tile)
+    h, w = (min(size[0], tile), min(size[1], tile)) if tiles else size
+    if "vae" in spec.params:
+        vae_act = batch * h * w * spec.vae_channels * e * VAE_FACTOR
     else:
         vae_act = batch * size[0] * size[1] * 3 * e
-    text_dim = max(cfg.joint_attention_dim, 1)
-    text_act = 0 if offload_text_encoders else batch * t * text_dim * e * TRANSFORMER_FACTOR
-    heads = cfg.num_attention_heads
-    kept = heads if heads_kept else 1
-    slices = batch * n_img * columns * 4 * (captured_layers * kept + heads)
+    te = torch.empty((), dtype=tdt).element_size()
+    text_act = batch * t * max(spec.joint_dim, 1) * te * TRANSFORMER_FACTOR
+    # One tensor at a time: read as stored (at most 4 bytes an element) and converted, on the CPU;
+    # a CUDA device sees only the converted one.
+    loading = {devname: spec.largest * e, "cpu": spec.largest * (4 + e)}
+
+    memories = []
+    for mem in dict.fromkeys(["cpu", devname]):
+        weights = {n: (placement[n][1], weight_of[n]) for n in placement if placement[n][0] == mem}
+        phases = {"loading": loading[mem] if weights else 0}
+        if text_devname == mem:
+            phases["text"] = text_act
+        if devname == mem:
+            phases["VAE"] = vae_act
+            phases["transformer + slices"] = transformer + slices
+        memories.append(Memory(mem, CPU_BASE_BYTES if mem == "cpu" else 0, weights, phases))
     return MemoryPlan(
-        weights=int(weights),
+        size=tuple(size),
+        device=devname,
+        dtype=dtype_name(dtype),
+        memories=tuple(memories),
         transformer_activations=int(transformer),
         vae_activations=int(vae_act),
         text_activations=int(text_act),
         slices=int(slices),
+        weights=sum(weight_of[n] for n in placement if placement[n][0] == devname),
         offload_text_encoders=offload_text_encoders,
-        drop_t5=drop_t5 and getattr(pipe, "text_encoder_3", None) is not None,
+        drop_t5=drop_t5 and spec.has_t5,
         vae_tiling=vae_tiling,
+        vae_tiles=tiles,
+        placement=placement,
+        tokens=(n_img, t, batch),
     )
 
 
-def plan_memory(pipe, size: tuple[int, int], budget: int, **kw) -> MemoryPlan:
-    """The first plan whose estimate fits ``budget`` bytes; raises with the estimate if none does.
+def plan_memory(model, size: tuple[int, int], budget: int, **kw) -> MemoryPlan:
+    """The first plan whose estimate fits ``budget`` bytes; raises with a proposal if none does.
 
-    Tried in order: as asked; text encoders on the CPU; plus VAE tiling; plus T5 dropped (this
-    one changes the prompt embedding, so it is last).
+    Tried in order: as asked; text encoders on the CPU (only where that is another memory, i.e.
+    on CUDA); plus VAE tiling (only where it tiles); plus T5 dropped (this one changes the prompt
+    embedding, so it is last). When none fits, the error names the cheapest setting that does
+    (see ``propose``), or says that nothing lava can change fits.
     """
-    step = estimate_memory(pipe, size, **kw)
+    spec = model if isinstance(model, ModelSpec) else spec_from_pipeline(model)
+    candidates = _savings(spec, size, **kw)
+    for cand in candidates:
+        if cand.total <= budget:
+            return cand
+    best = min(candidates, key=lambda c: c.total)
+    where = f"segmenting {size[1]}x{size[0]} px does not fit in {fmt_bytes(budget)}"
+    proposal = propose(spec, size, budget, **kw)
+    if proposal is None:
+        cpu = torch.device(kw.get("device", "cpu")).type == "cpu"
+        raise LavaError(
+            f"{where}: nothing lava can change fits (dtype, offloading, VAE tiling, dropping T5, "
+            f"resolution down to a quarter): as asked, {best.describe()}; raise --max-memory"
+            + (" or use a CUDA device" if cpu else "")
+        )
+    flags, plan = proposal
+    return_line = plan.memory(plan.device).describe()
+    raise LavaError(
+        f"{where}: {best.describe()}. Cheapest setting that fits: {flags} ({return_line}"
+        + (f" with {', '.join(plan.choices())}" if plan.choices() else "")
+        + "); or raise --max-memory"
+    )
+
+
+def _savings(spec: ModelSpec, size: tuple[int, int], **kw) -> list[MemoryPlan]:
+    """The plans ``plan_memory`` tries, in its order; a saving that saves nothing here (offloading on
+    a CPU, tiling an image that fits one tile, dropping an absent T5) is skipped."""
+    step = estimate_memory(spec, size, **kw)
     candidates = [step]
     for change in ({"offload_text_encoders": True}, {"vae_tiling": True}, {"drop_t5": True}):
         opts = {
@@ -173,16 +485,44 @@ def plan_memory(pipe, size: tuple[int, int], budget: int, **kw) -> MemoryPlan:
             "drop_t5": step.drop_t5,
             **change,
         }
-        step = estimate_memory(pipe, size, **opts)
-        candidates.append(step)
-    for cand in candidates:
-        if cand.total <= budget:
-            return cand
-    best = candidates[-1]
-    raise LavaError(
-        f"segmenting {size[1]}x{size[0]} px does not fit in {fmt_bytes(budget)}: even with every saving, "
-        f"{best.describe()}; lower --resolution or raise --max-memory"
-    )
+        nxt = estimate_memory(spec, size, **opts)
+        if nxt.total < step.total:
+            step = nxt
+            candidates.append(step)
+    return candidates
+
+
+def propose(spec: ModelSpec, size: tuple[int, int], budget: int, **kw) -> tuple[str, MemoryPlan] | None:
+    """The cheapest setting whose plan fits ``budget``: ``(what to pass, plan)``, or ``None``.
+
+    Each dtype (the one asked, and bf16 for fp32) and resolution (the one asked, then 3/4, 1/2 and
+    1/4 of the long side, not below 256 px) gets ``plan_memory``'s own savings (offloading, VAE
+    tiling, dropping T5, which ``--max-memory`` applies by itself); the cheapest that fits wins.
+    Cost, lowest first: another dtype (bf16 for fp32: small numeric changes), then each step down
+    in resolution (coarser maps). Among equal costs the lower estimate wins.
+    """
+    dtype = kw.pop("dtype")
+    dtypes = [dtype] + ([torch.bfloat16] if dtype == torch.float32 else [])
+    long_side, unit = max(size), spec.grid_unit
+    sides = [long_side] + [
+        s for s in (long_side * 3 // 4, long_side // 2, long_side // 4) if s >= max(unit, 256)
+    ]
+    found = []
+    for dt, side in itertools.product(dtypes, sides):
+        scaled = tuple(max(unit, round(s * side / long_side / unit) * unit) for s in size)
+        fits = [p for p in _savings(spec, scaled, dtype=dt, **kw) if p.total <= budget]
+        if not fits:
+            continue
+        plan = fits[0]
+        flags = ([f"--dtype {dtype_name(dt)}"] if dt != dtype else []) + (
+            [f"--resolution {side}"] if side != long_side else []
+        )
+        cost = (dt != dtype) * 1 + sides.index(side) * 2
+        found.append((cost, plan.total, " ".join(flags) or "as asked", plan))
+    if not found:
+        return None
+    _, _, flags, plan = min(found, key=lambda f: (f[0], f[1]))
+    return flags, plan
 
 
 def apply_plan(backend, plan: MemoryPlan, *, device, dtype):
@@ -199,3 +539,18 @@ def apply_plan(backend, plan: MemoryPlan, *, device, dtype):
         pipe.vae.enable_tiling()
     placed = place(backend, device=device, dtype=dtype, offload_text_encoders=plan.offload_text_encoders)
     return dc_replace(placed, info={**placed.info, "memory_plan": plan.describe()})
+
+
+__all__ = [
+    "Memory",
+    "MemoryPlan",
+    "ModelSpec",
+    "apply_plan",
+    "estimate_memory",
+    "fmt_bytes",
+    "parse_bytes",
+    "plan_memory",
+    "propose",
+    "spec_from_folder",
+    "spec_from_pipeline",
+]

@@ -475,3 +475,17 @@ def test_kept_image_qk_are_the_image_rows_after_rope(tiny_flux, inputs):
 def test_segment_with_propagation_runs_on_flux(tiny_flux, image):
     seg = lava.segment(image, CLASSES, backend=tiny_flux, refine="propagate,pamr")
     assert seg.labels[0].shape == (image.height, image.width)
+
+
+def test_memory_planning_refuses_flux_by_name(tmp_path, capsys):
+    """The planner models SD3-family memory only: --dry-run/--max-memory on a Flux model say so
+    instead of printing SD3 numbers (or downloading flux-dev to plan it)."""
+    from PIL import Image
+
+    from lava.cli import main
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (64, 64)).save(path)
+    for model in ("tiny-flux", "flux-dev"):
+        assert main(["segment", str(path), "--classes", "a,b", "--model", model, "--dry-run"]) == 1
+        assert "Flux model" in capsys.readouterr().err

@@ -43,9 +43,14 @@ def _place(pipe, device: torch.device, dtype: torch.dtype, offload_text_encoders
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
-            # CPU matmuls in half precision are slow or unsupported; offloaded encoders stay fp32.
-            move(module, text_device, torch.float32 if text_device.type == "cpu" else dtype)
+            move(module, text_device, text_dtype(text_device, dtype))
     return text_device
+
+
+def text_dtype(text_device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype text encoders run in: CPU matmuls in half precision are slow or unsupported, so on
+    the CPU (offloaded, or everything on the CPU) they stay float32."""
+    return torch.float32 if text_device.type == "cpu" else dtype
 
 
 def from_pipeline(
@@ -251,7 +256,11 @@ def _load_sd3(
     no_t5 = not drop_t5 and lacks_t5(model_index(source, kw.get("revision")))
     extra = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 or no_t5 else {}
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dt, **extra, **kw)
+        folder = source if os.path.isdir(os.path.expanduser(source)) else _download(source, extra, kw)
+        # The heavy modules go straight to their dtype and device, one tensor at a time; diffusers
+        # loads only what is left (tokenizers, scheduler).
+        modules = _load_modules(folder, dev, dt, offload_text_encoders, skip=set(extra))
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dt, **extra, **modules, **kw)
     except (OSError, ValueError) as err:
         raise ModelError(load_error_message(source, err)) from err
     backend = from_pipeline(
@@ -265,6 +274,57 @@ def _load_sd3(
     if no_t5:
         backend.info["no_t5"] = f"{source} has no T5 text encoder (its model_index.json lists none)"
     return backend
+
+
+HEAVY_MODULES = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _download(source: str, extra: dict, kw: dict) -> str:
+    """The local snapshot folder of a hub id (downloaded once, as ``from_pretrained`` would)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.download(source, **extra, **kw)
+
+
+def _load_modules(
+    folder: str, device: torch.device, dtype: torch.dtype, offload_text_encoders: bool, skip: set[str]
+) -> dict:
+    """Transformer, VAE and text encoders of a pipeline folder, each loaded into the dtype and onto
+    the device it will run on (see ``loading.load_module``); components ``skip`` names or
+    ``model_index.json`` lists as null are left out."""
+    from .loading import load_module, module_class
+
+    index = model_index(folder) or {}
+    text_device = torch.device("cpu") if offload_text_encoders else device
+    wanted = [
+        name
+        for name in HEAVY_MODULES
+        if name not in skip and isinstance(index.get(name), (list, tuple)) and index[name] and index[name][0]
+    ]
+    # What the folder holds is checked before anything loads: a missing component fails in a
+    # second, not after gigabytes of the others have been read.
+    missing = [n for n in wanted if not _has_weights(os.path.join(folder, n))]
+    if missing:
+        raise ModelError(
+            f"{folder}: model_index.json lists {', '.join(missing)} but "
+            f"{'that folder holds' if len(missing) == 1 else 'those folders hold'} no weights "
+            "(*.safetensors or *.bin); expected a complete folder saved with save_pretrained()"
+        )
+    out = {}
+    for name in wanted:
+        on_text = name.startswith("text_encoder")
+        dev = text_device if on_text else device
+        dt = text_dtype(dev, dtype) if on_text else dtype
+        out[name] = load_module(module_class(index, name), os.path.join(folder, name), dtype=dt, device=dev)
+    return out
+
+
+def _has_weights(component: str) -> bool:
+    from .loading import weight_files
+
+    return os.path.isdir(component) and (
+        bool(weight_files(component)) or any(f.endswith(".bin") for f in os.listdir(component))
+    )
 
 
 def model_index(source: str, revision: str | None = None) -> dict | None:

@@ -9,6 +9,7 @@ functions that run a command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -143,8 +144,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--max-memory",
         default=None,
         metavar="SIZE",
-        help="device memory budget, e.g. 8GiB: lava estimates the peak and offloads text encoders, tiles "
-        "the VAE or drops T5 as needed, or refuses with the estimate (see docs/benchmarks.md)",
+        help="memory budget of the compute device (on a CPU run: the process's RAM), e.g. 8GiB: lava "
+        "estimates the peak before loading, offloads text encoders, tiles the VAE or drops T5 as needed, "
+        "or refuses with the cheapest setting that fits (see docs/benchmarks.md)",
+    )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="load no weights: print the plan (each module's device and dtype, VAE tiling, each "
+        "memory's 'estimated peak') and exit",
     )
 
 
@@ -543,40 +551,122 @@ def load_backend_for(
         note_loaded(backend, args.resolution)
         return backend
     from ..backends.base import resolve_device, resolve_dtype
-    from ..noise import input_size
-    from ..planner import apply_plan, parse_bytes, plan_memory
 
-    budget = parse_bytes(args.max_memory)
     target = resolve_device(device or args.device)
     dtype = resolve_dtype(args.dtype, target)
-    # Load on the CPU first so that planning can still move or drop parts before they reach the device.
-    backend = load_backend(model, device="cpu", dtype=dtype, drop_t5=args.drop_t5, **text_window)
-    note_loaded(backend, args.resolution)
-    if sizes is None:
-        if args.resolution == "original":
-            raise ValueError(
-                "--max-memory needs a resolution in px (or 'native') to plan for, not 'original'"
-            )
-        side = args.resolution or backend.defaults.resolution
-        sizes = [(side, side)]
-    processed = [input_size(backend, s, args.resolution) for s in sizes]
-    worst = max(processed, key=lambda hw: hw[0] * hw[1])
-    layers = args.layers if getattr(args, "layers", None) else backend.defaults.layers
-    plan = plan_memory(
-        backend.pipe,
-        worst,
-        budget,
-        dtype=dtype,
-        captured_layers=len(layers),
-        text_tokens=backend.text_len,
-        offload_text_encoders=args.offload_text_encoders,
-    )
-    within = f"for {worst[1]}x{worst[0]} px within {args.max_memory}"
+    # Planned from the configs, before any weights load; the model then loads straight into place.
+    planned = make_plan(args, target, dtype, sizes)
+    within = f"for {planned.size[1]}x{planned.size[0]} px within {args.max_memory}"
     if announce_plan:
-        note(f"memory plan {within}: {plan.describe()}")
-    placed = apply_plan(backend, plan, device=target, dtype=dtype)
+        note(f"memory plan {within}: {planned.plan.describe()}")
+    if planned.backend is not None:  # a small built-in model, already built for planning
+        from ..planner import apply_plan
+
+        placed = apply_plan(planned.backend, planned.plan, device=target, dtype=dtype)
+    else:
+        placed = load_backend(
+            model,
+            device=target,
+            dtype=dtype,
+            drop_t5=args.drop_t5 or planned.plan.drop_t5,
+            offload_text_encoders=planned.plan.offload_text_encoders,
+            **text_window,
+        )
+        if planned.plan.vae_tiling and placed.vae is not None:
+            placed.vae.enable_tiling()
+        placed.info["memory_plan"] = planned.plan.describe()
+    note_loaded(placed, args.resolution)
     placed.info["memory_plan_for"] = within
     return placed
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """A memory plan made before loading, with what it was made for."""
+
+    plan: object  # lava.planner.MemoryPlan
+    size: tuple[int, int]
+    backend: object | None  # a built-in model built for planning (cheap), else None
+
+
+def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
+    """The memory plan for the options, from the model's configs (no weights loaded), for the largest
+    of ``sizes`` after resizing (default: a square at the requested resolution). With
+    ``--max-memory`` it is ``plan_memory``'s choice (or its refusal), else the estimate as asked."""
+    from ..backends import REGISTRY, load_backend
+    from ..backends.flux import HUB_IDS as FLUX_HUB_IDS
+    from ..backends.sd3 import DEFAULTS, HUB_IDS, detect_variant
+    from ..errors import LavaError
+    from ..images import fit_to_grid
+    from ..planner import estimate_memory, parse_bytes, plan_memory, spec_for, spec_from_pipeline
+
+    model = args.model or DEFAULT_MODEL
+    no_flux = LavaError(
+        f"--max-memory and --dry-run plan SD3-family models only; {model} is a Flux model, which the "
+        "memory planner does not model yet (load it without them)"
+    )
+    if model in FLUX_HUB_IDS:
+        raise no_flux
+    backend = None
+    if model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
+        backend = load_backend(model, device="cpu", dtype=dtype, drop_t5=args.drop_t5)
+        if backend.family.name == "flux":
+            raise no_flux
+        spec = spec_from_pipeline(backend.pipe, backend.max_sequence_length)
+        defaults, limit = backend.defaults, backend.max_resolution
+    else:
+        spec, transformer_config = spec_for(HUB_IDS.get(model, model), drop_t5=args.drop_t5)
+        if "Flux" in str(transformer_config.get("_class_name", "")):
+            raise no_flux
+        defaults = DEFAULTS[detect_variant(transformer_config, model)]
+        m = transformer_config.get("pos_embed_max_size")
+        limit = None if m is None else int(m) * spec.grid_unit
+    if args.resolution == "original" and sizes is None:
+        raise ValueError(
+            "--max-memory and --dry-run need a resolution in px (or 'native') to plan for, not 'original'"
+        )
+    side = defaults.resolution if args.resolution is None else args.resolution
+    squares = sizes or [(side, side)]
+    processed = [fit_to_grid(s, max(s) if side == "original" else int(side), spec.grid_unit) for s in squares]
+    worst = max(processed, key=lambda hw: hw[0] * hw[1])
+    if limit is not None and max(worst) > limit:
+        raise ValueError(
+            f"{worst[1]}x{worst[0]} px exceeds {model}'s position embedding ({limit} px per side); "
+            f"use a resolution <= {limit}"
+        )
+    layers = args.layers if getattr(args, "layers", None) else defaults.layers
+    kw = dict(
+        dtype=dtype,
+        device=target,
+        captured_layers=len(layers),
+        text_tokens=spec.clip_len + spec.t5_len,
+        offload_text_encoders=args.offload_text_encoders,
+    )
+    if args.max_memory:
+        plan = plan_memory(spec, worst, parse_bytes(args.max_memory), **kw)
+    else:
+        plan = estimate_memory(spec, worst, drop_t5=args.drop_t5, **kw)
+    return Planned(plan=plan, size=worst, backend=backend)
+
+
+def dry_run(args: argparse.Namespace, device: str | None = None, sizes=None) -> int:
+    """``--dry-run``: print the plan on stdout (nothing heavy is loaded) and return the exit code."""
+    import torch
+
+    from ..backends.base import resolve_device, resolve_dtype
+
+    # A plan for a device this machine lacks is still a plan (e.g. for a GPU, made on a laptop).
+    asked = device or args.device
+    target = torch.device(asked) if asked and asked.startswith("cuda") else resolve_device(asked)
+    dtype = resolve_dtype(args.dtype, target)
+    planned = make_plan(args, target, dtype, sizes)
+    model = args.model or DEFAULT_MODEL
+    budget = f", budget {args.max_memory}" if args.max_memory else ""
+    how = "no weights loaded" if planned.backend is None else "a small built-in model, built to plan"
+    print(f"dry run for {model} ({how}){budget}")
+    for line in planned.plan.report():
+        print(line)
+    return 0
 
 
 def note_loaded(backend, requested_resolution) -> None:

@@ -10,6 +10,7 @@ from .common import (
     add_dataset_options,
     add_model_options,
     add_reading_options,
+    dry_run,
     eval_setup,
     float_list,
     int_list,
@@ -80,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.runner import run as run_cells
     from ..viz import label_image
 
+    if args.dry_run:  # plans for a square at the resolution; the dataset is not read
+        return dry_run(args)
     dataset, backend, settings, config = eval_setup(args, {})
     timestep = args.timestep if args.timestep is not None else backend.defaults.timestep
     # An ensemble is one cell over several timesteps (recorded as a list; one timestep as before).

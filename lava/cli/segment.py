@@ -13,6 +13,7 @@ from .common import (
     add_reading_options,
     check_output_folder,
     check_source,
+    dry_run,
     float_list,
     int_list,
     load_backend_for,
@@ -159,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     # Every input is checked (opened, header read) before the model loads; pixels are read one
     # image at a time later, so memory does not grow with the number of images.
     sizes = [image_size(path) for path in args.images]
+    if args.dry_run:
+        return dry_run(args, sizes=sizes)
     out = Path(args.out)
     sets = [output_files(out, stem, args) for stem in stems]
     check_output_folder(out, [path for files in sets for path in files.values()])

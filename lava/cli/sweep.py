@@ -11,6 +11,7 @@ from .common import (
     add_dataset_options,
     add_model_options,
     add_reading_options,
+    dry_run,
     eval_setup,
     float_list,
     int_list,
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             "--views compares attention views; the concept source has none (drop --views, or sweep "
             "--source attention)"
         )
+    if args.dry_run:  # plans for a square at the resolution; the dataset is not read
+        return dry_run(args)
     dataset, backend, settings, config = eval_setup(
         args,
         {
