@@ -63,8 +63,9 @@ def protocol_line(
         read = "attention " + "; ".join(f"{d}, softmax over {sm} keys" for d, sm in views)
     background = settings.background_mode(info)
     if settings.method != "lava":  # a comparison method reads no attention view of lava's
-        return f"protocol={settings.protocol} ({vocab}); background={background}; method {settings.method}"
-    return f"protocol={settings.protocol} ({vocab}); background={background}; {read}"
+        read = f"method {settings.method}"
+    refined = f"; refine {settings.refine}" if settings.refine else ""
+    return f"protocol={settings.protocol} ({vocab}); background={background}; {read}{refined}"
 
 
 def write_eval_report(
