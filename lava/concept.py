@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .backends.family import SD3, family_of
+from .backends.family import SD3, family_of, sd3_text_qkv
 from .capture import CaptureStore, StopForward, joint_qkv, keys_of_rows, pick_keys, row_gather
 from .errors import LavaError
 from .types import CapturePlan
@@ -66,16 +66,7 @@ def _block_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor
 def concept_qkv(attn, normed: torch.Tensor):
     """The text-side queries, keys and values of ``normed`` concept tokens ``[B, U, C]`` →
     three ``[B, H, U, D]`` (the same projections and qk norms as the block's text tokens)."""
-
-    def heads(x: torch.Tensor) -> torch.Tensor:
-        return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
-
-    q, k, v = (heads(proj(normed)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    if attn.norm_added_q is not None:
-        q = attn.norm_added_q(q)
-    if attn.norm_added_k is not None:
-        k = attn.norm_added_k(k)
-    return q, k, v
+    return sd3_text_qkv(attn, normed)
 
 
 def concept_dots(image_out: torch.Tensor, concept_out: torch.Tensor, heads: str) -> torch.Tensor:

@@ -39,6 +39,22 @@ class JointQKV:
     text_len: int
 
 
+def _heads(attn, x: torch.Tensor) -> torch.Tensor:
+    return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
+
+
+def sd3_text_qkv(attn, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The text-side queries, keys and values of an SD3 joint attention: ``text`` ``[B, T, C]`` →
+    three ``[B, H, T, D]`` through ``add_q/k/v_proj`` and the added qk norms (also what the
+    concept view runs its concept tokens through)."""
+    q, k, v = (_heads(attn, proj(text)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if attn.norm_added_q is not None:
+        q = attn.norm_added_q(q)
+    if attn.norm_added_k is not None:
+        k = attn.norm_added_k(k)
+    return q, k, v
+
+
 class SD3Family:
     """SD3 / SD3.5 (``SD3Transformer2DModel``): joint blocks only, image tokens first, no RoPE."""
 
@@ -89,20 +105,13 @@ class SD3Family:
         if encoder_hidden_states is None:
             raise LavaError("an SD3 joint attention call needs the text hidden states; got none")
 
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
-
-        q, k, v = (heads(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        q, k, v = (_heads(attn, proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
         ctx = encoder_hidden_states
-        cq, ck, cv = (heads(proj(ctx)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
+        cq, ck, cv = sd3_text_qkv(attn, ctx)
         return JointQKV(
             torch.cat([q, cq], dim=2),
             torch.cat([k, ck], dim=2),

@@ -81,6 +81,25 @@ def _t5_vocab() -> list[tuple[str, float]]:
     return vocab
 
 
+def tiny_t5(tokenizer, width: int):
+    """A 2-layer T5 encoder of ``width`` for the tiny test models (built under their seeded RNG)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=width,
+            d_kv=8,
+            d_ff=48,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=0,
+        )
+    )
+
+
 def build_tokenizers():
     """CLIP BPE (×2, as SD3 has) and T5 unigram tokenizers, built locally and deterministically."""
     from transformers import CLIPTokenizer, T5Tokenizer
@@ -123,7 +142,7 @@ def build_tiny_pipeline(
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     if variant not in TINY_CONFIGS:
         raise ValueError(f"tiny variant must be one of {sorted(TINY_CONFIGS)}, got {variant!r}")
@@ -183,19 +202,7 @@ def build_tiny_pipeline(
         text_encoder_2 = clip_encoder(clip_tok_2.pad_token_id)
         text_encoder_3 = None
         if t5:
-            text_encoder_3 = T5EncoderModel(
-                T5Config(
-                    vocab_size=len(t5_tok),
-                    d_model=joint_dim,
-                    d_kv=8,
-                    d_ff=48,
-                    num_layers=2,
-                    num_heads=4,
-                    pad_token_id=t5_tok.pad_token_id,
-                    eos_token_id=t5_tok.eos_token_id,
-                    decoder_start_token_id=0,
-                )
-            )
+            text_encoder_3 = tiny_t5(t5_tok, joint_dim)
     finally:
         torch.random.set_rng_state(gen_state)
 
@@ -237,7 +244,7 @@ def build_tiny_flux_pipeline(
     only (``TINY_MAX_SEQUENCE_LENGTH`` tokens); CLIP gives the pooled vector.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     clip_tok, _, t5_tok = build_tokenizers()
     clip_hidden, joint_dim, latent_channels = 12, 32, 4
@@ -285,19 +292,7 @@ def build_tiny_flux_pipeline(
                 pad_token_id=clip_tok.pad_token_id,
             )
         )
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=joint_dim,
-                d_kv=8,
-                d_ff=48,
-                num_layers=2,
-                num_heads=4,
-                pad_token_id=t5_tok.pad_token_id,
-                eos_token_id=t5_tok.eos_token_id,
-                decoder_start_token_id=0,
-            )
-        )
+        text_encoder_2 = tiny_t5(t5_tok, joint_dim)
     finally:
         torch.random.set_rng_state(gen_state)
 
