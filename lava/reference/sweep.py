@@ -58,10 +58,13 @@ def evaluate(
     vocab: str = "colour_shape",
     size: int = 64,
     full_vocabulary: bool = False,
+    refine: str | None = "none",
 ) -> SegMetrics:
     """Held-out metrics of one setting via ``lava.segment`` (the public path, as users call it).
 
     ``full_vocabulary`` prompts every class of the vocabulary instead of the scene's own.
+    ``refine``: ``"none"`` (default) measures the attention reading itself, as the sweep and the
+    reference-model table report it; ``None`` adds the backend's default refinement (PAMR).
     """
     import lava
     from lava.types import MaskConfig
@@ -80,6 +83,7 @@ def evaluate(
             timestep=setting.timestep,
             layers=setting.layers,
             mask_config=MaskConfig(background_threshold=threshold),
+            refine=refine,
         )
         cm.update(to_global(seg.labels[0], seg.classes, vocab), scene.labels(size, vocab))
     return cm.compute(names)
@@ -187,10 +191,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=64, help="scene size in pixels")
     p.add_argument("--figure", default=None, help="write the timestep × layer heatmap PNG here")
     p.add_argument("--json", default=None, help="write all results as JSON here")
+    p.add_argument(
+        "--reading-point",
+        action="store_true",
+        help="instead of the grid: evaluate the model's own block, timestep and background threshold "
+        "on both vocabularies, without refinement and with the model's default one",
+    )
     a = p.parse_args(argv)
 
     backend = lava.load_backend("lava-shapes", **({"path": a.weights} if a.weights else {}))
     seeds = heldout_seeds(a.scenes)
+    if a.reading_point:
+        d = backend.defaults
+        point = Setting(timestep=d.timestep, layers=d.layers, background=d.background_threshold)
+        for vocab in VOCABS:
+            plain = evaluate(backend, seeds, point, vocab=vocab, size=a.size).miou
+            refined = evaluate(backend, seeds, point, vocab=vocab, size=a.size, refine=None).miou
+            print(f"{vocab}: mIoU {plain:.3f} without refinement, {refined:.3f} with {d.refine or 'none'}")
+        return
     timesteps = [float(t) for t in a.timesteps.split(",")]
     n = backend.num_blocks
     layer_sets = [(i,) for i in range(n)] + [tuple(range(n))]
