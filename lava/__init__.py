@@ -37,6 +37,8 @@ _EXPORTS = {
     "MaskConfig": "types",
     "ModelError": "errors",
     "NoisyLatents": "types",
+    "PAMR": "refine",
+    "Propagate": "refine",
     "PromptEncoding": "types",
     "Segmentation": "types",
     "aggregate": "aggregate",
@@ -47,13 +49,17 @@ _EXPORTS = {
     "list_backends": "backends",
     "load_backend": "backends",
     "load_image": "images",
+    "mean_heatmaps": "aggregate",
     "noise": "noise",
+    "propagate": "propagate",
+    "refine": "refine",
     "segment": "pipeline",
     "segment_iter": "pipeline",
     "to_mask": "mask",
 }
 
 __all__ = [
+    "PAMR",
     "AggregateConfig",
     "AttentionSlices",
     "Backend",
@@ -66,6 +72,7 @@ __all__ = [
     "ModelError",
     "NoisyLatents",
     "PromptEncoding",
+    "Propagate",
     "Segmentation",
     "aggregate",
     "capture",
@@ -76,7 +83,10 @@ __all__ = [
     "list_backends",
     "load_backend",
     "load_image",
+    "mean_heatmaps",
     "noise",
+    "propagate",
+    "refine",
     "segment",
     "segment_iter",
     "to_mask",
@@ -87,8 +97,9 @@ __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals(), submodules=(
 
 
 class _Package(_types.ModuleType):
-    """The ``lava`` package object: keeps ``lava.noise``, ``lava.capture`` and ``lava.aggregate``
-    the stage functions even after their submodules of the same name are imported.
+    """The ``lava`` package object: keeps ``lava.noise``, ``lava.capture``, ``lava.aggregate``,
+    ``lava.refine`` and ``lava.propagate`` the functions even after their submodules of the same
+    name are imported.
 
     The import system binds every submodule it loads onto its package (``lava.noise =
     <module lava.noise>``). With eager imports the function was bound afterwards and won; with
@@ -109,7 +120,7 @@ _sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ provides them
     from . import kernels
-    from .aggregate import aggregate
+    from .aggregate import aggregate, mean_heatmaps
     from .backends import Backend, from_pipeline, list_backends, load_backend
     from .capture import capture, capturing
     from .errors import ClassNameError, ImageError, LavaError, ModelError
@@ -118,6 +129,8 @@ if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ p
     from .noise import noise
     from .pipeline import segment, segment_iter
     from .prompts import encode_prompt
+    from .propagate import propagate
+    from .refine import PAMR, Propagate, refine
     from .types import (
         AggregateConfig,
         AttentionSlices,

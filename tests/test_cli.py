@@ -177,12 +177,13 @@ def test_every_command_has_its_module_and_verbose_flag():
 
 
 def test_lazy_package_keeps_stage_functions_over_same_named_submodules():
-    # lava.noise / lava.capture / lava.aggregate are functions even after their submodules load.
+    # lava.noise / capture / aggregate / refine / propagate are functions even after their
+    # submodules load.
     code = (
-        "import lava; import lava.noise, lava.capture, lava.aggregate; "
-        "from lava.capture import capture_views; "
+        "import lava; import lava.noise, lava.capture, lava.aggregate, lava.refine, lava.propagate; "
+        "from lava.capture import capture_views; from lava.refine import pamr; "
         "print(all(callable(f) and not isinstance(f, type(lava)) "
-        "for f in (lava.noise, lava.capture, lava.aggregate, lava.segment)))"
+        "for f in (lava.noise, lava.capture, lava.aggregate, lava.segment, lava.refine, lava.propagate)))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "True", res.stderr
