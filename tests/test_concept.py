@@ -230,3 +230,29 @@ def test_concept_capture_keeps_the_same_image_qk_for_propagation(tiny, image):
             assert torch.equal(got, want)
     seg = lava.segment(image, CLASSES, backend=tiny, source="concept", refine="propagate,pamr")
     assert seg.labels[0].shape == (image.height, image.width)
+
+
+def test_segment_summary_names_the_concept_view(tmp_path, capsys, image):
+    from lava.cli import main
+
+    path = tmp_path / "in.png"
+    image.save(path)
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "segment",
+                str(path),
+                "--classes",
+                "a,b",
+                "--model",
+                "tiny-sd3",
+                "--source",
+                "concept",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "concept view" in capsys.readouterr().err.split("running", 1)[1].splitlines()[0]

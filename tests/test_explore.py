@@ -310,6 +310,15 @@ def test_explore_without_gradio_says_how_to_install(monkeypatch, capsys):
     assert "using lava-shapes" not in err  # refused before any model loads
 
 
+def test_explore_dry_run_plans_and_other_methods_are_refused(capsys):
+    from lava.cli import main
+
+    assert main(["explore", "--dry-run"]) == 0  # the plan, and no app
+    assert "estimated peak" in capsys.readouterr().out
+    assert main(["explore", "--method", "maskclip"]) == 1
+    assert "--method maskclip has no blocks or timesteps to explore" in capsys.readouterr().err
+
+
 def test_explore_options(capsys):
     from lava.cli import build_parser
 

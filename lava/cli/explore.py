@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, add_verbose_option, load_backend_for, note
+from ..errors import LavaError
+from .common import add_model_options, add_verbose_option, dry_run, load_backend_for, note
 
 EPILOG = """\
 examples:
@@ -60,12 +61,19 @@ def run(args: argparse.Namespace) -> int:
     from ..explore.app import require_gradio, serve
     from ..explore.session import Explorer
 
+    if getattr(args, "method", "lava") != "lava":
+        raise LavaError(
+            f"lava explore shows how lava reads an MM-DiT's attention; --method {args.method} has no "
+            "blocks or timesteps to explore (use lava segment / lava eval --method for it)"
+        )
+    backend_args = argparse.Namespace(**{**vars(args), "resolution": None, "layers": None})
+    if args.dry_run:  # the plan for the model's own resolution; no app starts
+        return dry_run(backend_args)
     require_gradio()  # before the model loads: say at once what is missing
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         note(f"listening on {args.host}: anyone who can reach it can use this app (there is no login)")
-    backend_args = argparse.Namespace(**{**vars(args), "resolution": None, "layers": None})
 
     def explorer(folder):
         return Explorer(load_backend_for(backend_args), root=folder)

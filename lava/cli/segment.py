@@ -246,6 +246,8 @@ def run_summary(backend, args: argparse.Namespace, sizes) -> str:
         f"running {backend.name} (variant {backend.variant}): {when}, blocks {blocks}, {res}, "
         f"{dtype} on {backend.device}, {text}"
     )
+    if getattr(args, "source", "attention") == "concept":
+        line += ", concept view"
     refine = refine_name(resolve_refine(args.refine, getattr(d, "refine", None)))
     if refine is not None:
         line += f", refine {refine}"
