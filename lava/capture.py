@@ -38,15 +38,6 @@ class CaptureStore(dict):
         self.image_qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor):
-    """Queries, keys and values of an SD3 joint-attention block, as diffusers' processor builds
-    them (the SD3 family adapter's ``qkv``): ``hidden_states`` ``[B, N_img, C]``,
-    ``encoder_hidden_states`` ``[B, T, C]`` → three ``[B, H, N_img + T, D]``, image tokens first.
-    """
-    joint = SD3.qkv(attn, hidden_states, encoder_hidden_states)
-    return joint.q, joint.k, joint.v
-
-
 class CaptureProcessor:
     """Joint attention of one block that also stores the plan's slices in ``store``.
 
@@ -150,6 +141,19 @@ def pick_keys(sl: torch.Tensor, plan: CapturePlan, gather) -> torch.Tensor:
     return per_row.permute(0, 2, 3, 1, 4)[..., row_idx.to(sl.device), pos_idx.to(sl.device)]
 
 
+def check_source(source: str, views: Sequence[tuple[str, str]] = (("image_to_text", "joint"),)) -> None:
+    """Refuse an unknown source, and the concept source with any view but the default one: the
+    concept view has no direction or softmax domain of its own."""
+    if source not in SOURCES:
+        raise LavaError(f"source must be one of {SOURCES}, got {source!r}")
+    asked = [tuple(v) for v in views]
+    if source == "concept" and asked != [("image_to_text", "joint")]:
+        raise LavaError(
+            "the concept source has no direction or softmax domain to choose: read it with "
+            f"image_to_text/joint (got {', '.join('/'.join(v) for v in asked)}) or use the attention source"
+        )
+
+
 class StopForward(Exception):
     """Raised after the deepest captured block to skip the rest of the transformer."""
 
@@ -164,6 +168,11 @@ def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
     ``(direction, softmax)`` view). With ``plan.early_exit`` the forward is cut after the deepest
     captured block; call the transformer through ``run_until_captured`` to absorb that.
     """
+    if plan.source != "attention":
+        raise LavaError(
+            f"capturing reads attention probabilities; a {plan.source!r} plan needs its own capture "
+            "(lava.concept.capturing_concepts), which capture_views picks from the plan"
+        )
     family = family_of(transformer)
     blocks = family.blocks(transformer)
     kinds = family.block_kinds(transformer)
@@ -181,17 +190,23 @@ def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
                 hook = blocks[i].register_forward_pre_hook(_text_len_from_block(proc), with_kwargs=True)
                 hooks.append(hook)
         if plan.early_exit:
-
-            def stop(module, args, output):
-                raise StopForward
-
-            hooks.append(blocks[max(plan.layers)].register_forward_hook(stop))
+            hooks.append(blocks[max(plan.layers)].register_forward_hook(stop_forward))
         yield store
     finally:
-        for hook in hooks:
-            hook.remove()
-        for i, proc in originals.items():
-            blocks[i].attn.set_processor(proc)
+        restore(blocks, originals, hooks)
+
+
+def stop_forward(module, args, output):
+    """Forward hook on the deepest captured block: cuts the transformer short there."""
+    raise StopForward
+
+
+def restore(blocks, originals: dict, hooks: list) -> None:
+    """Remove a capture's hooks and put back each block's original attention processor."""
+    for hook in hooks:
+        hook.remove()
+    for i, proc in originals.items():
+        blocks[i].attn.set_processor(proc)
 
 
 def _text_len_from_block(proc: CaptureProcessor):
@@ -283,13 +298,7 @@ def capture_views(
     """
     if not views:
         raise LavaError("views must name at least one (direction, softmax) pair")
-    if source not in SOURCES:
-        raise LavaError(f"source must be one of {SOURCES}, got {source!r}")
-    if source == "concept" and [tuple(v) for v in views] != [("image_to_text", "joint")]:
-        raise LavaError(
-            "the concept source has no direction or softmax domain to choose: read it with the default "
-            f"view image_to_text/joint, got {[tuple(v) for v in views]}"
-        )
+    check_source(source, views)
     layer_tuple = backend.check_layers(layers if layers is not None else backend.defaults.layers)
     if prompt.text_len != backend.text_len:
         raise LavaError(
@@ -339,7 +348,7 @@ def capture_views(
             source=source,
             keep_image_qk=keep_image_qk,
         )
-        if source == "concept":
+        if plan.source == "concept":
             from .concept import capturing_concepts
 
             context = capturing_concepts(backend.transformer, plan, noisy.batch_size * len(rows))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .backends.family import SD3, family_of, sd3_text_qkv
-from .capture import CaptureStore, StopForward, joint_qkv, keys_of_rows, pick_keys, row_gather
+from .capture import CaptureStore, keys_of_rows, pick_keys, restore, row_gather, stop_forward
 from .errors import LavaError
 from .types import CapturePlan
 
@@ -61,12 +61,6 @@ def _block_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor
     names = ("hidden_states", "encoder_hidden_states", "temb")
     given = dict(zip(names, args, strict=False)) | kwargs
     return given["encoder_hidden_states"], given["temb"]
-
-
-def concept_qkv(attn, normed: torch.Tensor):
-    """The text-side queries, keys and values of ``normed`` concept tokens ``[B, U, C]`` →
-    three ``[B, H, U, D]`` (the same projections and qk norms as the block's text tokens)."""
-    return sd3_text_qkv(attn, normed)
 
 
 def concept_dots(image_out: torch.Tensor, concept_out: torch.Tensor, heads: str) -> torch.Tensor:
@@ -109,26 +103,20 @@ class ConceptProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if encoder_hidden_states is None:
             raise LavaError("ConceptProcessor is for joint attention; it got no text hidden states")
-        n_img = hidden_states.shape[1]
-        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
+        joint = SD3.qkv(attn, hidden_states, encoder_hidden_states)
+        q, k, v, n_img = joint.q, joint.k, joint.v, joint.text_start
         if self.plan.keep_image_qk and self.index in self.plan.layers:
             # For lava.propagate, as CaptureProcessor keeps them: copies of the image rows only.
             self.store.image_qk[self.index] = (q[:, :, :n_img].clone(), k[:, :, :n_img].clone())
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
 
         s = self.stream
-        cq, ck, cv = concept_qkv(attn, s.normed)
-        s.attn_out = concept_attention(cq, ck, cv, k[:, :, :n_img], v[:, :, :n_img], s.visible.to(cq.device))
+        cq, ck, cv = sd3_text_qkv(attn, s.normed)
+        s.attn_out = concept_attention(cq, ck, cv, k[:, :, :n_img], v[:, :, :n_img], s.visible)
         if self.index in self.plan.layers:
             dots = concept_dots(out[:, :, :n_img], s.attn_out, self.plan.heads)
             self.store[self.index] = pick_keys(dots, self.plan, self.gather)
-
-        out = rearrange(out, "b h n d -> b n (h d)").to(q.dtype)
-        hidden, context = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        hidden = attn.to_out[1](attn.to_out[0](hidden))
-        return hidden, context
+        return SD3.finish(attn, rearrange(out, "b h n d -> b n (h d)").to(q.dtype), joint, False)
 
 
 def _enter(block, index: int, stream: ConceptStream):
@@ -138,6 +126,7 @@ def _enter(block, index: int, stream: ConceptStream):
         context, temb = _block_inputs(args, kwargs)
         if index == 0:
             stream.hidden = context[:, list(stream.positions)]
+            stream.visible = stream.visible.to(context.device)  # once, not per block
         if block.context_pre_only:
             stream.normed, stream.modulation = block.norm1_context(stream.hidden, temb), ()
         else:
@@ -174,7 +163,7 @@ def capturing_concepts(transformer, plan: CapturePlan, batch: int) -> Iterator[C
             f"the concept source is implemented for the SD3 family only, not {family.name}: "
             "read this model with source='attention'"
         )
-    blocks = transformer.transformer_blocks
+    blocks = family.blocks(transformer)
     last = max(plan.layers)
     positions, gather = row_gather(plan)
     stream = ConceptStream(plan, positions, batch)
@@ -189,14 +178,7 @@ def capturing_concepts(transformer, plan: CapturePlan, batch: int) -> Iterator[C
             if i < last:
                 hooks.append(block.register_forward_hook(_leave(block, stream), with_kwargs=True))
         if plan.early_exit:
-
-            def stop(module, args, output):
-                raise StopForward
-
-            hooks.append(blocks[last].register_forward_hook(stop))
+            hooks.append(blocks[last].register_forward_hook(stop_forward))
         yield store
     finally:
-        for h in hooks:
-            h.remove()
-        for i, proc in originals.items():
-            blocks[i].attn.set_processor(proc)
+        restore(blocks, originals, hooks)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..aggregate import aggregate, mean_heatmaps
 from ..backends.base import Backend
-from ..capture import capture_views
+from ..capture import capture_views, check_source
 from ..errors import LavaError
 from ..mask import to_mask
 from ..methods import METHODS
@@ -31,7 +31,7 @@ from ..noise import noise
 from ..prompts import encode_prompt
 from ..refine import check_refine, split_refine
 from ..refine import refine as refine_heatmaps
-from ..types import SOURCES, AggregateConfig, Heatmaps, MaskConfig, PromptEncoding, Segmentation
+from ..types import AggregateConfig, Heatmaps, MaskConfig, PromptEncoding, Segmentation
 from . import distributed
 from .datasets import DatasetInfo, SegmentationDataset
 from .metrics import ConfusionMatrix
@@ -132,13 +132,7 @@ class EvalSettings:
             raise LavaError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.background not in BACKGROUNDS:
             raise LavaError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
-        if self.source not in SOURCES:
-            raise LavaError(f"source must be one of {SOURCES}, got {self.source!r}")
-        if self.source == "concept" and (self.direction, self.softmax) != ("image_to_text", "joint"):
-            raise LavaError(
-                "the concept source has no direction or softmax domain: leave them at image_to_text/joint, "
-                f"got {self.direction}/{self.softmax}"
-            )
+        check_source(self.source, [(self.direction, self.softmax)])
 
     @property
     def noise_seeds(self) -> tuple[int, ...]:

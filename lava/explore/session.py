@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..aggregate import NORMALIZATIONS, aggregate
 from ..backends import Backend
-from ..capture import capture
+from ..capture import capture, check_source
 from ..errors import ImageError, LavaError
 from ..images import load_image
 from ..mask import to_mask
@@ -160,11 +160,7 @@ def settings_from_ui(
     _choice("softmax", softmax, SOFTMAXES)
     _choice("tokens", tokens, TOKENS)
     _choice("background", background, BACKGROUNDS)
-    if source == "concept" and (direction, softmax) != ("image_to_text", "joint"):
-        raise LavaError(
-            "the concept source has no direction or softmax domain to choose: set them to "
-            f"image_to_text / joint (got {direction} / {softmax}) or use the attention source"
-        )
+    check_source(source, [(direction, softmax)])
     d = backend.defaults
     normalize = d.normalize if normalize in (None, "", "default") else normalize
     _choice("normalize", normalize, NORMALIZATIONS)

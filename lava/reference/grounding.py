@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from ..capture import joint_qkv
+from ..backends.family import SD3
 from .scenes import Scene
 
 
@@ -35,16 +35,12 @@ class GroundingProcessor:
         self.store = store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        n_img = hidden_states.shape[1]
-
-        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
+        joint = SD3.qkv(attn, hidden_states, encoder_hidden_states)
+        q, k, v, n_img = joint.q, joint.k, joint.v, joint.text_start
         probs = torch.softmax((q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5, dim=-1)
         self.store[self.index] = probs[:, :, :n_img, n_img:].mean(1)
         out = rearrange((probs.to(v.dtype) @ v), "b h n d -> b n (h d)")
-        hidden, context = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](hidden)), context
+        return SD3.finish(attn, out, joint, False)
 
 
 def install(transformer, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
