@@ -32,34 +32,48 @@ def input_size(backend: Backend, size: tuple[int, int], resolution: int | str | 
     the image's aspect ratio (stretched; sides rounded to the token grid). Raises if it exceeds
     the position embedding.
     """
-    unit = backend.grid_unit
+    return pixel_size(
+        size,
+        resolution,
+        unit=backend.grid_unit,
+        native=backend.defaults.resolution,
+        limit=backend.max_resolution,
+        name=backend.name,
+    )
+
+
+def pixel_size(
+    size: tuple[int, int],
+    resolution: int | str | None,
+    *,
+    unit: int,
+    native: int,
+    limit: int | None = None,
+    name: str = "the model",
+) -> tuple[int, int]:
+    """``input_size`` from a model's numbers instead of a loaded backend (the memory planner
+    sizes a model before loading it): token-grid ``unit`` in px, ``native`` long side, ``limit``
+    the position embedding's side in px (``None``: none)."""
     stretched = stretch_size(resolution)
     if stretched is not None:
         out = tuple(max(unit, round(side / unit) * unit) for side in stretched)
-        _check_limit(backend, size, resolution, out)
-        return out
-    if resolution is None:
-        resolution = backend.defaults.resolution
-    elif resolution == "original":
-        resolution = max(size)
-    elif not isinstance(resolution, int) or resolution <= 0:
-        raise LavaError(
-            "resolution must be a positive number of pixels, None, 'original' or 'WxH' (e.g. '1024x1024'), "
-            f"got {resolution!r}"
-        )
-    out = fit_to_grid(size, int(resolution), unit)
-    _check_limit(backend, size, resolution, out)
-    return out
-
-
-def _check_limit(backend: Backend, size: tuple[int, int], resolution, out: tuple[int, int]) -> None:
-    limit = backend.max_resolution
+    else:
+        if resolution is None:
+            resolution = native
+        elif resolution == "original":
+            resolution = max(size)
+        elif not isinstance(resolution, int) or resolution <= 0:
+            raise LavaError(
+                "resolution must be a positive number of pixels, None, 'original' or 'WxH' (e.g. "
+                f"'1024x1024'), got {resolution!r}"
+            )
+        out = fit_to_grid(size, int(resolution), unit)
     if limit is not None and max(out) > limit:
         raise ImageError(
             f"an image of {size[1]}x{size[0]} px at resolution {resolution} needs {out[1]}x{out[0]} px, but "
-            f"{backend.name}'s position embedding covers at most {limit} px per side; "
-            f"use a resolution <= {limit}"
+            f"{name}'s position embedding covers at most {limit} px per side; use a resolution <= {limit}"
         )
+    return out
 
 
 @torch.no_grad()

@@ -48,10 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from ..errors import LavaError
-    from .common import error_message, quiet_libraries
+    from .common import apply_preset, error_message, quiet_libraries
 
     try:
         quiet_libraries(verbose=getattr(args, "verbose", False))
+        apply_preset(args)  # first: a preset fills the options every later check looks at
         return _command(args.command).run(args)
     except (LavaError, ValueError, OSError) as err:
         print(f"lava: error: {error_message(err)}", file=sys.stderr)

@@ -24,7 +24,7 @@ DEFAULT_MODEL = "lava-shapes"
 METHODS = ("lava", "maskclip", "stableseg")
 METHOD_MODELS = {"maskclip": "clip-vit-b16", "stableseg": "sd1.5"}
 # Models built in code with random weights, for tests: their masks mean nothing.
-RANDOM_MODELS = ("tiny-sd3", "tiny-clip", "tiny-sd15")
+RANDOM_MODELS = ("tiny-sd3", "tiny-flux", "tiny-clip", "tiny-sd15")
 
 
 def note(message: str) -> None:
@@ -290,7 +290,6 @@ def check_source(args: argparse.Namespace) -> None:
     loads: the concept view has neither."""
     from ..errors import LavaError
 
-    apply_preset(args)  # first: a preset fills options the checks below look at
     check_method(args)  # every command that checks --source checks --method with it
     if args.source == "concept" and (args.direction, args.softmax) != ("image_to_text", "joint"):
         raise LavaError(
@@ -531,7 +530,7 @@ def load_backend_for(
             "(coloured circles, squares, triangles); it knows no photos. For real images use "
             "--model sd3-medium (or a hub id / local folder)."
         )
-    elif model in ("tiny-sd3", "tiny-flux"):
+    elif model in RANDOM_MODELS:
         note(f"{model} has RANDOM weights, so its masks are meaningless (it exists for tests).")
     # Set by a preset (Seg4Diff: 77, so 154 text tokens), else the model's own.
     text_window = (
@@ -597,7 +596,7 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     from ..backends.flux import HUB_IDS as FLUX_HUB_IDS
     from ..backends.sd3 import DEFAULTS, HUB_IDS, detect_variant
     from ..errors import LavaError
-    from ..images import fit_to_grid
+    from ..noise import pixel_size
     from ..planner import estimate_memory, parse_bytes, plan_memory, spec_for, spec_from_pipeline
 
     model = args.model or DEFAULT_MODEL
@@ -625,15 +624,12 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
         raise ValueError(
             "--max-memory and --dry-run need a resolution in px (or 'native') to plan for, not 'original'"
         )
-    side = defaults.resolution if args.resolution is None else args.resolution
-    squares = sizes or [(side, side)]
-    processed = [fit_to_grid(s, max(s) if side == "original" else int(side), spec.grid_unit) for s in squares]
+    # Without image sizes, plan for a square at the asked long side (the model's native one for
+    # None or 'WxH', whose size does not depend on the image).
+    side = args.resolution if isinstance(args.resolution, int) else defaults.resolution
+    grid = dict(unit=spec.grid_unit, native=defaults.resolution, limit=limit, name=model)
+    processed = [pixel_size(s, args.resolution, **grid) for s in sizes or [(side, side)]]
     worst = max(processed, key=lambda hw: hw[0] * hw[1])
-    if limit is not None and max(worst) > limit:
-        raise ValueError(
-            f"{worst[1]}x{worst[0]} px exceeds {model}'s position embedding ({limit} px per side); "
-            f"use a resolution <= {limit}"
-        )
     layers = args.layers if getattr(args, "layers", None) else defaults.layers
     kw = dict(
         dtype=dtype,
