@@ -366,3 +366,10 @@ def test_other_backends(tiny, tmp_path, changes):
     assert (defaults.background, defaults.layers, defaults.timestep) == ("none", (1, 2), 500.0)
     with pytest.raises(lava.LavaError, match="tiny-sd3 has no default: enter one"):
         settings_from_ui(tiny, classes="cat", timestep=500, blocks=["1"], background="threshold")
+
+
+def test_propagation_refinement_equals_lava_segment(explorer, shapes, scene_path):
+    """A propagation step reads the forward's own image attention, as segment's does."""
+    settings = ui(shapes, refine="propagate,pamr")
+    result = explorer.run(explorer.new_cache(), scene_path, settings)
+    assert_same(result, lava.segment(scene_path, backend=shapes, **segment_kwargs(settings)))

@@ -35,7 +35,7 @@ from ..mask import to_mask
 from ..noise import noise
 from ..pipeline import resolve_configs
 from ..prompts import encode_prompt, parse_classes
-from ..refine import NO_REFINE, check_refine, resolve_refine
+from ..refine import NO_REFINE, check_refine, resolve_refine, split_refine
 from ..refine import refine as refine_heatmaps
 from ..types import SOURCES, AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding, Segmentation
 
@@ -241,6 +241,7 @@ class ForwardKey:
     source: str
     direction: str
     softmax: str
+    image_qk: bool = False  # kept for a propagation refinement
 
 
 class MapCache:
@@ -399,6 +400,7 @@ class Explorer:
             settings.source,
             settings.direction,
             settings.softmax,
+            bool(split_refine(settings.refine)[0]),
         )
         with self._lock:
             prompt = cache.prompt(settings.classes, lambda: encode_prompt(b, settings.classes))
@@ -418,6 +420,7 @@ class Explorer:
                 direction=settings.direction,
                 softmax=settings.softmax,
                 source=settings.source,
+                keep_image_qk=key.image_qk,
             )
             self.forwards += 1
             cache.put(key, slices)
@@ -445,7 +448,10 @@ class Explorer:
         agg, mask = self._configs(settings, prompt)
         heat = aggregate(slices, prompt, dataclasses.replace(agg, layers=settings.layers))
         if settings.refine is not None:
-            heat = refine_heatmaps(heat, [image], method=settings.refine)
+            # As segment does: propagation reads this forward's own attention of these blocks.
+            heat = refine_heatmaps(
+                heat, [image], method=settings.refine, slices=slices, layers=settings.layers
+            )
         seg = to_mask(heat, config=mask, images=(image,))
         return Result(segmentation=seg, heatmaps=heat, image=image, settings=settings, forwards=ran)
 
