@@ -172,7 +172,7 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
     from lava.pipeline import resolve_configs
     from lava.presence import denoising_presence, with_presence
     from lava.refine import refine as lava_refine
-    from lava.refine import refine_steps, resolve_refine
+    from lava.refine import refine_name, resolve_refine
 
     noisy = lava.noise(backend, image)
     # One capture per prompt split, holding only the softmax domains some setting reads.
@@ -184,6 +184,7 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
         if s.softmax not in domains[s.capture_key()]:
             domains[s.capture_key()].append(s.softmax)
     captured: dict[tuple[int | None, str], tuple] = {}
+    prepared: dict[tuple, object] = {}
     denoised: dict = {}
     out = []
     for s in settings:
@@ -210,17 +211,21 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
             min_presence=s.min_presence,
             classes=prompt.classes,
         )
-        heat = raw[s.softmax]
-        heat = dataclasses.replace(
-            heat, scores=normalize_scores(heat.scores, agg.normalize), normalize=agg.normalize
-        )
-        if s.presence == "denoise":
+        refine = refine_name(resolve_refine(s.refine, backend.defaults.refine))
+        # The maps depend on the capture, softmax, normalisation and refinement only; background
+        # and presence act in the mask stage, so settings that differ there share one refinement.
+        maps = (key, s.softmax, agg.normalize, refine)
+        if maps not in prepared:
+            heat = raw[s.softmax]
+            heat = dataclasses.replace(
+                heat, scores=normalize_scores(heat.scores, agg.normalize), normalize=agg.normalize
+            )
+            prepared[maps] = lava_refine(heat, [image], method=refine) if refine else heat
+        heat = prepared[maps]
+        if s.presence == "denoise":  # refinement keeps presence, so it can be swapped in after
             if key not in denoised:
                 denoised[key] = denoising_presence(backend, noisy, prompt)
             heat = with_presence(heat, denoised[key])
-        refine = resolve_refine(s.refine, backend.defaults.refine)
-        if refine_steps(refine):
-            heat = lava_refine(heat, [image], method=refine)
         seg = lava.to_mask(heat, [(size, size)], config=mask)
         out.append(to_global(seg.labels[0], seg.classes, "colour_shape"))
     return out
