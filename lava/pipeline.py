@@ -274,7 +274,7 @@ def segment_iter(
     if isinstance(backend, str):
         backend = load_backend(backend)
     inputs = as_image_list(images)
-    refine = resolve_refine(refine, getattr(backend.defaults, "refine", None))
+    refine = resolve_refine(refine, backend.defaults.refine)
     if is_segmenter(backend):  # a comparison method (lava.methods): its heatmaps, lava's mask stage
         from .methods.segment import segment_with
 

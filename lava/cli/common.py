@@ -720,7 +720,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         normalize=args.normalize or d.normalize,
         min_presence=(args.min_presence or None) if args.min_presence is not None else d.min_presence,
         max_classes_per_prompt=args.max_classes_per_prompt,
-        refine=refine_name(resolve_refine(args.refine, getattr(d, "refine", None))),
+        refine=refine_name(resolve_refine(args.refine, d.refine)),
         seed=args.seed,
         seeds=tuple(args.seeds) if args.seeds else None,
         resolution=args.resolution,

@@ -248,7 +248,7 @@ def run_summary(backend, args: argparse.Namespace, sizes) -> str:
     )
     if getattr(args, "source", "attention") == "concept":
         line += ", concept view"
-    refine = refine_name(resolve_refine(args.refine, getattr(d, "refine", None)))
+    refine = refine_name(resolve_refine(args.refine, d.refine))
     if refine is not None:
         line += f", refine {refine}"
     if "memory_plan" in backend.info:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from ..capture import capture_views, check_source
 from ..errors import LavaError
 from ..mask import to_mask
 from ..methods import METHODS
-from ..methods.base import Segmenter, is_segmenter
+from ..methods.base import Segmenter, is_segmenter, refuse_lava_options
 from ..noise import noise
 from ..prompts import encode_prompt
 from ..refine import check_refine, split_refine
@@ -113,17 +113,9 @@ class EvalSettings:
         if self.method not in METHODS:
             raise LavaError(f"method must be one of {METHODS}, got {self.method!r}")
         lava_only = {"direction": "image_to_text", "softmax": "joint", "source": "attention", "tokens": "all"}
-        changed = [f"{k}={getattr(self, k)}" for k, v in lava_only.items() if getattr(self, k) != v]
-        if self.method != "lava" and changed:
-            raise LavaError(
-                f"{', '.join(changed)} choose how lava reads MM-DiT attention; method {self.method} has no "
-                "such choice: leave them at their defaults"
-            )
-        if self.method != "lava" and split_refine(self.refine)[0]:
-            raise LavaError(
-                f"refine propagate uses the MM-DiT's own image attention; method {self.method} keeps none: "
-                "refine with pamr only"
-            )
+        if self.method != "lava":
+            changed = [f"{k}={getattr(self, k)}" for k, v in lava_only.items() if getattr(self, k) != v]
+            refuse_lava_options(self.method, changed, self.refine)
         if self.seeds is not None and (not self.seeds or self.seed != 0):
             raise LavaError(
                 f"give seeds (at least one) or seed, not both: seed={self.seed}, seeds={self.seeds}"
@@ -377,6 +369,7 @@ def run(
     per_run, after = split_refine(settings.refine)
     threshold = settings.background_mode(info) == "threshold"
     agg = AggregateConfig(tokens=settings.tokens, normalize=settings.normalize)
+    cell_agg = [replace(agg, layers=cell.layers) for cell in cells]
     mask_cfg = MaskConfig(
         background_threshold=settings.background_threshold if threshold else None,
         min_presence=settings.min_presence,
@@ -440,9 +433,7 @@ def run(
                 for ci in idx:
                     cell = cells[ci]
                     slices = views[cell.view]
-                    heat = aggregate(
-                        slices, prompt, AggregateConfig(**{**asdict(agg), "layers": cell.layers})
-                    )
+                    heat = aggregate(slices, prompt, cell_agg[ci])
                     if per_run:  # propagated by this run's own attention, of the cell's blocks
                         heat = refine_heatmaps(
                             heat, [image], method=per_run, slices=slices, layers=cell.layers

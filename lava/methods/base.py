@@ -67,6 +67,25 @@ def is_segmenter(obj: Any) -> bool:
     return isinstance(getattr(obj, "method", None), str) and callable(getattr(obj, "heatmaps", None))
 
 
+def refuse_lava_options(method: str, changed: Sequence[str], refine) -> None:
+    """Refuse, for comparison method ``method``, the options only lava's own reading has: the
+    ``changed`` reading options (they would be ignored) and a propagation step (it needs the
+    MM-DiT's own image attention, which a segmenter keeps none of)."""
+    from ..errors import LavaError
+    from ..refine import split_refine
+
+    if changed:
+        raise LavaError(
+            f"{', '.join(changed)} choose how lava reads MM-DiT attention; method {method} has no "
+            "such choice: leave them at their defaults"
+        )
+    if split_refine(refine)[0]:
+        raise LavaError(
+            f"refine propagate uses the MM-DiT's own image attention; method {method} keeps none: "
+            "refine with pamr only"
+        )
+
+
 def to_heatmaps(scores: torch.Tensor, classes: Sequence[str], image: Image.Image, normalize: str) -> Heatmaps:
     """One image's raw class scores ``[C, h, w]`` → ``Heatmaps`` ``[1, C, h, w]``, normalised as
     lava's aggregate stage does, with the presence taken before normalisation (as there)."""

@@ -10,14 +10,13 @@ from collections.abc import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from ..errors import LavaError
 from ..images import ImageInput, load_image
 from ..mask import to_mask
 from ..prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, parse_classes
-from ..refine import check_refine, refine_steps, split_refine
 from ..refine import refine as refine_heatmaps
+from ..refine import split_refine
 from ..types import AggregateConfig, MaskConfig, Segmentation
-from .base import Segmenter
+from .base import Segmenter, refuse_lava_options
 
 
 def segment_with(
@@ -45,17 +44,14 @@ def segment_with(
 
     ``lava_only``: the reading options of lava's own method the caller set (direction, softmax,
     heads, source, sigma, ...) with their defaults; any changed one is refused, since the
-    segmenter would ignore it. ``aggregate_config.tokens``/``layers`` likewise."""
-    from ..pipeline import resolve_configs
+    segmenter would ignore it; ``aggregate_config.tokens`` likewise (its ``layers`` give way to
+    ``layers``)."""
+    from ..pipeline import _is_rgb, resolve_configs
 
     changed = [k for k, (value, default) in (lava_only or {}).items() if value != default]
     if aggregate_config is not None and aggregate_config.tokens != "all":
         changed.append("tokens")
-    if changed:
-        raise LavaError(
-            f"{', '.join(changed)} choose how lava reads MM-DiT attention; method {segmenter.method} has "
-            "no such choice: leave them at their defaults"
-        )
+    refuse_lava_options(segmenter.method, changed, refine)
     names = parse_classes(classes)
     layers = segmenter.check_layers(layers if layers is not None else segmenter.defaults.layers)
     timestep = segmenter.defaults.timestep if timestep is None else timestep
@@ -69,14 +65,10 @@ def segment_with(
         min_presence=min_presence,
         classes=names,
     )
-    check_refine(refine)
-    if split_refine(refine)[0]:
-        raise LavaError(
-            f"refine propagate uses the MM-DiT's own image attention; method {segmenter.method} keeps none: "
-            "refine with pamr only"
-        )
+    _, after = split_refine(refine)  # no propagation steps: refused above
     for i in tqdm(range(len(inputs)), desc="segment", unit="image", disable=not progress):
-        image = load_image(inputs[i])
+        # An RGB PIL image (as ``segment`` passes) is used as is: converting would copy it.
+        image = inputs[i] if _is_rgb(inputs[i]) else load_image(inputs[i])
         (heat,) = segmenter.heatmaps(
             image,
             names,
@@ -89,6 +81,6 @@ def segment_with(
             separator=separator,
             max_classes_per_prompt=max_classes_per_prompt,
         )
-        if refine_steps(refine):
-            heat = refine_heatmaps(heat, [image], method=refine)
+        if after:
+            heat = refine_heatmaps(heat, [image], method=after)
         yield i, to_mask(heat, config=mask, images=(image,))
