@@ -133,7 +133,6 @@ def build_folder(path: str | Path, seed: int = 0) -> Path:
 
 # (name, image, options): one fresh process each. --max-memory lets the planner turn VAE tiling on
 # (where it tiles, that is where a side exceeds the VAE's 1024 px sample size).
-FP32, BF16 = ["--dtype", "float32"], ["--dtype", "bfloat16"]
 SETTINGS = {
     "fp32-512": ("c512.png", ["--dtype", "float32", "--resolution", "512"]),
     "fp32-1024": ("a1024.png", ["--dtype", "float32", "--resolution", "1024"]),

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from full_size import TRANSFORMER
 from memprobe import peak_bytes
 from scaling import ROOT, write_section
 
@@ -54,23 +55,7 @@ def main() -> None:
     blocks = args.blocks or (24 if cuda else 2)
     torch.manual_seed(0)
     with torch.device(args.device):
-        model = (
-            SD3Transformer2DModel(
-                sample_size=128,
-                patch_size=2,
-                in_channels=16,
-                out_channels=16,
-                num_layers=blocks,
-                attention_head_dim=64,
-                num_attention_heads=24,
-                joint_attention_dim=4096,
-                caption_projection_dim=1536,
-                pooled_projection_dim=2048,
-                pos_embed_max_size=192,
-            )
-            .to(dtype)
-            .eval()
-        )
+        model = SD3Transformer2DModel(**{**TRANSFORMER, "num_layers": blocks}).to(dtype).eval()
     pipe = _Pipe(model)
     rows = []
     for px in (int(s) for s in args.sizes.split(",")):

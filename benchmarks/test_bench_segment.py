@@ -11,26 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICE, ON_CUDA
+from full_size import TRANSFORMER as SD3_MEDIUM
 from memprobe import peak_bytes
 
 import lava
 from lava.backends.family import family_of
 from lava.capture import capturing, run_until_captured
 from lava.types import CapturePlan
-
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=192,
-)
 
 
 def _sd3_medium_inputs():

@@ -62,8 +62,8 @@ VAE_FACTOR = 5
 # 0.5 GiB after imports (a --dry-run process) + 0.4 GiB that full-size runs hold beyond the modelled
 # terms (allocator slack after loading, tokenizers, images): docs/benchmarks.md, full-size table.
 CPU_BASE_BYTES = int(0.9 * 2**30)
-HEAVY = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+HEAVY = ("transformer", "vae", *TEXT_ENCODERS)
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -83,10 +83,6 @@ def fmt_bytes(n: float, digits: int = 2) -> str:
         if n >= size:
             return f"{n / size:.{digits}f} {unit}"
     return f"{n:.0f} B"
-
-
-def param_count(module) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -125,6 +121,29 @@ class ModelSpec:
         return self.vae_scale * self.patch_size
 
 
+_TRANSFORMER_KEYS = ("num_attention_heads", "attention_head_dim", "patch_size", "joint_attention_dim")
+
+
+def _spec(
+    params: dict[str, int], largest: int, transformer: dict, vae: dict | None, *, clip_len: int, t5_len: int
+) -> ModelSpec:
+    """The ``ModelSpec`` of the counted modules and the transformer's and VAE's configs (as dicts;
+    ``vae`` None without a VAE: 3-channel images, no downscaling)."""
+    return ModelSpec(
+        params=params,
+        heads=int(transformer["num_attention_heads"]),
+        head_dim=int(transformer["attention_head_dim"]),
+        patch_size=int(transformer["patch_size"]),
+        joint_dim=int(transformer["joint_attention_dim"]),
+        vae_scale=2 ** (len(vae["block_out_channels"]) - 1) if vae else 1,
+        vae_channels=int(vae["block_out_channels"][0]) if vae else 3,
+        vae_sample_size=_int_or_none(vae.get("sample_size")) if vae else None,
+        clip_len=clip_len,
+        t5_len=t5_len,
+        largest=largest,
+    )
+
+
 def spec_from_pipeline(pipe, max_sequence_length: int = 256) -> ModelSpec:
     """The spec of an already-built pipeline (any object with its attributes; missing parts count 0)."""
     params, largest = {}, 0
@@ -136,22 +155,17 @@ def spec_from_pipeline(pipe, max_sequence_length: int = 256) -> ModelSpec:
         params[name] = sum(t.numel() for t in tensors if t.is_floating_point())
         largest = max([largest, *(t.numel() for t in tensors)])
     cfg = pipe.transformer.config
-    vae = getattr(pipe, "vae", None)
-    vcfg = getattr(vae, "config", None)
+    transformer = {key: getattr(cfg, key) for key in _TRANSFORMER_KEYS}
+    vcfg = getattr(getattr(pipe, "vae", None), "config", None)
+    vae = None
+    if vcfg is not None:
+        vae = {
+            "block_out_channels": vcfg.block_out_channels,
+            "sample_size": getattr(vcfg, "sample_size", None),
+        }
     tokenizer = getattr(pipe, "tokenizer", None)
-    return ModelSpec(
-        params=params,
-        heads=int(cfg.num_attention_heads),
-        head_dim=int(cfg.attention_head_dim),
-        patch_size=int(cfg.patch_size),
-        joint_dim=int(cfg.joint_attention_dim),
-        vae_scale=2 ** (len(vcfg.block_out_channels) - 1) if vcfg is not None else 1,
-        vae_channels=int(vcfg.block_out_channels[0]) if vcfg is not None else 3,
-        vae_sample_size=_int_or_none(getattr(vcfg, "sample_size", None)) if vcfg is not None else None,
-        clip_len=int(getattr(tokenizer, "model_max_length", 77)),
-        t5_len=max_sequence_length,
-        largest=largest,
-    )
+    clip_len = int(getattr(tokenizer, "model_max_length", 77))
+    return _spec(params, largest, transformer, vae, clip_len=clip_len, t5_len=max_sequence_length)
 
 
 def _int_or_none(value) -> int | None:
@@ -195,18 +209,8 @@ def spec_from_folder(folder: str, *, drop_t5: bool = False, max_sequence_length:
     vae = config("vae") if "vae" in params else None
     has_tok = os.path.isfile(os.path.join(folder, "tokenizer", "tokenizer_config.json"))
     tok = config("tokenizer", "tokenizer_config.json") if has_tok else {}
-    return ModelSpec(
-        params=params,
-        heads=int(t["num_attention_heads"]),
-        head_dim=int(t["attention_head_dim"]),
-        patch_size=int(t["patch_size"]),
-        joint_dim=int(t["joint_attention_dim"]),
-        vae_scale=2 ** (len(vae["block_out_channels"]) - 1) if vae else 1,
-        vae_channels=int(vae["block_out_channels"][0]) if vae else 3,
-        vae_sample_size=_int_or_none(vae.get("sample_size")) if vae else None,
-        clip_len=int(tok.get("model_max_length", 77)),
-        t5_len=max_sequence_length,
-        largest=largest,
+    return _spec(
+        params, largest, t, vae, clip_len=int(tok.get("model_max_length", 77)), t5_len=max_sequence_length
     )
 
 
@@ -292,7 +296,6 @@ class MemoryPlan:
     memories: tuple[Memory, ...]
     transformer_activations: int
     vae_activations: int
-    text_activations: int
     slices: int
     weights: int
     offload_text_encoders: bool = False
@@ -382,6 +385,7 @@ def estimate_memory(
     text_dev = torch.device("cpu") if offload_text_encoders or dev.type == "cpu" else dev
     text_devname = "cpu" if text_dev.type == "cpu" else devname
     tdt = text_dtype(text_dev, dtype)
+    te = torch.empty((), dtype=tdt).element_size()
 
     placement: dict[str, tuple[str, str]] = {}
     for name in HEAVY:
@@ -389,8 +393,7 @@ def estimate_memory(
             continue
         text = name in TEXT_ENCODERS
         placement[name] = (text_devname if text else devname, dtype_name(tdt if text else dtype))
-    sizes = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-    weight_of = {n: spec.params[n] * sizes.get(getattr(torch, dt), e) for n, (_, dt) in placement.items()}
+    weight_of = {n: spec.params[n] * (te if n in TEXT_ENCODERS else e) for n in placement}
 
     width = spec.heads * spec.head_dim
     n_img = (size[0] // spec.grid_unit) * (size[1] // spec.grid_unit)
@@ -405,7 +408,6 @@ def estimate_memory(
         vae_act = batch * h * w * spec.vae_channels * e * VAE_FACTOR
     else:
         vae_act = batch * size[0] * size[1] * 3 * e
-    te = torch.empty((), dtype=tdt).element_size()
     text_act = batch * t * max(spec.joint_dim, 1) * te * TRANSFORMER_FACTOR
     # One tensor at a time: read as stored (at most 4 bytes an element) and converted, on the CPU;
     # a CUDA device sees only the converted one.
@@ -428,7 +430,6 @@ def estimate_memory(
         memories=tuple(memories),
         transformer_activations=int(transformer),
         vae_activations=int(vae_act),
-        text_activations=int(text_act),
         slices=int(slices),
         weights=sum(weight_of[n] for n in placement if placement[n][0] == devname),
         offload_text_encoders=offload_text_encoders,

@@ -59,7 +59,6 @@ class SD3Family:
     """SD3 / SD3.5 (``SD3Transformer2DModel``): joint blocks only, image tokens first, no RoPE."""
 
     name = "sd3"
-    text_first = False
 
     def blocks(self, transformer) -> list:
         """Every transformer block in execution order (index = lava's block number)."""
@@ -153,7 +152,6 @@ class FluxFamily:
     """
 
     name = "flux"
-    text_first = True
 
     def blocks(self, transformer) -> list:
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
@@ -265,7 +263,6 @@ class FluxFamily:
 
 SD3 = SD3Family()
 FLUX = FluxFamily()
-FAMILIES = {"sd3": SD3, "flux": FLUX}
 
 
 def family_of(transformer) -> SD3Family | FluxFamily:

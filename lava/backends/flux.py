@@ -56,7 +56,6 @@ DEFAULTS = {
 
 # FluxPipeline's own limits: dev was trained with 512 T5 tokens, schnell with 256.
 MAX_SEQUENCE_LENGTH = {"flux-dev": 512, "flux-schnell": 256}
-GUIDANCE = {"flux-dev": SEG4DIFF_FLUX_GUIDANCE, "flux-schnell": None}
 
 
 def detect_variant(transformer_config, hint: str = "") -> str:
