@@ -31,6 +31,7 @@ from ..backends import Backend
 from ..capture import capture, check_source
 from ..errors import ImageError, LavaError
 from ..images import load_image
+from ..kernels import DIRECTIONS, SOFTMAX_DOMAINS
 from ..mask import to_mask
 from ..noise import noise
 from ..pipeline import resolve_configs
@@ -41,8 +42,7 @@ from ..types import SOURCES, AggregateConfig, AttentionSlices, Heatmaps, PromptE
 
 log = logging.getLogger("lava.explore")
 
-DIRECTIONS = ("image_to_text", "text_to_image")
-SOFTMAXES = ("joint", "cross")
+SOFTMAXES = SOFTMAX_DOMAINS  # the page's name for them
 TOKENS = ("all", "clip", "t5")
 BACKGROUNDS = ("threshold", "none", "class")
 BACKGROUND_CLASS = "background"

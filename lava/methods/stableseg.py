@@ -42,6 +42,7 @@ HUB_IDS = {
 }
 
 DEFAULT_TIMESTEP = 100.0
+PROMPT_CACHE_SIZE = 64  # vocabularies kept encoded (a present-protocol eval has one per class subset)
 
 
 def defaults_for(num_layers: int, resolution: int, source: str | None = None) -> VariantDefaults:
@@ -172,6 +173,9 @@ class StableSeg:
     dtype: torch.dtype
     info: dict[str, Any] = field(default_factory=dict)
     method: str = "stableseg"
+    # Encoded prompts by (classes, template, separator, cap): eval and sweep ask again for every
+    # image, timestep and seed; the few most recent vocabularies are kept (oldest dropped first).
+    _prompt_cache: dict[tuple, UNetPrompt] = field(default_factory=dict, repr=False)
 
     @property
     def unet(self):
@@ -248,8 +252,17 @@ class StableSeg:
         names = parse_classes(classes)
         if max_classes_per_prompt is not None and max_classes_per_prompt < 1:
             raise ClassNameError(f"max_classes_per_prompt must be positive, got {max_classes_per_prompt}")
+        key = (names, template, separator, max_classes_per_prompt)
+        if key not in self._prompt_cache:
+            if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:
+                del self._prompt_cache[next(iter(self._prompt_cache))]
+            self._prompt_cache[key] = self._encode(names, template, separator, max_classes_per_prompt)
+        return self._prompt_cache[key]
+
+    @torch.no_grad()
+    def _encode(self, names: tuple[str, ...], template: str, separator: str, cap: int | None) -> UNetPrompt:
         texts, rows, spans = [], {}, {}
-        for row, group in enumerate(self.split(names, template, separator, max_classes_per_prompt)):
+        for row, group in enumerate(self.split(names, template, separator, cap)):
             text, chars = build_prompt(group, template, separator)
             spans.update(token_spans(self.pipe.tokenizer, text, chars))
             rows.update(dict.fromkeys(group, row))
