@@ -54,7 +54,7 @@ SEG4DIFF = Preset(
             "dtype": "float16",
             "resolution": "1024x1024",
             "layers": [9],
-            "timestep": "seg4diff",  # resolved by seg4diff_timestep() when the preset is applied
+            "timestep": seg4diff_timestep,  # a resolver: called when the preset is applied
             "direction": "image_to_text",
             "softmax": "joint",
             "source": "attention",

@@ -83,11 +83,13 @@ def views(text: str) -> list[tuple[str, str]]:
 
 
 def resolution(text: str) -> int | str | None:
+    from ..images import stretch_size
+
     if text in ("native", "original"):
         return None if text == "native" else text
-    w, x, h = text.lower().partition("x")
-    if x and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0:
-        return f"{int(w)}x{int(h)}"  # every image stretched to W x H px (aspect not kept)
+    stretched = stretch_size(text)
+    if stretched is not None:
+        return f"{stretched[1]}x{stretched[0]}"  # every image stretched to W x H px (aspect not kept)
     try:
         value = int(text)
     except ValueError as err:
@@ -322,7 +324,7 @@ def apply_preset(args: argparse.Namespace) -> None:
     published setting). A sweep keeps its own --timesteps/--layers grid. Refuses a preset of
     another method than ``--method``'s."""
     from ..errors import LavaError
-    from ..presets import PRESETS, seg4diff_timestep
+    from ..presets import PRESETS
 
     if not getattr(args, "preset", None):
         return
@@ -338,8 +340,8 @@ def apply_preset(args: argparse.Namespace) -> None:
     for key, value in preset.options.items():
         if args.command == "sweep" and key in preset.grid:
             continue  # a sweep varies these itself
-        if key == "timestep":
-            value = seg4diff_timestep()
+        if callable(value):  # worked out when applied (e.g. Seg4Diff's timestep from its schedule)
+            value = value()
         if key != "max_sequence_length" and not hasattr(args, key):
             continue  # an option this command does not have
         if key in given:

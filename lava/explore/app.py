@@ -393,7 +393,7 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
                 return gr.skip()
 
         def t_to_sigma(t):
-            return round(float(t) / n_time, 4)
+            return round(backend.sigma_for_timestep(float(t)), 4)
 
         def segment_at_sigma(
             sigma_value,
