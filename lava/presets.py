@@ -15,10 +15,11 @@ from types import MappingProxyType
 
 @dataclass(frozen=True)
 class Preset:
-    """``options``: command-line destinations (``args.<name>``) and the value the preset gives each;
-    an option a command does not have is skipped. ``grid``: options a sweep varies itself (its
-    ``--timesteps``/``--layers``), not set there. ``sources``: where each value was read, for the
-    docs and ``lava models``. ``differences``: what lava does not (or cannot) do identically."""
+    """``options``: command-line destinations (``args.<name>``) and the value the preset gives each
+    (a callable is called when the preset is applied); an option a command does not have is
+    skipped. ``grid``: options a sweep varies itself (its ``--timesteps``/``--layers``), not set
+    there. ``sources``: where each value was read, for the docs and ``lava models``.
+    ``differences``: what lava does not (or cannot) do identically."""
 
     name: str
     paper: str
