@@ -214,7 +214,7 @@ def _text_len_from_block(proc: CaptureProcessor):
     number of text tokens at its start is read from the block's own ``encoder_hidden_states``."""
 
     def hook(module, args, kwargs):
-        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        context = block_inputs(args, kwargs).get("encoder_hidden_states")
         if context is None:
             raise LavaError(
                 f"block {proc.index} was called without encoder_hidden_states: cannot tell its text length"
@@ -222,6 +222,13 @@ def _text_len_from_block(proc: CaptureProcessor):
         proc.text_len = int(context.shape[1])
 
     return hook
+
+
+def block_inputs(args: tuple, kwargs: dict) -> dict:
+    """A transformer block's call arguments by name, given by keyword or by position (SD3's and
+    Flux's blocks both take ``hidden_states, encoder_hidden_states, temb`` first)."""
+    names = ("hidden_states", "encoder_hidden_states", "temb")
+    return dict(zip(names, args, strict=False)) | kwargs
 
 
 def run_until_captured(transformer, **inputs) -> torch.Tensor | None:

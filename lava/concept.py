@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .backends.family import SD3, family_of, sd3_text_qkv
-from .capture import CaptureStore, keys_of_rows, pick_keys, restore, row_gather, stop_forward
+from .capture import CaptureStore, block_inputs, keys_of_rows, pick_keys, restore, row_gather, stop_forward
 from .errors import LavaError
 from .types import CapturePlan
 
@@ -54,13 +54,6 @@ class ConceptStream:
         self.normed: torch.Tensor | None = None
         self.modulation: tuple[torch.Tensor, ...] = ()
         self.attn_out: torch.Tensor | None = None
-
-
-def _block_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(encoder_hidden_states, temb)`` of a ``JointTransformerBlock`` call, by keyword or position."""
-    names = ("hidden_states", "encoder_hidden_states", "temb")
-    given = dict(zip(names, args, strict=False)) | kwargs
-    return given["encoder_hidden_states"], given["temb"]
 
 
 def concept_dots(image_out: torch.Tensor, concept_out: torch.Tensor, heads: str) -> torch.Tensor:
@@ -123,7 +116,8 @@ def _enter(block, index: int, stream: ConceptStream):
     """Pre-hook: start the stream at block 0, then apply this block's ``norm1_context``."""
 
     def hook(module, args, kwargs):
-        context, temb = _block_inputs(args, kwargs)
+        given = block_inputs(args, kwargs)
+        context, temb = given["encoder_hidden_states"], given["temb"]
         if index == 0:
             stream.hidden = context[:, list(stream.positions)]
             stream.visible = stream.visible.to(context.device)  # once, not per block
