@@ -130,6 +130,33 @@ def place(
     )
 
 
+def _tiny_backend(
+    pipe,
+    *,
+    name: str,
+    variant: str,
+    defaults: VariantDefaults,
+    device,
+    dtype,
+    offload_text_encoders: bool,
+    max_sequence_length: int | None,
+) -> Backend:
+    """A tiny pipeline built in code as a backend: CPU and float32 unless told otherwise."""
+    dev = resolve_device(device if device is not None else "cpu")
+    backend = from_pipeline(
+        pipe,
+        name=name,
+        device=dev,
+        dtype=resolve_dtype(dtype or "float32", dev),
+        offload_text_encoders=offload_text_encoders,
+        max_sequence_length=max_sequence_length,
+        defaults=defaults,
+    )
+    backend.variant = variant
+    backend.info["random_weights"] = True
+    return backend
+
+
 def _load_tiny(
     *,
     device=None,
@@ -141,20 +168,16 @@ def _load_tiny(
     max_sequence_length: int = TINY_MAX_SEQUENCE_LENGTH,
     **kw,
 ) -> Backend:
-    pipe = build_tiny_pipeline(variant, seed=seed, t5=not drop_t5, **kw)
-    dev = resolve_device(device if device is not None else "cpu")
-    backend = from_pipeline(
-        pipe,
+    return _tiny_backend(
+        build_tiny_pipeline(variant, seed=seed, t5=not drop_t5, **kw),
         name="tiny-sd3",
-        device=dev,
-        dtype=resolve_dtype(dtype or "float32", dev),
+        variant=f"tiny-{variant}",
+        defaults=DEFAULTS["tiny-sd3"],
+        device=device,
+        dtype=dtype,
         offload_text_encoders=offload_text_encoders,
         max_sequence_length=max_sequence_length,
-        defaults=DEFAULTS["tiny-sd3"],
     )
-    backend.variant = f"tiny-{variant}"
-    backend.info["random_weights"] = True
-    return backend
 
 
 def _load_tiny_flux(
@@ -164,23 +187,20 @@ def _load_tiny_flux(
     drop_t5: bool = False,
     offload_text_encoders: bool = False,
     seed: int = 0,
+    max_sequence_length: int = TINY_MAX_SEQUENCE_LENGTH,
     **kw,
 ) -> Backend:
     _refuse_drop_t5("tiny-flux", drop_t5)
-    pipe = build_tiny_flux_pipeline(seed=seed, **kw)
-    dev = resolve_device(device if device is not None else "cpu")
-    backend = from_pipeline(
-        pipe,
+    return _tiny_backend(
+        build_tiny_flux_pipeline(seed=seed, **kw),
         name="tiny-flux",
-        device=dev,
-        dtype=resolve_dtype(dtype or "float32", dev),
-        offload_text_encoders=offload_text_encoders,
-        max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
+        variant="tiny-flux",
         defaults=flux.DEFAULTS["tiny-flux"],
+        device=device,
+        dtype=dtype,
+        offload_text_encoders=offload_text_encoders,
+        max_sequence_length=max_sequence_length,
     )
-    backend.variant = "tiny-flux"
-    backend.info["random_weights"] = True
-    return backend
 
 
 def _refuse_drop_t5(source: str, drop_t5: bool) -> None:
@@ -222,10 +242,9 @@ def _load_flux(
     )
 
 
-def _is_flux(source: str, revision: str | None = None) -> bool:
-    """Whether a folder or hub id holds a Flux pipeline: its ``model_index.json`` says so, or (when
-    that cannot be read here) its name does."""
-    index = model_index(source, revision)
+def _is_flux(source: str, index: dict | None) -> bool:
+    """Whether a folder or hub id holds a Flux pipeline: its ``model_index.json`` (``index``) says so,
+    or (when that could not be read here) its name does."""
     if isinstance(index, dict):
         return str(index.get("_class_name", "")).startswith("Flux")
     return "flux" in os.path.basename(os.path.normpath(source)).lower()
@@ -233,9 +252,10 @@ def _is_flux(source: str, revision: str | None = None) -> bool:
 
 def _load_pretrained(source: str, **opts) -> Backend:
     """A hub id or a local folder, through the pipeline class its ``model_index.json`` names."""
-    if _is_flux(source, opts.get("revision")):
+    index = model_index(source, opts.get("revision"))  # read once, here
+    if _is_flux(source, index):
         return _load_flux(source, **opts)
-    return _load_sd3(source, **opts)
+    return _load_sd3(source, index=index, **opts)
 
 
 def _load_sd3(
@@ -246,20 +266,26 @@ def _load_sd3(
     drop_t5: bool = False,
     offload_text_encoders: bool = False,
     max_sequence_length: int | None = None,
+    index: dict | None = None,
     **kw,
 ) -> Backend:
+    """``index``: the source's ``model_index.json`` when the caller has read it already."""
     from diffusers import StableDiffusion3Pipeline
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if index is None:
+        index = model_index(source, kw.get("revision"))
     # A folder saved without T5 says so in its model_index.json; read it before any weights load.
-    no_t5 = not drop_t5 and lacks_t5(model_index(source, kw.get("revision")))
+    no_t5 = not drop_t5 and lacks_t5(index)
     extra = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 or no_t5 else {}
     try:
         folder = source if os.path.isdir(os.path.expanduser(source)) else _download(source, extra, kw)
         # The heavy modules go straight to their dtype and device, one tensor at a time; diffusers
         # loads only what is left (tokenizers, scheduler).
-        modules = _load_modules(folder, dev, dt, offload_text_encoders, skip=set(extra))
+        # The index read above is the folder's own; only when it could not be read is the folder asked.
+        folder_index = index if index is not None else model_index(folder)
+        modules = _load_modules(folder, folder_index, dev, dt, offload_text_encoders, skip=set(extra))
         pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dt, **extra, **modules, **kw)
     except (OSError, ValueError) as err:
         raise ModelError(load_error_message(source, err)) from err
@@ -287,14 +313,19 @@ def _download(source: str, extra: dict, kw: dict) -> str:
 
 
 def _load_modules(
-    folder: str, device: torch.device, dtype: torch.dtype, offload_text_encoders: bool, skip: set[str]
+    folder: str,
+    index: dict | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    offload_text_encoders: bool,
+    skip: set[str],
 ) -> dict:
     """Transformer, VAE and text encoders of a pipeline folder, each loaded into the dtype and onto
     the device it will run on (see ``loading.load_module``); components ``skip`` names or
-    ``model_index.json`` lists as null are left out."""
+    ``model_index.json`` (``index``, the folder's) lists as null are left out."""
     from .loading import load_module, module_class
 
-    index = model_index(folder) or {}
+    index = index or {}
     text_device = torch.device("cpu") if offload_text_encoders else device
     wanted = [
         name

@@ -14,6 +14,8 @@ trying the pipeline offline, not for segmenting photos.
 from __future__ import annotations
 
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -30,6 +32,7 @@ triangle shape
 """.split()
 
 _CLIP_MAX_LEN = 77
+_LATENT_CHANNELS = 4  # the tiny VAE's (``tiny_vae``)
 
 
 def _words() -> list[str]:
@@ -81,6 +84,18 @@ def _t5_vocab() -> list[tuple[str, float]]:
     return vocab
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block under ``torch.manual_seed(seed)``, leaving the global (CPU) generator as it was:
+    the tiny models build their modules inside it, so their random weights depend on ``seed`` alone."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def tiny_t5(tokenizer, width: int):
     """A 2-layer T5 encoder of ``width`` for the tiny test models (built under their seeded RNG)."""
     from transformers import T5Config, T5EncoderModel
@@ -97,6 +112,44 @@ def tiny_t5(tokenizer, width: int):
             eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=0,
         )
+    )
+
+
+def tiny_clip_text_config(tokenizer, hidden: int = 12, **extra) -> dict:
+    """The 2-layer CLIP text encoder config of the tiny test models, as ``CLIPTextConfig`` keywords
+    (``extra`` adds or overrides entries, e.g. ``projection_dim``)."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": _CLIP_MAX_LEN,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **extra,
+    }
+
+
+def tiny_vae(scaling_factor: float, shift_factor: float):
+    """The tiny models' ``AutoencoderKL``: factor 2, 4 latent channels, no quant convs (as SD3/Flux)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=_LATENT_CHANNELS,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
 
 
@@ -136,12 +189,7 @@ def build_tiny_pipeline(
     Image side 32 px (VAE factor 2, patch 2 → 8×8 = 64 image tokens); text tokens 77 + 128;
     the position embedding covers up to ``pos_embed_max_size · 4`` px.
     """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     if variant not in TINY_CONFIGS:
@@ -150,9 +198,7 @@ def build_tiny_pipeline(
     inner = heads * head_dim
     clip_hidden, clip_proj, joint_dim = 12, 16, 32
 
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         transformer = SD3Transformer2DModel(
             sample_size=16,
             patch_size=2,
@@ -167,44 +213,18 @@ def build_tiny_pipeline(
             pos_embed_max_size=pos_embed_max_size,
             **TINY_CONFIGS[variant],
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            sample_size=32,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = tiny_vae(scaling_factor=1.5305, shift_factor=0.0609)
 
         def clip_encoder(pad_id: int):
-            cfg = CLIPTextConfig(
-                vocab_size=len(clip_tok),
-                hidden_size=clip_hidden,
-                intermediate_size=24,
-                projection_dim=clip_proj,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=_CLIP_MAX_LEN,
-                bos_token_id=clip_tok.bos_token_id,
-                eos_token_id=clip_tok.eos_token_id,
-                pad_token_id=pad_id,
-            )
-            return CLIPTextModelWithProjection(cfg)
+            # Both encoders share clip_tok's vocabulary; only the pad token differs (clip_tok_2's "!").
+            cfg = tiny_clip_text_config(clip_tok, clip_hidden, projection_dim=clip_proj, pad_token_id=pad_id)
+            return CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
 
         text_encoder = clip_encoder(clip_tok.pad_token_id)
         text_encoder_2 = clip_encoder(clip_tok_2.pad_token_id)
         text_encoder_3 = None
         if t5:
             text_encoder_3 = tiny_t5(t5_tok, joint_dim)
-    finally:
-        torch.random.set_rng_state(gen_state)
 
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -243,18 +263,16 @@ def build_tiny_flux_pipeline(
     channels: a 32 px image is 16×16 latents, 8×8 = 64 image tokens. The text sequence is T5
     only (``TINY_MAX_SEQUENCE_LENGTH`` tokens); CLIP gives the pooled vector.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     clip_tok, _, t5_tok = build_tokenizers()
-    clip_hidden, joint_dim, latent_channels = 12, 32, 4
+    clip_hidden, joint_dim = 12, 32
 
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         transformer = FluxTransformer2DModel(
             patch_size=1,
-            in_channels=4 * latent_channels,
+            in_channels=4 * _LATENT_CHANNELS,  # 2x2 latent patches packed into one token
             num_layers=num_layers,
             num_single_layers=num_single_layers,
             attention_head_dim=head_dim,
@@ -264,37 +282,9 @@ def build_tiny_flux_pipeline(
             guidance_embeds=guidance_embeds,
             axes_dims_rope=(4, 4, 8),
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=latent_channels,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            sample_size=32,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(clip_tok),
-                hidden_size=clip_hidden,
-                intermediate_size=24,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=_CLIP_MAX_LEN,
-                bos_token_id=clip_tok.bos_token_id,
-                eos_token_id=clip_tok.eos_token_id,
-                pad_token_id=clip_tok.pad_token_id,
-            )
-        )
+        vae = tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_config(clip_tok, clip_hidden)))
         text_encoder_2 = tiny_t5(t5_tok, joint_dim)
-    finally:
-        torch.random.set_rng_state(gen_state)
 
     # FLUX.1-dev's scheduler: dynamic shifting by the image token count.
     scheduler = FlowMatchEulerDiscreteScheduler(

@@ -8,24 +8,11 @@ built locally by rule. Random weights give meaningless masks: these exist for te
 
 from __future__ import annotations
 
-import torch
-
 from ..backends.base import VariantDefaults, resolve_device, resolve_dtype
-
-
-def _seeded(seed: int, build):
-    """``build()`` under ``torch.manual_seed(seed)``, leaving the global generator as it was."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return build()
-    finally:
-        torch.random.set_rng_state(state)
+from ..backends.tiny import build_tokenizers, seeded, tiny_clip_text_config
 
 
 def _clip_tokenizer():
-    from ..backends.tiny import build_tokenizers
-
     return build_tokenizers()[0]
 
 
@@ -35,17 +22,7 @@ def build_tiny_clip(seed: int = 0):
 
     tok = _clip_tokenizer()
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=12,
-            intermediate_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=tiny_clip_text_config(tok, hidden=12),
         vision_config=dict(
             hidden_size=16,
             intermediate_size=32,
@@ -56,7 +33,8 @@ def build_tiny_clip(seed: int = 0):
         ),
         projection_dim=8,
     )
-    model = _seeded(seed, lambda: CLIPModel(config))
+    with seeded(seed):
+        model = CLIPModel(config)
     return model.eval().requires_grad_(False), tok
 
 
@@ -105,7 +83,7 @@ def build_tiny_sd15(seed: int = 0):
     tok = _clip_tokenizer()
     hidden = 12
 
-    def build():
+    with seeded(seed):
         unet = UNet2DConditionModel(
             sample_size=16,
             in_channels=4,
@@ -118,6 +96,7 @@ def build_tiny_sd15(seed: int = 0):
             attention_head_dim=4,
             norm_num_groups=4,
         )
+        # Unlike tiny_vae (SD3/Flux): SD 1.5's scaling, no shift, with its quant convs.
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -130,22 +109,8 @@ def build_tiny_sd15(seed: int = 0):
             sample_size=32,
             scaling_factor=0.18215,
         )
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tok),
-                hidden_size=hidden,
-                intermediate_size=24,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-        )
-        return unet, vae, text
+        text = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_config(tok, hidden)))
 
-    unet, vae, text = _seeded(seed, build)
     # SD 1.5's training schedule (its scheduler_config.json).
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
