@@ -489,3 +489,10 @@ def test_memory_planning_refuses_flux_by_name(tmp_path, capsys):
     for model in ("tiny-flux", "flux-dev"):
         assert main(["segment", str(path), "--classes", "a,b", "--model", model, "--dry-run"]) == 1
         assert "Flux model" in capsys.readouterr().err
+
+
+def test_tiny_flux_takes_a_text_window_like_tiny_sd3():
+    """Both tiny backends take max_sequence_length (a preset's text window), through one loader."""
+    short = lava.load_backend("tiny-flux", max_sequence_length=77)
+    assert short.max_sequence_length == 77
+    assert lava.encode_prompt(short, CLASSES).text_len == 77
