@@ -201,3 +201,25 @@ def test_invalid_inputs_raise() -> None:
         compute_metrics(torch.zeros(2, 2, dtype=torch.long), ["a", "a"])
     with pytest.raises(ValueError, match="cannot merge"):
         ConfusionMatrix(3).merge(ConfusionMatrix(4))
+
+
+def test_bootstrap_miou_brackets_the_dataset_value_and_collapses_on_identical_images():
+    from lava.evaluation.metrics import bootstrap_miou
+
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "c"]
+    counts, total = [], ConfusionMatrix(3)
+    for _ in range(40):
+        target = rng.integers(0, 3, (8, 8))
+        pred = np.where(rng.random((8, 8)) < 0.7, target, rng.integers(0, 3, (8, 8)))
+        cm = ConfusionMatrix(3)
+        cm.update(pred, target)
+        total.merge(cm)
+        counts.append(cm.counts)
+    low, high = bootstrap_miou(counts, names, samples=300)
+    assert low < total.compute(names).miou < high and high - low < 0.2
+    same = bootstrap_miou([counts[0]] * 10, names, samples=50)
+    cm = ConfusionMatrix(3).add_counts(counts[0])
+    assert same[0] == pytest.approx(same[1]) == pytest.approx(cm.compute(names).miou)
+    with pytest.raises(ValueError, match="at least one image"):
+        bootstrap_miou([], names)

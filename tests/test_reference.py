@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,7 @@ from lava.reference.scenes import (
     training_caption,
 )
 from lava.reference.sweep import Setting, baseline, evaluate, to_global
+from lava.reference.train import TrainConfig
 
 # Measured on 200 held-out scenes (docs/reference-model.md, docs/open-vocabulary.md); the gates
 # sit a little below, since the gate's smaller sets are noisier.
@@ -83,6 +86,31 @@ def test_vocabularies_and_splits():
     assert heldout_seeds(3) == [HELDOUT_START, HELDOUT_START + 1, HELDOUT_START + 2]
     with pytest.raises(ValueError):
         class_names("colour")
+
+
+def test_tuning_scenes_never_overlap_reported_ones():
+    from lava.reference.scenes import REPORTED_SCENES, tuning_seeds
+
+    for split in ("standard", "hard"):
+        reported = set(heldout_seeds(REPORTED_SCENES, split))
+        for n in (1, 100, 1000):
+            tuning = tuning_seeds(n, split)
+            assert len(tuning) == n and not reported & set(tuning)
+            assert tuning[0] == heldout_seeds(1, split)[0] + REPORTED_SCENES
+
+
+def test_dual_attention_config_builds_and_round_trips(tmp_path):
+    # SD3.5's MMDiT-X blocks, for training pilots (``--dual-attention``); the JSON keeps a list.
+    from lava.reference.model import ReferenceConfig, build_pipeline
+    from lava.reference.train import command_line
+
+    config = ReferenceConfig(num_layers=2, num_heads=2, head_dim=8, dual_attention_layers=(0,))
+    pipe = build_pipeline(config)
+    assert pipe.transformer.transformer_blocks[0].attn2 is not None
+    assert pipe.transformer.transformer_blocks[1].attn2 is None
+    assert ReferenceConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert "--dual-attention 0" in command_line(str(tmp_path), TrainConfig(), config)
+    assert "--dual-attention" not in command_line(str(tmp_path), TrainConfig(), ReferenceConfig())
 
 
 def test_training_captions_name_exactly_the_objects():
@@ -210,3 +238,15 @@ def test_grounding_processor_is_the_models_attention(shapes):
     scene = make_scene(3)
     t = word_targets([scene], [[(0,), (0,)]], 32, 2, shapes.text_len)
     assert t.shape == (1, 256, shapes.text_len) and t[0, :, 1].sum() > 0 and t[0, :, 0].sum() == 0
+
+
+def test_reading_point_report_gives_bootstrap_intervals(capsys):
+    from lava.reference import sweep
+
+    sweep.main(["--reading-point", "--scenes", "2", "--skip", "1200"])
+    out = capsys.readouterr().out
+    d = REFERENCE_DEFAULTS
+    assert f"2 scenes, block(s) {list(d.layers)}, t={d.timestep:g}" in out
+    assert out.count("95% over scenes") == 4  # two vocabularies, with and without refinement
+    with pytest.raises(SystemExit):
+        sweep.main(["--reading-point", "--scenes", "2", "--skip", "3", "--tune"])

@@ -21,6 +21,7 @@ _EXPORTS = {
     "load_dataset": "datasets",
     "ConfusionMatrix": "metrics",
     "SegMetrics": "metrics",
+    "bootstrap_miou": "metrics",
     "compute_metrics": "metrics",
     "confusion_matrix": "metrics",
 }
@@ -34,6 +35,7 @@ __all__ = [
     "Sample",
     "SegMetrics",
     "SegmentationDataset",
+    "bootstrap_miou",
     "compute_metrics",
     "confusion_matrix",
     "dataset_info",
@@ -55,4 +57,4 @@ if TYPE_CHECKING:
         dataset_info,
         load_dataset,
     )
-    from .metrics import ConfusionMatrix, SegMetrics, compute_metrics, confusion_matrix
+    from .metrics import ConfusionMatrix, SegMetrics, bootstrap_miou, compute_metrics, confusion_matrix

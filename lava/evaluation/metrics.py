@@ -184,3 +184,32 @@ def _ratio(num: float, den: float) -> float | None:
 def _mean(values: Sequence[float | None]) -> float:
     defined = [v for v in values if v is not None]
     return sum(defined) / len(defined) if defined else math.nan
+
+
+def bootstrap_miou(
+    counts: Sequence[torch.Tensor],
+    class_names: Sequence[str],
+    *,
+    samples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """``(low, high)``: a percentile bootstrap interval of the dataset mIoU over images.
+
+    ``counts`` holds one ``[C, C + 1]`` ``ConfusionMatrix.counts`` per image. Each sample draws
+    as many images with replacement and recomputes mIoU from their summed counts (the dataset
+    definition, not a mean of per-image scores), so the interval says how much a number could
+    move on another draw of images of the same kind.
+    """
+    if not counts:
+        raise ValueError("bootstrap_miou needs the counts of at least one image")
+    stacked = torch.stack([torch.as_tensor(c, dtype=torch.int64) for c in counts])
+    n, c = len(counts), len(class_names)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(samples):
+        total = stacked[torch.from_numpy(rng.integers(0, n, n))].sum(0)
+        values.append(compute_metrics(total[:, :c], class_names, unassigned=total[:, c]).miou)
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return float(low), float(high)

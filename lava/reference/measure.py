@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..evaluation.metrics import ConfusionMatrix, SegMetrics
-from .scenes import COLOURS, SPLITS, class_names, heldout_seeds, make_scene
+from .scenes import COLOURS, SPLITS, class_names, heldout_seeds, make_scene, tuning_seeds
 from .sweep import to_global
 
 PROTOCOLS = ("present", "all")
@@ -144,7 +144,8 @@ SETTINGS: dict[str, Setting] = {
     ),
     "concept-no-refine": Setting("concept view, no refinement", source="concept", refine="none"),
     "propagate-pamr": Setting(
-        "defaults, maps propagated by block 0's own image attention (lava.propagate, 1 step) before PAMR",
+        "defaults, maps propagated by the read blocks' own image attention (lava.propagate, 1 step), "
+        "then PAMR",
         refine="propagate,pamr",
     ),
     "propagate": Setting("maps propagated by the block's image attention, no PAMR", refine="propagate"),
@@ -366,7 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", default=None, help="also write the table here")
     p.add_argument("--timestep", type=float, default=None, help="timestep to read (default: the model's)")
     p.add_argument("--layers", default=None, help="comma-separated blocks to read (default: the model's)")
-    p.add_argument("--tune", action="store_true", help="rank TUNE_GRID on the next --scenes seeds instead")
+    p.add_argument(
+        "--tune", action="store_true", help="rank TUNE_GRID on --scenes tuning seeds (after the first 200)"
+    )
     p.add_argument(
         "--grid",
         default=None,
@@ -401,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = json.loads(path.read_text()) if path and path.exists() else []
     scores: dict[str, list[float]] = {n: [] for n in named}
     for split in a.splits.split(","):
-        seeds = heldout_seeds(2 * a.scenes, split)[a.scenes :] if a.tune else heldout_seeds(a.scenes, split)
+        seeds = tuning_seeds(a.scenes, split) if a.tune else heldout_seeds(a.scenes, split)
         for protocol in a.protocols.split(","):
             start = time.time()
             colour: list[ConfusionMatrix] = []

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..evaluation.metrics import ConfusionMatrix, SegMetrics
-from .scenes import BACKGROUND, VOCABS, class_names, heldout_seeds, make_scene
+from ..evaluation.metrics import ConfusionMatrix, SegMetrics, bootstrap_miou
+from .scenes import BACKGROUND, VOCABS, class_names, heldout_seeds, make_scene, tuning_seeds
 
 Background = str | float  # "class" or a threshold
 
@@ -59,12 +59,15 @@ def evaluate(
     size: int = 64,
     full_vocabulary: bool = False,
     refine: str | None = "none",
+    scene_counts: list | None = None,
 ) -> SegMetrics:
     """Held-out metrics of one setting via ``lava.segment`` (the public path, as users call it).
 
     ``full_vocabulary`` prompts every class of the vocabulary instead of the scene's own.
     ``refine``: ``"none"`` (default) measures the attention reading itself, as the sweep and the
     reference-model table report it; ``None`` adds the backend's default refinement (PAMR).
+    ``scene_counts``, when given, receives each scene's own confusion counts (for
+    ``bootstrap_miou``).
     """
     import lava
     from lava.types import MaskConfig
@@ -85,7 +88,11 @@ def evaluate(
             mask_config=MaskConfig(background_threshold=threshold),
             refine=refine,
         )
-        cm.update(to_global(seg.labels[0], seg.classes, vocab), scene.labels(size, vocab))
+        scene_cm = ConfusionMatrix(len(names))
+        scene_cm.update(to_global(seg.labels[0], seg.classes, vocab), scene.labels(size, vocab))
+        cm.merge(scene_cm)
+        if scene_counts is not None:
+            scene_counts.append(scene_cm.counts)
     return cm.compute(names)
 
 
@@ -192,6 +199,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--figure", default=None, help="write the timestep × layer heatmap PNG here")
     p.add_argument("--json", default=None, help="write all results as JSON here")
     p.add_argument(
+        "--tune",
+        action="store_true",
+        help="measure on --scenes tuning seeds (after the 200 every reported number may use; "
+        "the scenes measure --tune uses) instead of the first held-out seeds",
+    )
+    p.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="leave out the first SKIP held-out seeds (e.g. 1200: scenes no tuning run has used)",
+    )
+    p.add_argument(
         "--reading-point",
         action="store_true",
         help="instead of the grid: evaluate the model's own block, timestep and background threshold "
@@ -200,14 +219,24 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
 
     backend = lava.load_backend("lava-shapes", **({"path": a.weights} if a.weights else {}))
-    seeds = heldout_seeds(a.scenes)
+    if a.skip and a.tune:
+        p.error("--skip and --tune both choose the seeds: give one")
+    seeds = tuning_seeds(a.scenes) if a.tune else heldout_seeds(a.skip + a.scenes)[a.skip :]
     if a.reading_point:
         d = backend.defaults
         point = Setting(timestep=d.timestep, layers=d.layers, background=d.background_threshold)
+        bg = d.background_threshold
+        print(f"{len(seeds)} scenes, block(s) {list(d.layers)}, t={d.timestep:g}, background < {bg}")
         for vocab in VOCABS:
-            plain = evaluate(backend, seeds, point, vocab=vocab, size=a.size).miou
-            refined = evaluate(backend, seeds, point, vocab=vocab, size=a.size, refine=None).miou
-            print(f"{vocab}: mIoU {plain:.3f} without refinement, {refined:.3f} with {d.refine or 'none'}")
+            runs = {}
+            for refine in ("none", None):
+                counts: list = []
+                miou = evaluate(
+                    backend, seeds, point, vocab=vocab, size=a.size, refine=refine, scene_counts=counts
+                ).miou
+                low, high = bootstrap_miou(counts, class_names(vocab))
+                runs[refine] = f"{miou:.3f} (95% over scenes {low:.3f}-{high:.3f})"
+            print(f"{vocab}: mIoU {runs['none']} without refinement, {runs[None]} with {d.refine or 'none'}")
         return
     timesteps = [float(t) for t in a.timesteps.split(",")]
     n = backend.num_blocks
