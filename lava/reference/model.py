@@ -56,6 +56,8 @@ class ReferenceConfig:
     # False: the pooled CLIP projections are zero and frozen, so the caption reaches the image
     # only through the joint attention (see the module docstring).
     pooled_text: bool = False
+    # Blocks with SD3.5's extra image-only self-attention (MMDiT-X); () is SD3-medium's plain blocks.
+    dual_attention_layers: tuple[int, ...] = ()
 
     @property
     def inner_dim(self) -> int:
@@ -69,7 +71,10 @@ class ReferenceConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReferenceConfig:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        if "dual_attention_layers" in kw:
+            kw["dual_attention_layers"] = tuple(kw["dual_attention_layers"])  # a list in JSON
+        return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +125,7 @@ def build_pipeline(config: ReferenceConfig | None = None, *, seed: int = 0):
             pooled_projection_dim=2 * config.text_proj,
             pos_embed_max_size=grid,
             qk_norm=config.qk_norm,
+            dual_attention_layers=config.dual_attention_layers,
         )
 
         def clip(hidden: int, pad_id: int) -> CLIPTextModelWithProjection:

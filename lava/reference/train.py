@@ -144,6 +144,11 @@ def command_line(out: str, cfg: TrainConfig, model_config: ReferenceConfig) -> s
         f"--caption-mix {','.join(f'{m:g}' for m in cfg.caption_mix)} "
         f"--ema {cfg.ema_decay:g} --num-layers {model_config.num_layers} "
         f"--resolution {model_config.resolution} --patch-size {model_config.patch_size}"
+        + (
+            f" --dual-attention {','.join(map(str, model_config.dual_attention_layers))}"
+            if model_config.dual_attention_layers
+            else ""
+        )
         + ("" if cfg.bf16 else " --no-bf16")
     )
 
@@ -255,6 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     m = ReferenceConfig()
     p.add_argument("--num-layers", type=int, default=m.num_layers, help="transformer blocks")
     p.add_argument("--resolution", type=int, default=m.resolution, help="image side in pixels")
+    p.add_argument(
+        "--dual-attention",
+        default=",".join(map(str, m.dual_attention_layers)),
+        help="comma-separated blocks with SD3.5's extra image self-attention (default: none)",
+    )
     p.add_argument("--patch-size", type=int, default=m.patch_size, help="pixels per image token side")
     p.add_argument("--save-every", type=int, default=250, help="also save every N steps (0: only at the end)")
     p.add_argument("--no-bf16", action="store_true", help="train in plain fp32 (slower)")
@@ -273,7 +283,12 @@ def main(argv: list[str] | None = None) -> None:
         big_scenes=a.big_scenes,
         grounding=a.grounding,
     )
-    model_config = ReferenceConfig(num_layers=a.num_layers, resolution=a.resolution, patch_size=a.patch_size)
+    model_config = ReferenceConfig(
+        num_layers=a.num_layers,
+        resolution=a.resolution,
+        patch_size=a.patch_size,
+        dual_attention_layers=tuple(int(b) for b in a.dual_attention.split(",") if b.strip()),
+    )
     train(a.out, cfg, model_config, save_every=a.save_every, threads=a.threads)
 
 
