@@ -1,5 +1,10 @@
 """Which named classes are in the image, from the model's own evidence (an optional stage).
 
+``null_presence`` calibrates each class against the prompt's own non-class tokens (begin, end,
+padding, template words, T5's part): a class is present when, at some image token, its tokens
+draw more attention than the mean non-class token of its prompt row. It needs a capture that kept
+those keys (``columns=text_keys(prompt)``) and costs no extra forward.
+
 ``denoising_presence`` asks the diffusion model itself, as diffusion classifiers do: the model
 predicts the flow-matching velocity ``v = ε − x₀`` of the noised image once with each prompt row
 as it is and once with each class's name removed from its row. A class the image contains
@@ -22,7 +27,48 @@ from .backends.base import Backend
 from .capture import batch_inputs
 from .errors import LavaError
 from .prompts import build_prompt
-from .types import Heatmaps, NoisyLatents, PromptEncoding
+from .types import AttentionSlices, Heatmaps, NoisyLatents, PromptEncoding
+
+
+def text_keys(prompt: PromptEncoding) -> tuple[int, ...]:
+    """Every text key of every prompt row: the ``columns`` a capture needs for ``null_presence``."""
+    return tuple(range(prompt.num_prompts * prompt.text_len))
+
+
+def null_presence(
+    slices: AttentionSlices,
+    prompt: PromptEncoding,
+    *,
+    layers: Sequence[int] | None = None,
+    tokens: str = "all",
+) -> torch.Tensor:
+    """``[B, C]``: 1 where class ``c`` beats its row's non-class tokens somewhere, else 0.
+
+    With ``a_c`` the class's attention map (mean over its ``tokens``, heads and ``layers``, as
+    ``aggregate`` computes it) and ``a_0`` the same mean over the text keys of its prompt row that
+    name no class, ``presence = [max over image tokens of (a_c − a_0) > 0]``. An absent name's
+    tokens draw no more than the prompt's filler does anywhere, however its map looks after
+    min-max. Measured on lava-shapes in docs/open-vocabulary.md.
+    """
+    from .aggregate import class_scores
+
+    layers = tuple(layers) if layers is not None else slices.layers
+    named, t = set(prompt.columns()), prompt.text_len
+    rows = range(prompt.num_prompts)
+    rest = {row: [k for k in range(row * t, (row + 1) * t) if k not in named] for row in rows}
+    missing = [k for keys in rest.values() for k in keys if k not in slices.columns]
+    if missing:
+        raise LavaError(
+            f"null_presence needs the prompt's non-class text keys (e.g. {missing[:3]}) in the capture: "
+            "pass columns=text_keys(prompt) to lava.capture"
+        )
+    scores = class_scores(slices, prompt, layers, tokens)  # [B, C, N_img]
+    null = {}
+    for row, keys in rest.items():
+        idx = slices.column_indices(tuple(keys))
+        null[row] = torch.stack([slices.maps[layer][..., idx].mean(dim=(1, 3)) for layer in layers]).mean(0)
+    base = torch.stack([null[prompt.row(c)] for c in prompt.classes], dim=1)  # [B, C, N_img]
+    return ((scores - base).amax(-1) > 0).float()
 
 
 def ablated_texts(prompt: PromptEncoding) -> list[str]:

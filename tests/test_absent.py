@@ -144,3 +144,61 @@ def test_to_mask_refuses_a_background_class_next_to_a_threshold(absent_case):
     with pytest.raises(lava.ClassNameError, match="background"):
         lava.to_mask(heat, background_threshold=0.3)
     assert lava.to_mask(heat).classes == ("cat", "background")
+
+
+def test_null_presence_compares_each_class_with_its_rows_filler_tokens(tiny, image):
+    from lava.presence import null_presence, text_keys
+
+    noisy = lava.noise(tiny, image, timestep=500)
+    prompt = lava.encode_prompt(tiny, ["cat", "dog", "bus", "sofa", "tree"], max_classes_per_prompt=2)
+    slices = lava.capture(tiny, noisy, prompt, layers=[1, 2], columns=text_keys(prompt))
+    assert slices.columns == tuple(range(prompt.num_prompts * prompt.text_len))
+    got = null_presence(slices, prompt)
+    # Explicitly, class by class: its tokens' mean map against the mean of its row's other keys.
+    t, named = prompt.text_len, set(prompt.columns())
+    want = []
+    for name in prompt.classes:
+        row = prompt.row(name)
+        filler = [k for k in range(row * t, (row + 1) * t) if k not in named]
+        own = list(prompt.positions(name))
+        a = torch.stack([slices.maps[b][0].mean(0)[:, own].mean(-1) for b in (1, 2)]).mean(0)
+        a0 = torch.stack([slices.maps[b][0].mean(0)[:, filler].mean(-1) for b in (1, 2)]).mean(0)
+        want.append(float((a - a0).max() > 0))
+    assert got.tolist() == [want]
+    heat = with_presence(lava.aggregate(slices, prompt), got)  # extra columns leave the maps as they were
+    plain = lava.aggregate(lava.capture(tiny, noisy, prompt, layers=[1, 2]), prompt)
+    torch.testing.assert_close(heat.scores, plain.scores)
+    with pytest.raises(LavaError, match="columns=text_keys"):
+        null_presence(lava.capture(tiny, noisy, prompt, layers=[1]), prompt)
+
+
+def test_null_presence_on_maps_built_by_hand():
+    from lava.presence import null_presence
+    from lava.types import AttentionSlices, PromptEncoding
+
+    # One prompt of 6 keys: "cat" at 1, "dog" at 2-3, filler at 0, 4, 5; four image tokens.
+    prompt = PromptEncoding(
+        classes=("cat", "dog"),
+        texts=("cat dog",),
+        embeds=torch.zeros(1, 6, 4),
+        pooled=torch.zeros(1, 4),
+        clip_spans={"cat": (1,), "dog": (2, 3)},
+        t5_spans={},
+        clip_len=6,
+        text_len=6,
+    )
+    maps = torch.full((1, 1, 4, 6), 0.10)
+    maps[0, 0, 2, 1] = 0.30  # cat beats the filler at one image token
+    maps[0, 0, :, 2:4] = 0.05  # dog never does
+    slices = AttentionSlices(
+        maps={0: maps},
+        columns=tuple(range(6)),
+        grid=(2, 2),
+        direction="image_to_text",
+        softmax="joint",
+        heads="mean",
+        timestep=500.0,
+        sigma=0.5,
+        image_sizes=((2, 2),),
+    )
+    assert null_presence(slices, prompt).tolist() == [[1.0, 0.0]]

@@ -51,7 +51,7 @@ class Setting:
     normalize: str | None = None
     background_threshold: float | None = None  # 0: no background
     min_presence: float | None = None  # 0: every class competes
-    presence: str = "peak"  # "peak" (Heatmaps.presence from the maps) or "denoise"
+    presence: str = "peak"  # "peak" (Heatmaps.presence from the maps), "denoise" or "null" (lava.presence)
     softmax: str = "joint"
     max_classes_per_prompt: int | None = None
     # A lava.refine chain applied after normalisation: None takes the backend's default, "none" none.
@@ -128,6 +128,11 @@ SETTINGS: dict[str, Setting] = {
     "defaults-denoise": Setting(
         "defaults, presence from the denoising error instead of map peaks", presence="denoise"
     ),
+    "defaults-null": Setting(
+        "defaults, presence against the prompt's non-class tokens (lava.presence.null_presence) "
+        "instead of map peaks",
+        presence="null",
+    ),
     "defaults-cross": Setting(
         "defaults, softmax over the text keys only (cross) instead of all keys", softmax="cross"
     ),
@@ -160,7 +165,7 @@ TUNE_GRID = {
     "normalize": ("minmax", "global"),
     "background_threshold": (0, 0.1, 0.2, 0.3, 0.4, 0.5),
     "min_presence": (0, 0.3, 0.5, 0.7, 0.8, 0.9),
-    "presence": ("peak", "denoise"),
+    "presence": ("peak", "denoise", "null"),
     "refine": ("none", "pamr"),
 }
 
@@ -171,16 +176,19 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
     from lava.aggregate import normalize_scores
     from lava.capture import capture_views
     from lava.pipeline import resolve_configs
-    from lava.presence import denoising_presence, with_presence
+    from lava.presence import denoising_presence, null_presence, text_keys, with_presence
     from lava.refine import refine as lava_refine
     from lava.refine import refine_name, resolve_refine
 
     noisy = lava.noise(backend, image)
     # One capture per prompt split, holding only the softmax domains some setting reads.
     domains: dict[tuple[int | None, str], list[str]] = {}
+    null_keys = set()  # captures that also keep the non-class text keys (null presence)
     for s in settings:
         if s.needs_own_run(backend):
             continue
+        if s.presence == "null":
+            null_keys.add(s.capture_key())
         domains.setdefault(s.capture_key(), [])
         if s.softmax not in domains[s.capture_key()]:
             domains[s.capture_key()].append(s.softmax)
@@ -197,14 +205,19 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
         if key not in captured:
             prompt = lava.encode_prompt(backend, classes, max_classes_per_prompt=key[0])
             views = capture_views(
-                backend, noisy, prompt, views=[("image_to_text", sm) for sm in domains[key]], source=key[1]
+                backend,
+                noisy,
+                prompt,
+                views=[("image_to_text", sm) for sm in domains[key]],
+                source=key[1],
+                columns=text_keys(prompt) if key in null_keys else None,
             )
             raw = {
                 sm: lava.aggregate(views[("image_to_text", sm)], prompt, normalize="none")
                 for sm in domains[key]
             }
-            captured[key] = (prompt, raw)
-        prompt, raw = captured[key]
+            captured[key] = (prompt, raw, views)
+        prompt, raw, views = captured[key]
         agg, mask = resolve_configs(
             backend,
             normalize=s.normalize,
@@ -227,6 +240,8 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
             if key not in denoised:
                 denoised[key] = denoising_presence(backend, noisy, prompt)
             heat = with_presence(heat, denoised[key])
+        elif s.presence == "null":
+            heat = with_presence(heat, null_presence(views[("image_to_text", s.softmax)], prompt))
         seg = lava.to_mask(heat, [(size, size)], config=mask)
         out.append(to_global(seg.labels[0], seg.classes, "colour_shape"))
     return out
@@ -345,7 +360,7 @@ def parse_grid(text: str | None) -> dict[str, tuple]:
 def tune_settings(grid: dict[str, tuple] | None = None) -> dict[str, Setting]:
     out = {}
     for norm, bg, pres, how, refine in itertools.product(*(grid or TUNE_GRID).values()):
-        if how == "denoise" and pres == 0:
+        if how != "peak" and pres == 0:
             continue
         out[f"{norm} bg={bg} presence={how}>={pres} refine={refine}"] = Setting(
             "tuning", normalize=norm, background_threshold=bg, min_presence=pres, presence=how, refine=refine
