@@ -19,6 +19,7 @@ from .errors import LavaError
 from .types import AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding
 
 NORMALIZATIONS = ("minmax", "global", "classes", "none")
+PRESENCE_RULES = ("peak", "null")
 
 
 def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -102,6 +103,8 @@ def aggregate(
     config = config or AggregateConfig()
     if overrides:
         config = AggregateConfig(**{**config.__dict__, **overrides})
+    if config.presence not in PRESENCE_RULES:
+        raise LavaError(f"presence must be one of {PRESENCE_RULES}, got {config.presence!r}")
     runs = [slices] if isinstance(slices, AttentionSlices) else list(slices)
     if not runs:
         raise LavaError("aggregate needs at least one AttentionSlices")
@@ -112,7 +115,7 @@ def aggregate(
     if len(sources) > 1:
         raise LavaError(f"cannot average slices of different sources {sources}: aggregate each on its own")
 
-    per_run = []
+    per_run, nulls = [], []
     for run in runs:
         layers = tuple(config.layers) if config.layers is not None else run.layers
         missing = [layer for layer in layers if layer not in run.maps]
@@ -120,12 +123,18 @@ def aggregate(
             raise LavaError(f"blocks {missing} were not captured; captured: {list(run.layers)}")
         scores = class_scores(run, prompt, layers, config.tokens)
         per_run.append(scores.softmax(dim=1) if run.source == "concept" else scores)
+        if config.presence == "null" and run.source != "concept":
+            from .presence import null_presence
+
+            nulls.append(null_presence(run, prompt, layers=layers, tokens=config.tokens))
     scores = torch.stack(per_run).mean(0)
     scores = rearrange(scores, "b c (h w) -> b c h w", h=grid[0], w=grid[1])
+    # With several runs, null presence is the share of runs in which the class beat the filler.
+    presence = torch.stack(nulls).mean(0) if nulls else peak_presence(scores)
     return Heatmaps(
         scores=normalize_scores(scores, config.normalize).float(),
         classes=prompt.classes,
         image_sizes=runs[0].image_sizes,
         normalize=config.normalize,
-        presence=peak_presence(scores).float(),
+        presence=presence.float(),
     )

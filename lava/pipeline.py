@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .aggregate import aggregate, mean_heatmaps
+from .aggregate import PRESENCE_RULES, aggregate, mean_heatmaps
 from .backends import Backend, load_backend
 from .capture import capture
 from .errors import LavaError
@@ -23,6 +23,7 @@ from .images import ImageInput, as_image_list, image_size, load_image, load_imag
 from .mask import check_background_class, to_mask
 from .methods.base import Segmenter, is_segmenter
 from .noise import noise
+from .presence import capture_columns
 from .prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, encode_prompt
 from .refine import RefineSpec, resolve_refine, split_refine
 from .refine import refine as refine_heatmaps
@@ -85,6 +86,7 @@ def resolve_configs(
     normalize: str | None = None,
     background_threshold: float | None = None,
     min_presence: float | None = None,
+    presence: str | None = None,
     classes: Sequence[str] | None = None,
 ) -> tuple[AggregateConfig, MaskConfig]:
     """The aggregate and mask settings of a call: keywords given, else the configs given, else the
@@ -99,9 +101,13 @@ def resolve_configs(
     _check_unit("background_threshold", background_threshold)
     _check_unit("min_presence", min_presence)
     d = backend.defaults
-    agg = aggregate_config or AggregateConfig(normalize=d.normalize)
+    agg = aggregate_config or AggregateConfig(normalize=d.normalize, presence=d.presence)
     if normalize is not None:
         agg = dataclasses.replace(agg, normalize=normalize)
+    if presence is not None:
+        agg = dataclasses.replace(agg, presence=presence)
+    if agg.presence not in PRESENCE_RULES:
+        raise LavaError(f"presence must be one of {PRESENCE_RULES}, got {agg.presence!r}")
     mask = mask_config or MaskConfig(background_threshold=d.background_threshold, min_presence=d.min_presence)
     if background_threshold is not None:
         mask = dataclasses.replace(mask, background_threshold=background_threshold or None)
@@ -140,6 +146,7 @@ def segment(
     normalize: str | None = None,
     background_threshold: float | None = None,
     min_presence: float | None = None,
+    presence: str | None = None,
     aggregate_config: AggregateConfig | None = None,
     mask_config: MaskConfig | None = None,
     refine: RefineSpec = None,
@@ -175,6 +182,10 @@ def segment(
             way to such a class.
         min_presence: a class whose presence in an image (``Heatmaps.presence``) is below it takes
             no pixels there (default: the backend's; ``0`` lets every class compete).
+        presence: how presence is judged (``AggregateConfig.presence``): ``"peak"`` (its map's
+            peak over the strongest class's) or ``"null"`` (its tokens against the prompt's filler
+            tokens, ``lava.presence.null_presence``; default: the backend's, ``"null"`` for
+            ``lava-shapes``).
         aggregate_config / mask_config: full configs instead of the keywords above (a keyword
             given as well overrides that field).
         source: ``"attention"`` (default) reads the attention probabilities (the seed method);
@@ -222,6 +233,7 @@ def segment(
         normalize=normalize,
         background_threshold=background_threshold,
         min_presence=min_presence,
+        presence=presence,
         aggregate_config=aggregate_config,
         mask_config=mask_config,
         refine=refine,
@@ -256,6 +268,7 @@ def segment_iter(
     normalize: str | None = None,
     background_threshold: float | None = None,
     min_presence: float | None = None,
+    presence: str | None = None,
     aggregate_config: AggregateConfig | None = None,
     mask_config: MaskConfig | None = None,
     refine: RefineSpec = None,
@@ -288,6 +301,7 @@ def segment_iter(
             "prompt_batch": (prompt_batch, None),
             "timesteps": (timesteps, None),
             "seeds": (seeds, None),
+            "presence": (presence, None),
         }
         yield from segment_with(
             backend,
@@ -325,8 +339,10 @@ def segment_iter(
         normalize=normalize,
         background_threshold=background_threshold,
         min_presence=min_presence,
+        presence=presence,
         classes=prompt.classes,
     )
+    columns = capture_columns(prompt, aggregate_config.presence, source)
     runs = ensemble(timestep, timesteps, seed, seeds, sigma)
     per_run, after = split_refine(refine)
     batches = _batches(inputs, max(1, batch_size))
@@ -350,6 +366,7 @@ def segment_iter(
                 prompt_batch=prompt_batch,
                 keep_image_qk=bool(per_run),
                 source=source,
+                columns=columns,
             )
             heat = aggregate(slices, prompt, aggregate_config)
             if per_run:

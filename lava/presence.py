@@ -35,6 +35,16 @@ def text_keys(prompt: PromptEncoding) -> tuple[int, ...]:
     return tuple(range(prompt.num_prompts * prompt.text_len))
 
 
+def capture_columns(
+    prompt: PromptEncoding, presence: str, source: str = "attention"
+) -> tuple[int, ...] | None:
+    """The ``columns`` a capture needs for presence rule ``presence`` (``None``: the class keys).
+
+    The concept view holds no probabilities over the filler tokens; its presence is the peak rule.
+    """
+    return text_keys(prompt) if presence == "null" and source == "attention" else None
+
+
 def null_presence(
     slices: AttentionSlices,
     prompt: PromptEncoding,

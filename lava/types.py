@@ -211,12 +211,17 @@ class AggregateConfig:
     ``"minmax"`` rescales each class map to [0, 1] per image (an absent class's weak map is
     stretched as much as a present one's), ``"global"`` rescales all class maps of an image
     together to [0, 1] (relative strengths kept), ``"classes"`` divides by the sum over classes
-    at each pixel, ``"none"`` keeps the mean probabilities.
+    at each pixel, ``"none"`` keeps the mean probabilities. ``presence``: how
+    ``Heatmaps.presence`` is judged: ``"peak"`` (each class's peak over the strongest class's) or
+    ``"null"`` (1 where the class's tokens beat its prompt row's filler tokens somewhere,
+    ``lava.presence.null_presence``; the capture must keep every text key, and concept-view
+    slices, which hold no probabilities, keep the peak rule).
     """
 
     layers: tuple[int, ...] | None = None
     tokens: str = "all"
     normalize: str = "minmax"
+    presence: str = "peak"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ def _explicit(backend) -> dict:
         normalize=d.normalize,
         background_threshold=d.background_threshold or 0,
         min_presence=d.min_presence or 0,
+        presence=d.presence,
     )
 
 
@@ -90,7 +91,7 @@ def test_cli_eval_with_no_flags_uses_the_model_defaults(shapes, export_dir, tmp_
     plain, spelled = tmp_path / "plain", tmp_path / "spelled"
     assert main(["eval", "--dataset", "folder", "--root", str(export_dir), "--out", str(plain)]) == 0
     d = shapes.defaults
-    flags = ["--normalize", d.normalize, "--min-presence", str(d.min_presence or 0)]
+    flags = ["--normalize", d.normalize, "--min-presence", str(d.min_presence or 0), "--presence", d.presence]
     if d.background_threshold is not None:
         flags += ["--background", "threshold", "--background-threshold", str(d.background_threshold)]
     args = ["eval", "--dataset", "folder", "--root", str(export_dir), "--out", str(spelled), *flags]
@@ -100,6 +101,7 @@ def test_cli_eval_with_no_flags_uses_the_model_defaults(shapes, export_dir, tmp_
     assert a["protocol"] == "all"  # the open-vocabulary protocol is the default
     assert a["config"]["normalize"] == d.normalize
     assert a["config"]["background_threshold"] == d.background_threshold
+    assert a["config"]["presence"] == d.presence == "null"
     assert a["miou"] == pytest.approx(b["miou"], abs=1e-9)
 
 
@@ -110,6 +112,7 @@ def test_cli_sweep_uses_the_model_defaults(shapes, export_dir, tmp_path):
     config = json.loads((out / "sweep.json").read_text())["config"]
     assert config["normalize"] == shapes.defaults.normalize
     assert config["background_threshold"] == shapes.defaults.background_threshold
+    assert config["presence"] == shapes.defaults.presence
 
 
 def test_models_lists_mask_defaults_and_their_source(shapes, capsys):
@@ -117,3 +120,18 @@ def test_models_lists_mask_defaults_and_their_source(shapes, capsys):
     out = capsys.readouterr().out
     assert shapes.defaults.describe_mask() in out
     assert shapes.defaults.mask_source in out
+
+
+def test_reference_model_judges_presence_against_the_filler_tokens(shapes):
+    # lava-shapes' measured default; "peak" is the rule of every other backend and still a keyword.
+    assert shapes.defaults.presence == "null" and "null presence" in shapes.defaults.describe_mask()
+    image = make_scene(heldout_seeds(3, "hard")[2]).render(64)
+    classes = list(class_names()[1:])
+    plain = lava.segment(image, classes, backend=shapes)
+    null = lava.segment(image, classes, backend=shapes, presence="null")
+    peak = lava.segment(image, classes, backend=shapes, presence="peak")
+    assert torch.equal(plain.labels[0], null.labels[0])
+    assert lava.load_backend("tiny-sd3").defaults.presence == "peak"
+    with pytest.raises(lava.LavaError, match="presence must be one of"):
+        lava.segment(image, classes, backend=shapes, presence="bogus")
+    assert peak.labels[0].shape == plain.labels[0].shape

@@ -36,10 +36,13 @@ class VariantDefaults:
     min_presence: float | None = None
     mask_source: str = "lava's generic mask settings, not measured for this model"
     refine: str | None = None
+    presence: str = "peak"  # AggregateConfig.presence: "peak" or "null" (against the filler tokens)
 
     def describe_mask(self) -> str:
         bg = "none" if self.background_threshold is None else f"threshold {self.background_threshold:g}"
         presence = "" if self.min_presence is None else f", min presence {self.min_presence:g}"
+        if self.min_presence is not None and self.presence != "peak":
+            presence += f" ({self.presence} presence)"
         refine = "" if self.refine is None else f", refine {self.refine}"
         return f"normalize {self.normalize}, background {bg}{presence}{refine}"
 

@@ -252,6 +252,14 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
         "image takes no pixels there; 0 lets every class compete (default: the model's)",
     )
     g.add_argument(
+        "--presence",
+        choices=("peak", "null"),
+        default=None,
+        help="how --min-presence judges a class: peak (its map's peak against the strongest class's) or "
+        "null (1 where its tokens draw more attention than the prompt's filler tokens somewhere, else 0) "
+        "(default: the model's)",
+    )
+    g.add_argument(
         "--max-classes-per-prompt",
         type=int,
         default=None,
@@ -721,6 +729,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         tokens=args.tokens,
         normalize=args.normalize or d.normalize,
         min_presence=(args.min_presence or None) if args.min_presence is not None else d.min_presence,
+        presence=args.presence or d.presence,
         max_classes_per_prompt=args.max_classes_per_prompt,
         refine=refine_name(resolve_refine(args.refine, d.refine)),
         seed=args.seed,

@@ -169,10 +169,11 @@ def run(args: argparse.Namespace) -> int:
     note(run_summary(backend, args, sizes) if args.method == "lava" else method_summary(backend, args))
     agg, mask = resolve_configs(
         backend,
-        AggregateConfig(tokens=args.tokens),
+        AggregateConfig(tokens=args.tokens, presence=backend.defaults.presence),
         normalize=args.normalize,
         background_threshold=args.background_threshold,
         min_presence=args.min_presence,
+        presence=args.presence,
         classes=classes,
     )
     if args.verbose and args.method == "lava":
@@ -281,6 +282,8 @@ def describe_reading(backend, classes, args, agg, mask) -> None:
     bg = "none" if mask.background_threshold is None else f"threshold {mask.background_threshold:g}"
     if mask.min_presence is not None:
         bg += f", min presence {mask.min_presence:g}"
+        if agg.presence != "peak":
+            bg += f" ({agg.presence} presence)"
     note(
         f"{backend.name}: "
         + (f"sigma {args.sigma:g}, " if args.sigma is not None else "")

@@ -28,6 +28,7 @@ from ..mask import to_mask
 from ..methods import METHODS
 from ..methods.base import Segmenter, is_segmenter, refuse_lava_options
 from ..noise import noise
+from ..presence import capture_columns
 from ..prompts import encode_prompt
 from ..refine import check_refine, split_refine
 from ..refine import refine as refine_heatmaps
@@ -98,6 +99,7 @@ class EvalSettings:
     tokens: str = "all"
     normalize: str = "minmax"
     min_presence: float | None = None
+    presence: str = "peak"  # AggregateConfig.presence: "peak" or "null"
     seed: int = 0
     resolution: int | str | None = None
     impl: str = "auto"
@@ -112,7 +114,13 @@ class EvalSettings:
         check_refine(self.refine)
         if self.method not in METHODS:
             raise LavaError(f"method must be one of {METHODS}, got {self.method!r}")
-        lava_only = {"direction": "image_to_text", "softmax": "joint", "source": "attention", "tokens": "all"}
+        lava_only = {
+            "direction": "image_to_text",
+            "softmax": "joint",
+            "source": "attention",
+            "tokens": "all",
+            "presence": "peak",
+        }
         if self.method != "lava":
             changed = [f"{k}={getattr(self, k)}" for k, v in lava_only.items() if getattr(self, k) != v]
             refuse_lava_options(self.method, changed, self.refine)
@@ -368,7 +376,7 @@ def run(
     }
     per_run, after = split_refine(settings.refine)
     threshold = settings.background_mode(info) == "threshold"
-    agg = AggregateConfig(tokens=settings.tokens, normalize=settings.normalize)
+    agg = AggregateConfig(tokens=settings.tokens, normalize=settings.normalize, presence=settings.presence)
     cell_agg = [replace(agg, layers=cell.layers) for cell in cells]
     mask_cfg = MaskConfig(
         background_threshold=settings.background_threshold if threshold else None,
@@ -429,6 +437,7 @@ def run(
                     prompt_batch=prompt_batch,
                     keep_image_qk=bool(per_run),
                     source=settings.source,
+                    columns=capture_columns(prompt, settings.presence, settings.source),
                 )
                 for ci in idx:
                     cell = cells[ci]

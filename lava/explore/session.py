@@ -35,6 +35,7 @@ from ..kernels import DIRECTIONS, SOFTMAX_DOMAINS
 from ..mask import to_mask
 from ..noise import noise
 from ..pipeline import resolve_configs
+from ..presence import text_keys
 from ..prompts import encode_prompt, parse_classes
 from ..refine import NO_REFINE, check_refine, resolve_refine, split_refine
 from ..refine import refine as refine_heatmaps
@@ -76,6 +77,7 @@ class Settings:
     background_threshold: float | None = None
     min_presence: float | None = None
     refine: str | None = None
+    presence: str = "peak"  # how min_presence judges a class (AggregateConfig.presence): the model's
 
 
 def _choice(name: str, value, allowed: Sequence[str]) -> str:
@@ -205,6 +207,7 @@ def settings_from_ui(
         background_threshold=threshold,
         min_presence=d.min_presence if presence is None else (presence or None),
         refine=refine,
+        presence=d.presence,
     )
 
 
@@ -220,7 +223,9 @@ def segment_kwargs(settings: Settings) -> dict:
         direction=settings.direction,
         softmax=settings.softmax,
         source=settings.source,
-        aggregate_config=AggregateConfig(tokens=settings.tokens, normalize=settings.normalize),
+        aggregate_config=AggregateConfig(
+            tokens=settings.tokens, normalize=settings.normalize, presence=settings.presence
+        ),
         background_threshold=threshold,
         min_presence=settings.min_presence or 0.0,
         refine=NO_REFINE if settings.refine is None else settings.refine,
@@ -421,6 +426,8 @@ class Explorer:
                 softmax=settings.softmax,
                 source=settings.source,
                 keep_image_qk=key.image_qk,
+                # every text key, so any presence rule reads the same cached capture
+                columns=text_keys(prompt) if settings.source == "attention" else None,
             )
             self.forwards += 1
             cache.put(key, slices)

@@ -31,10 +31,13 @@ REFERENCE_DEFAULTS = VariantDefaults(
     min_presence=0.3,
     mask_source=(
         "measured by lava.reference.measure --tune on held-out tuning scenes, both protocols: "
-        "per-class min-max, background below 0.2, classes under 0.3 of the strongest peak dropped, "
-        "maps refined by PAMR"
+        "per-class min-max, background below 0.2, classes whose tokens never beat the prompt's filler "
+        "tokens dropped, maps refined by PAMR"
     ),
     refine="pamr",
+    # lava.reference.measure --tune with presence=peak,null on tuning scenes: null ranked first
+    # (docs/open-vocabulary.md, "Calibration against the prompt's filler tokens").
+    presence="null",
 )
 # Background is a threshold on the min-max normalised maps (``MaskConfig(background_threshold=…)``):
 # a class named "background" in the prompt localises worse in this model (sweep.py measures both).

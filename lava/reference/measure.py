@@ -51,7 +51,9 @@ class Setting:
     normalize: str | None = None
     background_threshold: float | None = None  # 0: no background
     min_presence: float | None = None  # 0: every class competes
-    presence: str = "peak"  # "peak" (Heatmaps.presence from the maps), "denoise" or "null" (lava.presence)
+    # "peak" (the maps' peaks), "null" (against the filler tokens), "denoise" (lava.presence);
+    # None: the backend's default (AggregateConfig.presence)
+    presence: str | None = None
     softmax: str = "joint"
     max_classes_per_prompt: int | None = None
     # A lava.refine chain applied after normalisation: None takes the backend's default, "none" none.
@@ -73,9 +75,10 @@ class Setting:
 
     def segment_kwargs(self) -> dict[str, Any]:
         """The ``lava.segment`` keywords of this setting (``None``: the backend's default)."""
-        if self.presence != "peak" or self.softmax != "joint":
-            raise ValueError("only peak presence and the joint softmax are lava.segment keywords here")
+        if self.presence == "denoise" or self.softmax != "joint":
+            raise ValueError("denoising presence and the cross softmax are not lava.segment keywords here")
         return {
+            "presence": self.presence,
             "normalize": self.normalize,
             "background_threshold": self.background_threshold,
             "min_presence": self.min_presence,
@@ -122,6 +125,7 @@ SETTINGS: dict[str, Setting] = {
     "minmax-0.4-peak": Setting(
         "minmax-0.4 plus the defaults' presence floor on the map peaks",
         normalize="minmax",
+        presence="peak",
         background_threshold=0.4,
         refine="none",
     ),
@@ -129,9 +133,11 @@ SETTINGS: dict[str, Setting] = {
         "defaults, presence from the denoising error instead of map peaks", presence="denoise"
     ),
     "defaults-null": Setting(
-        "defaults, presence against the prompt's non-class tokens (lava.presence.null_presence) "
-        "instead of map peaks",
+        "defaults, presence against the prompt's non-class tokens (lava.presence.null_presence)",
         presence="null",
+    ),
+    "defaults-peak": Setting(
+        "defaults, presence from the map peaks (lava-shapes' rule before #8)", presence="peak"
     ),
     "defaults-cross": Setting(
         "defaults, softmax over the text keys only (cross) instead of all keys", softmax="cross"
@@ -187,7 +193,7 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
     for s in settings:
         if s.needs_own_run(backend):
             continue
-        if s.presence == "null":
+        if (s.presence or backend.defaults.presence) == "null" and s.source == "attention":
             null_keys.add(s.capture_key())
         domains.setdefault(s.capture_key(), [])
         if s.softmax not in domains[s.capture_key()]:
@@ -223,6 +229,7 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
             normalize=s.normalize,
             background_threshold=s.background_threshold,
             min_presence=s.min_presence,
+            presence=s.presence if s.presence != "denoise" else None,
             classes=prompt.classes,
         )
         refine = refine_name(resolve_refine(s.refine, backend.defaults.refine))
@@ -240,7 +247,7 @@ def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: 
             if key not in denoised:
                 denoised[key] = denoising_presence(backend, noisy, prompt)
             heat = with_presence(heat, denoised[key])
-        elif s.presence == "null":
+        elif agg.presence == "null" and s.source == "attention":  # the concept view keeps peaks
             heat = with_presence(heat, null_presence(views[("image_to_text", s.softmax)], prompt))
         seg = lava.to_mask(heat, [(size, size)], config=mask)
         out.append(to_global(seg.labels[0], seg.classes, "colour_shape"))
