@@ -51,3 +51,21 @@ def scene(h: int = 40, w: int = 56, seed: int = 0) -> Image.Image:
 @pytest.fixture
 def image():
     return scene()
+
+
+def hand_slices(maps: dict, columns, grid, image_sizes, **kw):
+    """``AttentionSlices`` of maps built by hand: image→text, joint softmax, heads averaged."""
+    from lava.types import AttentionSlices
+
+    return AttentionSlices(
+        maps=maps,
+        columns=tuple(columns),
+        grid=grid,
+        direction="image_to_text",
+        softmax="joint",
+        heads="mean",
+        timestep=kw.pop("timestep", 500.0),
+        sigma=kw.pop("sigma", 0.5),
+        image_sizes=image_sizes,
+        **kw,
+    )

@@ -173,8 +173,10 @@ def test_null_presence_compares_each_class_with_its_rows_filler_tokens(tiny, ima
 
 
 def test_null_presence_on_maps_built_by_hand():
+    from conftest import hand_slices
+
     from lava.presence import null_presence
-    from lava.types import AttentionSlices, PromptEncoding
+    from lava.types import PromptEncoding
 
     # One prompt of 6 keys: "cat" at 1, "dog" at 2-3, filler at 0, 4, 5; four image tokens.
     prompt = PromptEncoding(
@@ -190,15 +192,5 @@ def test_null_presence_on_maps_built_by_hand():
     maps = torch.full((1, 1, 4, 6), 0.10)
     maps[0, 0, 2, 1] = 0.30  # cat beats the filler at one image token
     maps[0, 0, :, 2:4] = 0.05  # dog never does
-    slices = AttentionSlices(
-        maps={0: maps},
-        columns=tuple(range(6)),
-        grid=(2, 2),
-        direction="image_to_text",
-        softmax="joint",
-        heads="mean",
-        timestep=500.0,
-        sigma=0.5,
-        image_sizes=((2, 2),),
-    )
+    slices = hand_slices({0: maps}, range(6), (2, 2), ((2, 2),))
     assert null_presence(slices, prompt).tolist() == [[1.0, 0.0]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import scene
+from conftest import hand_slices, scene
 
 import lava
 from lava.aggregate import normalize_scores
@@ -278,17 +278,14 @@ def _synthetic(normalize: str, seed: int = 5):
     model's, whose nearly uniform rows flatten the maps to float32 noise in one step."""
     gen = torch.Generator().manual_seed(seed)
     qk = {blk: tuple(torch.randn(1, 2, 2, 30, 8, generator=gen) * 1.5 for _ in range(2)) for blk in (3, 7)}
-    slices = lava.AttentionSlices(
-        maps={blk: torch.zeros(1, 1, 30, 3) for blk in qk},
-        columns=(0, 1, 2),
-        grid=(5, 6),
-        direction="image_to_text",
-        softmax="joint",
-        heads="mean",
+    slices = hand_slices(
+        {blk: torch.zeros(1, 1, 30, 3) for blk in qk},
+        (0, 1, 2),
+        (5, 6),
+        ((40, 48),),
+        image_qk=qk,
         timestep=400.0,
         sigma=0.4,
-        image_sizes=((40, 48),),
-        image_qk=qk,
     )
     raw = torch.rand(1, 3, 5, 6, generator=gen) * 0.01
     heat = lava.Heatmaps(
