@@ -42,6 +42,18 @@ def peak_presence(scores: torch.Tensor) -> torch.Tensor:
     return peak / peak.amax(-1, keepdim=True).clamp_min(1e-12)
 
 
+def check_presence(rule: str) -> None:
+    """Refuse a presence rule other than ``PRESENCE_RULES``."""
+    if rule not in PRESENCE_RULES:
+        raise LavaError(f"presence must be one of {PRESENCE_RULES}, got {rule!r}")
+
+
+def keys_mean(slices: AttentionSlices, keys: Sequence[int], layers: Sequence[int]) -> torch.Tensor:
+    """``[B, N_img]``: the mean probability over text ``keys``, heads and ``layers``."""
+    idx = slices.column_indices(tuple(keys))
+    return torch.stack([slices.maps[layer][..., idx].mean(dim=(1, 3)) for layer in layers]).mean(0)
+
+
 def class_scores(
     slices: AttentionSlices, prompt: PromptEncoding, layers: Sequence[int], tokens: str
 ) -> torch.Tensor:
@@ -54,9 +66,7 @@ def class_scores(
                 f"class {name!r} has no {tokens!r} tokens to aggregate (is T5 dropped? Flux models have "
                 "T5 tokens only: use tokens 'all' or 't5')"
             )
-        idx = slices.column_indices(positions)
-        per_layer = [slices.maps[layer][..., idx].mean(dim=(1, 3)) for layer in layers]  # [B, N_img] each
-        per_class.append(torch.stack(per_layer).mean(0))
+        per_class.append(keys_mean(slices, positions, layers))
     return torch.stack(per_class, dim=1)
 
 
@@ -103,8 +113,7 @@ def aggregate(
     config = config or AggregateConfig()
     if overrides:
         config = AggregateConfig(**{**config.__dict__, **overrides})
-    if config.presence not in PRESENCE_RULES:
-        raise LavaError(f"presence must be one of {PRESENCE_RULES}, got {config.presence!r}")
+    check_presence(config.presence)
     runs = [slices] if isinstance(slices, AttentionSlices) else list(slices)
     if not runs:
         raise LavaError("aggregate needs at least one AttentionSlices")
@@ -124,9 +133,9 @@ def aggregate(
         scores = class_scores(run, prompt, layers, config.tokens)
         per_run.append(scores.softmax(dim=1) if run.source == "concept" else scores)
         if config.presence == "null" and run.source != "concept":
-            from .presence import null_presence
+            from .presence import beats_filler
 
-            nulls.append(null_presence(run, prompt, layers=layers, tokens=config.tokens))
+            nulls.append(beats_filler(scores, run, prompt, layers))
     scores = torch.stack(per_run).mean(0)
     scores = rearrange(scores, "b c (h w) -> b c h w", h=grid[0], w=grid[1])
     # With several runs, null presence is the share of runs in which the class beat the filler.

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .aggregate import PRESENCE_RULES, aggregate, mean_heatmaps
+from .aggregate import aggregate, check_presence, mean_heatmaps
 from .backends import Backend, load_backend
 from .capture import capture
 from .errors import LavaError
@@ -106,8 +106,7 @@ def resolve_configs(
         agg = dataclasses.replace(agg, normalize=normalize)
     if presence is not None:
         agg = dataclasses.replace(agg, presence=presence)
-    if agg.presence not in PRESENCE_RULES:
-        raise LavaError(f"presence must be one of {PRESENCE_RULES}, got {agg.presence!r}")
+    check_presence(agg.presence)
     mask = mask_config or MaskConfig(background_threshold=d.background_threshold, min_presence=d.min_presence)
     if background_threshold is not None:
         mask = dataclasses.replace(mask, background_threshold=background_threshold or None)

@@ -63,6 +63,15 @@ def null_presence(
     from .aggregate import class_scores
 
     layers = tuple(layers) if layers is not None else slices.layers
+    return beats_filler(class_scores(slices, prompt, layers, tokens), slices, prompt, layers)
+
+
+def beats_filler(
+    scores: torch.Tensor, slices: AttentionSlices, prompt: PromptEncoding, layers: Sequence[int]
+) -> torch.Tensor:
+    """``null_presence`` from class scores ``[B, C, N_img]`` already computed (``class_scores``)."""
+    from .aggregate import keys_mean
+
     named, t = set(prompt.columns()), prompt.text_len
     rows = range(prompt.num_prompts)
     rest = {row: [k for k in range(row * t, (row + 1) * t) if k not in named] for row in rows}
@@ -72,12 +81,8 @@ def null_presence(
             f"null_presence needs the prompt's non-class text keys (e.g. {missing[:3]}) in the capture: "
             "pass columns=text_keys(prompt) to lava.capture"
         )
-    scores = class_scores(slices, prompt, layers, tokens)  # [B, C, N_img]
-    null = {}
-    for row, keys in rest.items():
-        idx = slices.column_indices(tuple(keys))
-        null[row] = torch.stack([slices.maps[layer][..., idx].mean(dim=(1, 3)) for layer in layers]).mean(0)
-    base = torch.stack([null[prompt.row(c)] for c in prompt.classes], dim=1)  # [B, C, N_img]
+    filler = {row: keys_mean(slices, keys, layers) for row, keys in rest.items()}  # [B, N_img] each
+    base = torch.stack([filler[prompt.row(c)] for c in prompt.classes], dim=1)  # [B, C, N_img]
     return ((scores - base).amax(-1) > 0).float()
 
 

@@ -233,11 +233,12 @@ def make_scene(seed: int, same_colour: float = 0.0, counts: str | None = None) -
     return Scene(int(seed), tuple(objects), background, texture, params)
 
 
-def heldout_seeds(n: int, split: str = "standard") -> list[int]:
-    """The first ``n`` seeds of a held-out split (``"standard"`` or ``"hard"``)."""
+def heldout_seeds(n: int, split: str = "standard", skip: int = 0) -> list[int]:
+    """``n`` seeds of a held-out split (``"standard"`` or ``"hard"``), after its first ``skip``."""
     if split not in SPLITS:
         raise ValueError(f"held-out split must be one of {sorted(SPLITS)}, got {split!r}")
-    return list(range(SPLITS[split], SPLITS[split] + n))
+    start = SPLITS[split] + skip
+    return list(range(start, start + n))
 
 
 # Every reported held-out number uses at most the first REPORTED_SCENES seeds of a split; defaults
@@ -247,7 +248,7 @@ REPORTED_SCENES = 200
 
 def tuning_seeds(n: int, split: str = "standard") -> list[int]:
     """``n`` held-out seeds of ``split`` after the first ``REPORTED_SCENES``: for choosing defaults."""
-    return heldout_seeds(REPORTED_SCENES + n, split)[REPORTED_SCENES:]
+    return heldout_seeds(n, split, skip=REPORTED_SCENES)
 
 
 def render_batch(scenes: Sequence[Scene], size: int) -> np.ndarray:

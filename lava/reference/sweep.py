@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     backend = lava.load_backend("lava-shapes", **({"path": a.weights} if a.weights else {}))
     if a.skip and a.tune:
         p.error("--skip and --tune both choose the seeds: give one")
-    seeds = tuning_seeds(a.scenes) if a.tune else heldout_seeds(a.skip + a.scenes)[a.skip :]
+    seeds = tuning_seeds(a.scenes) if a.tune else heldout_seeds(a.scenes, skip=a.skip)
     if a.reading_point:
         d = backend.defaults
         point = Setting(timestep=d.timestep, layers=d.layers, background=d.background_threshold)
