@@ -3,7 +3,7 @@
     python benchmarks/map_sources.py --json docs/results/map-sources-cost.json \
         --markdown docs/results/map-sources-cost.md
 
-Every method is a named setting of ``lava.reference.measure`` (the same settings whose mIoU that
+Every method is a named setting of ``scripts.measure`` (the same settings whose mIoU that
 script reports), run through ``lava.segment`` on ``lava-shapes`` with all 12 class names, on the
 first ``--scenes`` held-out scenes of the hard split. All methods run in this one process, the
 plain slice (``defaults-no-refine``: attention probabilities, no refinement) first, and each is
@@ -39,8 +39,8 @@ BASE = "defaults-no-refine"  # the plain slice: attention probabilities, no refi
 
 def main(argv: list[str] | None = None) -> None:
     import lava
-    from lava.reference.measure import SETTINGS
     from lava.reference.scenes import class_names, heldout_seeds, make_scene
+    from scripts.measure import SETTINGS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenes", type=int, default=20, help="hard held-out scenes to time")

@@ -15,7 +15,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from .errors import OutputError
@@ -138,14 +137,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-
-    return atomic_write(path, write)
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:

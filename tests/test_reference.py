@@ -11,7 +11,6 @@ from PIL import Image
 
 import lava
 from lava.reference import BACKGROUND_THRESHOLD, REFERENCE_DEFAULTS
-from lava.reference.measure import SETTINGS, measure_many, scene_labels
 from lava.reference.scenes import (
     BACKGROUND,
     COLOURS,
@@ -24,8 +23,9 @@ from lava.reference.scenes import (
     split_of,
     training_caption,
 )
-from lava.reference.sweep import Setting, baseline, evaluate, to_global
-from lava.reference.train import TrainConfig
+from scripts.measure import SETTINGS, measure_many, scene_labels
+from scripts.sweep import Setting, baseline, evaluate, to_global
+from scripts.train import TrainConfig
 
 # Measured on 200 held-out scenes (docs/reference-model.md, docs/open-vocabulary.md); the gates
 # sit a little below, since the gate's smaller sets are noisier.
@@ -102,7 +102,7 @@ def test_tuning_scenes_never_overlap_reported_ones():
 def test_dual_attention_config_builds_and_round_trips(tmp_path):
     # SD3.5's MMDiT-X blocks, for training pilots (``--dual-attention``); the JSON keeps a list.
     from lava.reference.model import ReferenceConfig, build_pipeline
-    from lava.reference.train import command_line
+    from scripts.train import command_line
 
     config = ReferenceConfig(num_layers=2, num_heads=2, head_dim=8, dual_attention_layers=(0,))
     pipe = build_pipeline(config)
@@ -220,7 +220,7 @@ def test_grounding_processor_is_the_models_attention(shapes):
     # and store image→text probabilities over all joint keys, as lava's capture reads them.
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    from lava.reference.grounding import GroundingProcessor, word_targets
+    from scripts.grounding import GroundingProcessor, word_targets
 
     block = shapes.transformer.transformer_blocks[1]
     g = torch.Generator().manual_seed(0)
@@ -241,7 +241,7 @@ def test_grounding_processor_is_the_models_attention(shapes):
 
 
 def test_reading_point_report_gives_bootstrap_intervals(capsys):
-    from lava.reference import sweep
+    from scripts import sweep
 
     sweep.main(["--reading-point", "--scenes", "2", "--skip", "1200"])
     out = capsys.readouterr().out

@@ -40,7 +40,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = ["is_available", "triton_attention_slice"]
 
-_LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

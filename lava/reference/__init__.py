@@ -16,8 +16,8 @@ from ..backends.base import Backend, VariantDefaults
 
 __all__ = ["BACKGROUND_THRESHOLD", "REFERENCE_DEFAULTS", "load_reference_backend"]
 
-# Where to read: ``python -m lava.reference.sweep --scenes 60`` (docs/reference-model.md): block 0
-# of 4 at t = 50. How to mask: ``python -m lava.reference.measure --tune --timestep 50 --layers 0``
+# Where to read: ``python -m scripts.sweep --scenes 60`` (docs/reference-model.md): block 0
+# of 4 at t = 50. How to mask: ``python -m scripts.measure --tune --timestep 50 --layers 0``
 # ranks normalisation × background threshold × presence floor × refinement (none / PAMR) by mean
 # mIoU over both held-out splits and both protocols (scene's own classes / all 12 names), on
 # scenes the reported table does not use (docs/open-vocabulary.md, docs/method.md).
@@ -25,17 +25,17 @@ REFERENCE_DEFAULTS = VariantDefaults(
     timestep=50.0,
     layers=(0,),
     resolution=32,
-    source="measured by lava.reference.sweep on 60 held-out scenes: block 0, t=50",
+    source="measured by scripts.sweep on 60 held-out scenes: block 0, t=50",
     normalize="minmax",
     background_threshold=0.2,
     min_presence=0.3,
     mask_source=(
-        "measured by lava.reference.measure --tune on held-out tuning scenes, both protocols: "
+        "measured by scripts.measure --tune on held-out tuning scenes, both protocols: "
         "per-class min-max, background below 0.2, classes whose tokens never beat the prompt's filler "
         "tokens dropped, maps refined by PAMR"
     ),
     refine="pamr",
-    # lava.reference.measure --tune with presence=peak,null on tuning scenes: null ranked first
+    # scripts.measure --tune with presence=peak,null on tuning scenes: null ranked first
     # (docs/open-vocabulary.md, "Calibration against the prompt's filler tokens").
     presence="null",
 )
@@ -57,7 +57,7 @@ def load_reference_backend(
 
     ``drop_t5`` is accepted for interface parity and changes nothing: the model has no T5 (its
     T5 slots are always zeros). ``path`` loads weights from another folder written by
-    ``python -m lava.reference.train --out PATH``.
+    ``python -m scripts.train --out PATH``.
     """
     from ..backends import from_pipeline
     from ..backends.base import resolve_device, resolve_dtype

@@ -228,7 +228,7 @@ def load_pipeline(path: str | os.PathLike = ASSET_DIR, dtype: torch.dtype = torc
     if not (path / CONFIG_FILE).is_file():
         raise ModelError(
             f"no lava-shapes weights in {path}: regenerate them with "
-            "`python -m lava.reference.train --out lava/assets/lava-shapes`"
+            "`python -m scripts.train --out lava/assets/lava-shapes`"
         )
     pipe = StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype),

@@ -251,11 +251,6 @@ def tuning_seeds(n: int, split: str = "standard") -> list[int]:
     return heldout_seeds(n, split, skip=REPORTED_SCENES)
 
 
-def render_batch(scenes: Sequence[Scene], size: int) -> np.ndarray:
-    """``[B, size, size, 3]`` uint8 images of ``scenes``."""
-    return np.stack([s.render(size) for s in scenes])
-
-
 CAPTION_MIX = (0.2, 0.5, 0.3)  # English caption, colour+shape list, shape-only list
 
 

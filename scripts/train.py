@@ -1,6 +1,6 @@
 """Train ``lava-shapes``: SD3's rectified-flow objective on procedurally generated shape scenes.
 
-    python -m lava.reference.train --out lava/assets/lava-shapes --steps 1500 --seed 0
+    python -m scripts.train --out lava/assets/lava-shapes --steps 1500 --seed 0
 
 Each step renders a fresh batch of training scenes (seeds below ``HELDOUT_START``), words their
 captions at random (``scenes.training_caption``), and trains the transformer and both text
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .grounding import grounding_loss, install, token_mass_check, word_targets
-from .model import ASSET_DIR, ReferenceConfig, build_pipeline, save_pipeline, text_embeddings
-from .scenes import CAPTION_MIX, TRAIN_SEEDS, caption_words, make_scene
+from lava.reference.model import ASSET_DIR, ReferenceConfig, build_pipeline, save_pipeline, text_embeddings
+from lava.reference.scenes import CAPTION_MIX, TRAIN_SEEDS, caption_words, make_scene
+from scripts.grounding import grounding_loss, install, token_mass_check, word_targets
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,9 @@ class EMA:
 
 
 def command_line(out: str, cfg: TrainConfig, model_config: ReferenceConfig) -> str:
-    """The ``python -m lava.reference.train`` command that reproduces a run (every setting spelled out)."""
+    """The ``python -m scripts.train`` command that reproduces a run (every setting spelled out)."""
     return (
-        f"python -m lava.reference.train --out {out} --steps {cfg.steps} --seed {cfg.seed} "
+        f"python -m scripts.train --out {out} --steps {cfg.steps} --seed {cfg.seed} "
         f"--batch-size {cfg.batch_size} --lr {cfg.lr:g} --logit-mean {cfg.logit_mean:g} "
         f"--same-colour {cfg.same_colour:g} --big-scenes {cfg.big_scenes:g} --grounding {cfg.grounding:g} "
         f"--caption-mix {','.join(f'{m:g}' for m in cfg.caption_mix)} "
@@ -233,7 +233,7 @@ def _passive_openmp(argv: list[str]) -> None:
     """
     if "OMP_WAIT_POLICY" not in os.environ:
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        os.execve(sys.executable, [sys.executable, "-m", "lava.reference.train", *argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", "scripts.train", *argv], env)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """Measure ``lava-shapes`` on held-out scenes: one setting (``evaluate``) or a timestep × layer grid.
 
-    python -m lava.reference.sweep --scenes 200 --figure docs/figures/reference_sweep.png
+    python -m scripts.sweep --scenes 200 --figure docs/figures/reference_sweep.png
 
 Protocol: each held-out scene (seeds from ``HELDOUT_START``) is rendered at ``size`` px and
 segmented by lava with the names of the classes it contains, in one of two vocabularies
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..evaluation.metrics import ConfusionMatrix, SegMetrics, bootstrap_miou
-from .scenes import BACKGROUND, VOCABS, class_names, heldout_seeds, make_scene, tuning_seeds
+from lava.evaluation.metrics import ConfusionMatrix, SegMetrics, bootstrap_miou
+from lava.reference.scenes import BACKGROUND, VOCABS, class_names, heldout_seeds, make_scene, tuning_seeds
 
 Background = str | float  # "class" or a threshold
 

@@ -1,6 +1,6 @@
 """Measure how lava reads ``lava-shapes`` under both protocols, on both held-out splits.
 
-    python -m lava.reference.measure --scenes 200 --json docs/results/open-vocabulary.json \
+    python -m scripts.measure --scenes 200 --json docs/results/open-vocabulary.json \
         --markdown docs/results/open-vocabulary.md
 
 For each held-out split (``standard``: 1–3 objects; ``hard``: 3–5), each protocol (``present``:
@@ -36,9 +36,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..evaluation.metrics import ConfusionMatrix, SegMetrics
-from .scenes import COLOURS, SPLITS, class_names, heldout_seeds, make_scene, tuning_seeds
-from .sweep import to_global
+from lava.evaluation.metrics import ConfusionMatrix, SegMetrics
+from lava.reference.scenes import COLOURS, SPLITS, class_names, heldout_seeds, make_scene, tuning_seeds
+from scripts.sweep import to_global
 
 PROTOCOLS = ("present", "all")
 

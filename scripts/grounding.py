@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from ..backends.family import SD3
-from .scenes import Scene
+from lava.backends.family import SD3
+from lava.reference.scenes import Scene
 
 
 class GroundingProcessor:
