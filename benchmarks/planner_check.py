@@ -23,8 +23,8 @@ from full_size import TRANSFORMER
 from memprobe import peak_bytes
 from scaling import ROOT, write_section
 
-from lava.capture import capturing, run_until_captured
 from lava.planner import estimate_memory, fmt_bytes
+from lava.stages.capture import capturing, run_until_captured
 from lava.types import CapturePlan
 
 

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from memprobe import median_seconds, peak_bytes
 
-from lava.propagate import propagate
+from lava.stages.propagate import propagate
 
 
 def explicit(q: torch.Tensor, k: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from memprobe import peak_bytes
 
 import lava
 from lava.backends.family import family_of
-from lava.capture import capturing, run_until_captured
+from lava.stages.capture import capturing, run_until_captured
 from lava.types import CapturePlan
 
 
@@ -85,7 +85,7 @@ def model_and_inputs(request):
     backend = lava.load_backend(name, device=DEVICE)
     noisy = lava.noise(backend, torch.zeros(32, 32, 3, dtype=torch.uint8).numpy())
     prompt = lava.encode_prompt(backend, ["cat", "dog", "potted plant"])
-    from lava.capture import transformer_inputs
+    from lava.stages.capture import transformer_inputs
 
     return name, backend.transformer, transformer_inputs(backend, noisy, prompt)
 

@@ -5,7 +5,7 @@
     python benchmarks/vocab_split.py --tokenizer ~/sd3/tokenizer --t5-tokenizer ~/sd3/tokenizer_3
 
 Prints, for every dataset of ``lava.evaluation``, the number of class names, their CLIP tokens,
-and the prompts ``lava.prompts.split_classes`` makes (the number of batch rows each image runs
+and the prompts ``lava.stages.prompts.split_classes`` makes (the number of batch rows each image runs
 with under ``--protocol all``). ``--tokenizer`` takes any folder ``CLIPTokenizer.from_pretrained``
 reads, such as the ``tokenizer`` subfolder of an SD3 snapshot; T5's window (256 tokens in SD3)
 is checked only when ``--t5-tokenizer`` is given.
@@ -17,7 +17,7 @@ import argparse
 from types import SimpleNamespace
 
 from lava.evaluation.datasets import DATASET_NAMES, dataset_info
-from lava.prompts import split_classes
+from lava.stages.prompts import split_classes
 
 
 def backend_like(tokenizer, t5_tokenizer=None, clip_len: int = 77, max_sequence_length: int = 256):

@@ -16,8 +16,6 @@ command's ``--help`` stay fast: torch and diffusers load only when a stage is ne
 
 from __future__ import annotations
 
-import sys as _sys
-import types as _types
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_exports as _lazy_exports
@@ -37,25 +35,25 @@ _EXPORTS = {
     "MaskConfig": "types",
     "ModelError": "errors",
     "NoisyLatents": "types",
-    "PAMR": "refine",
-    "Propagate": "refine",
+    "PAMR": "stages.refine",
+    "Propagate": "stages.refine",
     "PromptEncoding": "types",
     "Segmentation": "types",
-    "aggregate": "aggregate",
-    "capture": "capture",
-    "capturing": "capture",
-    "encode_prompt": "prompts",
+    "aggregate": "stages.aggregate",
+    "capture": "stages.capture",
+    "capturing": "stages.capture",
+    "encode_prompt": "stages.prompts",
     "from_pipeline": "backends",
     "list_backends": "backends",
     "load_backend": "backends",
     "load_image": "images",
-    "mean_heatmaps": "aggregate",
-    "noise": "noise",
-    "propagate": "propagate",
-    "refine": "refine",
+    "mean_heatmaps": "stages.aggregate",
+    "noise": "stages.noise",
+    "propagate": "stages.propagate",
+    "refine": "stages.refine",
     "segment": "pipeline",
     "segment_iter": "pipeline",
-    "to_mask": "mask",
+    "to_mask": "stages.mask",
 }
 
 __all__ = [
@@ -96,41 +94,19 @@ __all__ = [
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals(), submodules=("kernels",))
 
 
-class _Package(_types.ModuleType):
-    """The ``lava`` package object: keeps ``lava.noise``, ``lava.capture``, ``lava.aggregate``,
-    ``lava.refine`` and ``lava.propagate`` the functions even after their submodules of the same
-    name are imported.
-
-    The import system binds every submodule it loads onto its package (``lava.noise =
-    <module lava.noise>``). With eager imports the function was bound afterwards and won; with
-    lazy ones a submodule imported first (by ``lava.segment``, say) would shadow the function.
-    """
-
-    def __setattr__(self, name: str, value) -> None:
-        if (
-            isinstance(value, _types.ModuleType)
-            and _EXPORTS.get(name) == name
-            and callable(getattr(value, name, None))
-        ):
-            return
-        super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package
-
 if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ provides them
     from . import kernels
-    from .aggregate import aggregate, mean_heatmaps
     from .backends import Backend, from_pipeline, list_backends, load_backend
-    from .capture import capture, capturing
     from .errors import ClassNameError, ImageError, LavaError, ModelError
     from .images import load_image
-    from .mask import to_mask
-    from .noise import noise
     from .pipeline import segment, segment_iter
-    from .prompts import encode_prompt
-    from .propagate import propagate
-    from .refine import PAMR, Propagate, refine
+    from .stages.aggregate import aggregate, mean_heatmaps
+    from .stages.capture import capture, capturing
+    from .stages.mask import to_mask
+    from .stages.noise import noise
+    from .stages.prompts import encode_prompt
+    from .stages.propagate import propagate
+    from .stages.refine import PAMR, Propagate, refine
     from .types import (
         AggregateConfig,
         AttentionSlices,

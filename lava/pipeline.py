@@ -15,18 +15,18 @@ from collections.abc import Iterator, Sequence
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .aggregate import aggregate, check_presence, mean_heatmaps
 from .backends import Backend, load_backend
-from .capture import capture
 from .errors import LavaError
 from .images import ImageInput, as_image_list, image_size, load_image, load_images
-from .mask import check_background_class, to_mask
 from .methods.base import Segmenter, is_segmenter
-from .noise import noise
-from .presence import capture_columns
-from .prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, encode_prompt
-from .refine import RefineSpec, resolve_refine, split_refine
-from .refine import refine as refine_heatmaps
+from .stages.aggregate import aggregate, check_presence, mean_heatmaps
+from .stages.capture import capture
+from .stages.mask import check_background_class, to_mask
+from .stages.noise import noise
+from .stages.presence import capture_columns
+from .stages.prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, encode_prompt
+from .stages.refine import RefineSpec, resolve_refine, split_refine
+from .stages.refine import refine as refine_heatmaps
 from .types import AggregateConfig, MaskConfig, Segmentation
 
 
@@ -164,7 +164,7 @@ def segment(
         seed: the noise seed (default 0).
         timesteps / seeds: an ensemble instead: the maps of every timestep with every seed,
             each run aggregated and normalised, are averaged before the mask stage
-            (``lava.aggregate.mean_heatmaps``). One noise + forward per run, run one after the
+            (``lava.stages.aggregate.mean_heatmaps``). One noise + forward per run, run one after the
             other (memory of one run, time of all). Not together with ``timestep`` / ``sigma``
             / ``seed``.
         layers: transformer blocks to read and average (default: the backend's; negative
@@ -183,7 +183,7 @@ def segment(
             no pixels there (default: the backend's; ``0`` lets every class compete).
         presence: how presence is judged (``AggregateConfig.presence``): ``"peak"`` (its map's
             peak over the strongest class's) or ``"null"`` (its tokens against the prompt's filler
-            tokens, ``lava.presence.null_presence``; default: the backend's, ``"null"`` for
+            tokens, ``lava.stages.presence.null_presence``; default: the backend's, ``"null"`` for
             ``lava-shapes``).
         aggregate_config / mask_config: full configs instead of the keywords above (a keyword
             given as well overrides that field).

@@ -214,7 +214,7 @@ class AggregateConfig:
     at each pixel, ``"none"`` keeps the mean probabilities. ``presence``: how
     ``Heatmaps.presence`` is judged: ``"peak"`` (each class's peak over the strongest class's) or
     ``"null"`` (1 where the class's tokens beat its prompt row's filler tokens somewhere,
-    ``lava.presence.null_presence``; the capture must keep every text key, and concept-view
+    ``lava.stages.presence.null_presence``; the capture must keep every text key, and concept-view
     slices, which hold no probabilities, keep the peak rule).
     """
 

@@ -69,7 +69,7 @@ class Setting:
     def needs_own_run(self, backend) -> bool:
         """Whether this setting runs through ``lava.segment`` itself: extra keywords, or a
         propagation step (it needs the capture's own image queries and keys)."""
-        from lava.refine import resolve_refine, split_refine
+        from lava.stages.refine import resolve_refine, split_refine
 
         return bool(self.call) or bool(split_refine(resolve_refine(self.refine, backend.defaults.refine))[0])
 
@@ -133,7 +133,7 @@ SETTINGS: dict[str, Setting] = {
         "defaults, presence from the denoising error instead of map peaks", presence="denoise"
     ),
     "defaults-null": Setting(
-        "defaults, presence against the prompt's non-class tokens (lava.presence.null_presence)",
+        "defaults, presence against the prompt's non-class tokens (lava.stages.presence.null_presence)",
         presence="null",
     ),
     "defaults-peak": Setting(
@@ -179,12 +179,12 @@ TUNE_GRID = {
 def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: Sequence[Setting], size: int):
     """Label maps ``[size, size]`` of one image under each setting, sharing forward passes."""
     import lava
-    from lava.aggregate import normalize_scores
-    from lava.capture import capture_views
     from lava.pipeline import resolve_configs
-    from lava.presence import denoising_presence, null_presence, text_keys, with_presence
-    from lava.refine import refine as lava_refine
-    from lava.refine import refine_name, resolve_refine
+    from lava.stages.aggregate import normalize_scores
+    from lava.stages.capture import capture_views
+    from lava.stages.presence import denoising_presence, null_presence, text_keys, with_presence
+    from lava.stages.refine import refine as lava_refine
+    from lava.stages.refine import refine_name, resolve_refine
 
     noisy = lava.noise(backend, image)
     # One capture per prompt split, holding only the softmax domains some setting reads.

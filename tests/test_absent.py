@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import lava
-from lava.aggregate import normalize_scores, peak_presence
 from lava.errors import LavaError
-from lava.presence import ablated_texts, denoising_presence, with_presence
+from lava.stages.aggregate import normalize_scores, peak_presence
+from lava.stages.presence import ablated_texts, denoising_presence, with_presence
 from lava.types import Heatmaps, MaskConfig
 
 
@@ -147,7 +147,7 @@ def test_to_mask_refuses_a_background_class_next_to_a_threshold(absent_case):
 
 
 def test_null_presence_compares_each_class_with_its_rows_filler_tokens(tiny, image):
-    from lava.presence import null_presence, text_keys
+    from lava.stages.presence import null_presence, text_keys
 
     noisy = lava.noise(tiny, image, timestep=500)
     prompt = lava.encode_prompt(tiny, ["cat", "dog", "bus", "sofa", "tree"], max_classes_per_prompt=2)
@@ -175,7 +175,7 @@ def test_null_presence_compares_each_class_with_its_rows_filler_tokens(tiny, ima
 def test_null_presence_on_maps_built_by_hand():
     from conftest import hand_slices
 
-    from lava.presence import null_presence
+    from lava.stages.presence import null_presence
     from lava.types import PromptEncoding
 
     # One prompt of 6 keys: "cat" at 1, "dog" at 2-3, filler at 0, 4, 5; four image tokens.

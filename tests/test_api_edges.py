@@ -129,3 +129,21 @@ def test_load_error_messages_say_what_to_do():
     assert "not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE)" in offline
     no_network = load_error_message(repo, _chained(OSError("x"), ConnectionError))
     assert "not in the local Hugging Face cache and the hub cannot be reached (no network?)" in no_network
+
+
+def test_modules_and_stage_functions_never_share_a_name():
+    """``import lava.stages.X`` is always a module; ``lava.X`` stays the stage function whichever is
+    imported first (the stage modules live in ``lava.stages``, their functions at the top)."""
+    import importlib
+    import types
+
+    import lava
+
+    for name in ("noise", "capture", "aggregate", "refine", "propagate"):
+        module = importlib.import_module(f"lava.stages.{name}")
+        assert isinstance(module, types.ModuleType)
+        assert callable(getattr(lava, name)) and not isinstance(getattr(lava, name), types.ModuleType)
+        assert getattr(lava, name) is getattr(module, name)
+    import lava.stages.capture as c
+
+    assert callable(c.transformer_inputs)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lava
-from lava.capture import capturing, run_until_captured, transformer_inputs
+from lava.stages.capture import capturing, run_until_captured, transformer_inputs
 from lava.types import CapturePlan
 
 CLASSES = ["cat", "potted plant", "hydrant"]
@@ -211,7 +211,7 @@ def test_triton_capture_leaves_outputs_unchanged(tiny, image):
 
 
 def test_several_views_from_one_forward_equal_separate_captures(tiny, image):
-    from lava.capture import capture_views
+    from lava.stages.capture import capture_views
 
     noisy = lava.noise(tiny, image)
     prompt = lava.encode_prompt(tiny, CLASSES)

@@ -180,8 +180,8 @@ def test_lazy_package_keeps_stage_functions_over_same_named_submodules():
     # lava.noise / capture / aggregate / refine / propagate are functions even after their
     # submodules load.
     code = (
-        "import lava; import lava.noise, lava.capture, lava.aggregate, lava.refine, lava.propagate; "
-        "from lava.capture import capture_views; from lava.refine import pamr; "
+        "import lava; import lava.stages.noise, lava.capture, lava.aggregate, lava.refine, lava.propagate; "
+        "from lava.stages.capture import capture_views; from lava.stages.refine import pamr; "
         "print(all(callable(f) and not isinstance(f, type(lava)) "
         "for f in (lava.noise, lava.capture, lava.aggregate, lava.segment, lava.refine, lava.propagate)))"
     )

@@ -9,9 +9,9 @@ import torch
 from test_kernels import _meta_peak
 
 import lava
-from lava.capture import capture_views, run_until_captured, transformer_inputs
-from lava.concept import capturing_concepts, concept_attention, concept_dots
 from lava.errors import LavaError
+from lava.stages.capture import capture_views, run_until_captured, transformer_inputs
+from lava.stages.concept import capturing_concepts, concept_attention, concept_dots
 from lava.types import CapturePlan
 
 CLASSES = ["cat", "potted plant", "hydrant"]

@@ -12,9 +12,9 @@ from conftest import scene
 from PIL import Image
 
 import lava
-from lava.aggregate import mean_heatmaps
 from lava.errors import LavaError
-from lava.refine import refine
+from lava.stages.aggregate import mean_heatmaps
+from lava.stages.refine import refine
 from lava.types import Heatmaps
 
 CLASSES = ["cat", "dog"]

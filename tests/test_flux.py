@@ -12,9 +12,15 @@ from test_kernels import _meta_peak
 
 import lava
 from lava.backends.family import FLUX, SD3, family_of
-from lava.capture import CaptureProcessor, CaptureStore, capturing, run_until_captured, transformer_inputs
 from lava.errors import LavaError, ModelError
 from lava.kernels.torch_slice import chunk_budget
+from lava.stages.capture import (
+    CaptureProcessor,
+    CaptureStore,
+    capturing,
+    run_until_captured,
+    transformer_inputs,
+)
 from lava.types import CapturePlan
 
 CLASSES = ["cat", "potted plant", "hydrant"]
@@ -325,7 +331,7 @@ def test_concept_source_refuses_flux(tiny_flux, inputs):
 
 
 def test_presence_runs_on_packed_outputs(tiny_flux, inputs):
-    from lava.presence import denoising_presence
+    from lava.stages.presence import denoising_presence
 
     noisy, prompt = inputs
     presence = denoising_presence(tiny_flux, noisy, prompt)

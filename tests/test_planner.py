@@ -50,7 +50,7 @@ def test_transformer_term_against_measured_peak():
     from memprobe import peak_bytes
     from planner_check import _Pipe
 
-    from lava.capture import capturing, run_until_captured
+    from lava.stages.capture import capturing, run_until_captured
     from lava.types import CapturePlan
 
     torch.manual_seed(0)

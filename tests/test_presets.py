@@ -10,8 +10,8 @@ from test_methods_cli import _recompute_miou, folder  # noqa: F401  (folder is a
 
 from lava.cli import main
 from lava.cli.common import explicit_options
-from lava.noise import input_size
 from lava.presets import PRESETS, SEG4DIFF, seg4diff_timestep
+from lava.stages.noise import input_size
 
 TOY = ("--model", "tiny-sd3", "--resolution", "32x32", "--dtype", "float32", "--layers", "1")
 

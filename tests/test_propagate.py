@@ -9,11 +9,11 @@ import torch
 from conftest import hand_slices, scene
 
 import lava
-from lava.aggregate import normalize_scores
-from lava.capture import capturing, run_until_captured, transformer_inputs
 from lava.errors import LavaError
-from lava.propagate import propagate, propagate_reference
-from lava.refine import PAMR, Propagate, refine, refine_name, refine_steps
+from lava.stages.aggregate import normalize_scores
+from lava.stages.capture import capturing, run_until_captured, transformer_inputs
+from lava.stages.propagate import propagate, propagate_reference
+from lava.stages.refine import PAMR, Propagate, refine, refine_name, refine_steps
 from lava.types import CapturePlan
 
 CLASSES = ["cat", "potted plant", "hydrant"]

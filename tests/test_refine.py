@@ -14,7 +14,7 @@ from PIL import Image
 
 import lava
 from lava.errors import LavaError
-from lava.refine import pamr, pamr_affinity, refine, working_size
+from lava.stages.refine import pamr, pamr_affinity, refine, working_size
 from lava.types import Heatmaps
 
 

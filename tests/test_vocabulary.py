@@ -8,7 +8,7 @@ import torch
 import lava
 from lava.errors import ClassNameError, LavaError
 from lava.evaluation.datasets import dataset_info
-from lava.prompts import split_classes
+from lava.stages.prompts import split_classes
 
 CLASSES = ["cat", "potted plant", "hydrant", "dog", "traffic light", "sofa", "bus"]
 

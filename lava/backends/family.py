@@ -216,7 +216,7 @@ class FluxFamily:
         elif text_len is None:
             raise LavaError(
                 "a Flux single-stream attention call needs the number of text tokens at the start of "
-                "its sequence; capture through lava.capture.capturing, which reads it from the block"
+                "its sequence; capture through lava.stages.capture.capturing, which reads it from the block"
             )
         if rotary is not None:
             q = apply_rotary_emb(q, rotary, sequence_dim=1)

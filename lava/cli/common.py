@@ -172,7 +172,7 @@ def refine_method(text: str) -> str:
     """``--refine`` values: a refinement ``lava.refine`` knows, or a comma-separated chain of them
     (checked here, before the model loads); returned as the chain's canonical name."""
     from ..errors import LavaError
-    from ..refine import NO_REFINE, REFINE_METHODS, refine_name
+    from ..stages.refine import NO_REFINE, REFINE_METHODS, refine_name
 
     if text.strip() == NO_REFINE:
         return NO_REFINE
@@ -606,8 +606,8 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     from ..backends.flux import HUB_IDS as FLUX_HUB_IDS
     from ..backends.sd3 import DEFAULTS, HUB_IDS, detect_variant
     from ..errors import LavaError
-    from ..noise import pixel_size
     from ..planner import estimate_memory, parse_bytes, plan_memory, spec_for, spec_from_pipeline
+    from ..stages.noise import pixel_size
 
     model = args.model or DEFAULT_MODEL
     no_flux = LavaError(
@@ -702,7 +702,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
     from ..evaluation import distributed
     from ..evaluation.datasets import load_dataset
     from ..evaluation.runner import EvalSettings
-    from ..refine import refine_name, resolve_refine
+    from ..stages.refine import refine_name, resolve_refine
 
     check_source(args)
     device = distributed.init(args.device)

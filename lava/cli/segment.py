@@ -131,7 +131,7 @@ def write_set(files: dict[str, Path], seg, classes: Sequence[str]) -> None:
         if "heatmaps" in tmp:
             import matplotlib.pyplot as plt
 
-            from ..aggregate import normalize_scores
+            from ..stages.aggregate import normalize_scores
             from ..types import Heatmaps
 
             heat = Heatmaps(
@@ -150,7 +150,7 @@ def write_set(files: dict[str, Path], seg, classes: Sequence[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..images import image_size
     from ..pipeline import check_background_class, resolve_configs, segment_iter
-    from ..prompts import parse_classes
+    from ..stages.prompts import parse_classes
     from ..types import AggregateConfig
 
     classes = parse_classes(args.classes)
@@ -214,8 +214,8 @@ def run_summary(backend, args: argparse.Namespace, sizes) -> str:
     The timestep, blocks and resolution are checked here, so a run that would fail on them says
     so instead of announcing itself.
     """
-    from ..noise import input_size
-    from ..refine import refine_name, resolve_refine
+    from ..stages.noise import input_size
+    from ..stages.refine import refine_name, resolve_refine
 
     d = backend.defaults
     if args.sigma is not None:
@@ -271,7 +271,7 @@ def method_summary(segmenter, args: argparse.Namespace) -> str:
 
 def describe_reading(backend, classes, args, agg, mask) -> None:
     """``--verbose``: the prompts the classes were split into and the settings in force, on stderr."""
-    from ..prompts import build_prompt, split_classes
+    from ..stages.prompts import build_prompt, split_classes
 
     groups = split_classes(backend, classes, max_classes_per_prompt=args.max_classes_per_prompt)
     per_forward = len(groups) if args.prompt_batch is None else min(args.prompt_batch, len(groups))

@@ -20,18 +20,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..aggregate import aggregate, mean_heatmaps
 from ..backends.base import Backend
-from ..capture import capture_views, check_source
 from ..errors import LavaError
-from ..mask import to_mask
 from ..methods import METHODS
 from ..methods.base import Segmenter, is_segmenter, refuse_lava_options
-from ..noise import noise
-from ..presence import capture_columns
-from ..prompts import encode_prompt
-from ..refine import check_refine, split_refine
-from ..refine import refine as refine_heatmaps
+from ..stages.aggregate import aggregate, mean_heatmaps
+from ..stages.capture import capture_views, check_source
+from ..stages.mask import to_mask
+from ..stages.noise import noise
+from ..stages.presence import capture_columns
+from ..stages.prompts import encode_prompt
+from ..stages.refine import check_refine, split_refine
+from ..stages.refine import refine as refine_heatmaps
 from ..types import AggregateConfig, Heatmaps, MaskConfig, PromptEncoding, Segmentation
 from . import distributed
 from .datasets import DatasetInfo, SegmentationDataset
@@ -80,7 +80,7 @@ class EvalSettings:
     as background; ``"none"`` never predicts background; ``"auto"``, for a dataset that scores a
     background class, is ``"threshold"`` when a threshold is set (the CLI sets the model's) and
     ``"class"`` otherwise, and ``"none"`` for a dataset without one.
-    ``max_classes_per_prompt`` caps the names per prompt (see ``lava.prompts.split_classes``).
+    ``max_classes_per_prompt`` caps the names per prompt (see ``lava.stages.prompts.split_classes``).
     ``refine``: a ``lava.refine`` method or chain (``"pamr"``, ``"propagate,pamr"``) applied to each
     image's class maps before the mask stage; ``None`` uses the maps as aggregated.
     ``seeds``: noise seeds whose maps are averaged (an ensemble) instead of ``seed`` alone.

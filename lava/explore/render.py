@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..mask import upsample
+from ..stages.mask import upsample
 from .session import Grid, Result
 
 HEAT_ALPHA = 0.55  # as ``lava.viz.heatmap_figure`` draws maps over the image

@@ -26,19 +26,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..aggregate import NORMALIZATIONS, aggregate
 from ..backends import Backend
-from ..capture import capture, check_source
 from ..errors import ImageError, LavaError
 from ..images import load_image
 from ..kernels import DIRECTIONS, SOFTMAX_DOMAINS
-from ..mask import to_mask
-from ..noise import noise
 from ..pipeline import resolve_configs
-from ..presence import text_keys
-from ..prompts import encode_prompt, parse_classes
-from ..refine import NO_REFINE, check_refine, resolve_refine, split_refine
-from ..refine import refine as refine_heatmaps
+from ..stages.aggregate import NORMALIZATIONS, aggregate
+from ..stages.capture import capture, check_source
+from ..stages.mask import to_mask
+from ..stages.noise import noise
+from ..stages.presence import text_keys
+from ..stages.prompts import encode_prompt, parse_classes
+from ..stages.refine import NO_REFINE, check_refine, resolve_refine, split_refine
+from ..stages.refine import refine as refine_heatmaps
 from ..types import SOURCES, AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding, Segmentation
 
 log = logging.getLogger("lava.explore")

@@ -8,7 +8,7 @@ their source), ``device``, ``dtype`` and ``info``, checks ``timestep``/``layers`
 
     segmenter.heatmaps(image, classes, timestep=t, layer_groups=[(0,), (0, 1)], ...) -> [Heatmaps, ...]
 
-Everything after the heatmaps (refinement, ``lava.mask.to_mask``, dataset ids, confusion
+Everything after the heatmaps (refinement, ``lava.stages.mask.to_mask``, dataset ids, confusion
 counts, journal, reports) is the same code lava's own method runs through.
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
-from ..aggregate import normalize_scores, peak_presence
+from ..stages.aggregate import normalize_scores, peak_presence
 from ..types import Heatmaps
 
 
@@ -72,7 +72,7 @@ def refuse_lava_options(method: str, changed: Sequence[str], refine) -> None:
     ``changed`` reading options (they would be ignored) and a propagation step (it needs the
     MM-DiT's own image attention, which a segmenter keeps none of)."""
     from ..errors import LavaError
-    from ..refine import split_refine
+    from ..stages.refine import split_refine
 
     if changed:
         raise LavaError(

@@ -11,10 +11,10 @@ from collections.abc import Iterator, Sequence
 from tqdm.auto import tqdm
 
 from ..images import ImageInput, load_image
-from ..mask import to_mask
-from ..prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, parse_classes
-from ..refine import refine as refine_heatmaps
-from ..refine import split_refine
+from ..stages.mask import to_mask
+from ..stages.prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, parse_classes
+from ..stages.refine import refine as refine_heatmaps
+from ..stages.refine import split_refine
 from ..types import AggregateConfig, MaskConfig, Segmentation
 from .base import Segmenter, refuse_lava_options
 

@@ -32,7 +32,7 @@ from PIL import Image
 from ..backends.base import VariantDefaults
 from ..errors import ClassNameError, LavaError, ModelError
 from ..images import fit_to_grid
-from ..prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, build_prompt, parse_classes, token_spans
+from ..stages.prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, build_prompt, parse_classes, token_spans
 from ..types import Heatmaps
 from .base import to_heatmaps
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .backends.base import Backend
-from .errors import ClassNameError
-from .types import PromptEncoding
+from ..backends.base import Backend
+from ..errors import ClassNameError
+from ..types import PromptEncoding
 
 # Seg4Diff joins the class names with spaces and no template; that is our default too.
 DEFAULT_TEMPLATE = "{}"

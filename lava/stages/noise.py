@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from .backends.base import Backend
-from .errors import ImageError, LavaError
-from .images import ImageInput, fit_to_grid, load_images, stretch_size
-from .types import NoisyLatents
+from ..backends.base import Backend
+from ..errors import ImageError, LavaError
+from ..images import ImageInput, fit_to_grid, load_images, stretch_size
+from ..types import NoisyLatents
 
 
 def resolve_time(backend: Backend, timestep: float | None, sigma: float | None) -> tuple[float, float]:

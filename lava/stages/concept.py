@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .backends.family import SD3, family_of, sd3_text_qkv
+from ..backends.family import SD3, family_of, sd3_text_qkv
+from ..errors import LavaError
+from ..types import CapturePlan
 from .capture import CaptureStore, block_inputs, keys_of_rows, pick_keys, restore, row_gather, stop_forward
-from .errors import LavaError
-from .types import CapturePlan
 
 
 class ConceptStream:

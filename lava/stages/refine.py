@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import LavaError
+from ..types import AttentionSlices, Heatmaps
 from .aggregate import normalize_scores
-from .errors import LavaError
 from .propagate import propagate
-from .types import AttentionSlices, Heatmaps
 
 REFINE_METHODS = ("propagate", "pamr")
 # Turns a backend's default refinement off (``None`` asks for the default).

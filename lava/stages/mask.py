@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import ClassNameError, LavaError
-from .types import Heatmaps, MaskConfig, Segmentation
+from ..errors import ClassNameError, LavaError
+from ..types import Heatmaps, MaskConfig, Segmentation
 
 
 def check_background_class(classes: Sequence[str], threshold: float | None, name: str = "background") -> None:

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 import torch
 from einops import rearrange
 
-from .backends.base import Backend
-from .backends.family import SD3, family_of
-from .errors import LavaError
-from .kernels import SliceSpec, attention_with_slice, resolve_impl
-from .types import SOURCES, AttentionSlices, CapturePlan, NoisyLatents, PromptEncoding
+from ..backends.base import Backend
+from ..backends.family import SD3, family_of
+from ..errors import LavaError
+from ..kernels import SliceSpec, attention_with_slice, resolve_impl
+from ..types import SOURCES, AttentionSlices, CapturePlan, NoisyLatents, PromptEncoding
 
 
 class CaptureStore(dict):
@@ -171,7 +171,7 @@ def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
     if plan.source != "attention":
         raise LavaError(
             f"capturing reads attention probabilities; a {plan.source!r} plan needs its own capture "
-            "(lava.concept.capturing_concepts), which capture_views picks from the plan"
+            "(lava.stages.concept.capturing_concepts), which capture_views picks from the plan"
         )
     family = family_of(transformer)
     blocks = family.blocks(transformer)

@@ -23,11 +23,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .backends.base import Backend
+from ..backends.base import Backend
+from ..errors import LavaError
+from ..types import AttentionSlices, Heatmaps, NoisyLatents, PromptEncoding
 from .capture import batch_inputs
-from .errors import LavaError
 from .prompts import build_prompt
-from .types import AttentionSlices, Heatmaps, NoisyLatents, PromptEncoding
 
 
 def text_keys(prompt: PromptEncoding) -> tuple[int, ...]:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 from einops import rearrange
 
-from .errors import LavaError
-from .types import AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding
+from ..errors import LavaError
+from ..types import AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding
 
 NORMALIZATIONS = ("minmax", "global", "classes", "none")
 PRESENCE_RULES = ("peak", "null")

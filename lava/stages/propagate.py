@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import LavaError
+from ..errors import LavaError
 
 QK = tuple[torch.Tensor, torch.Tensor]
 
