@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -55,6 +55,15 @@ class TrainConfig:
     grounding: float = 0.2  # weight of the token grounding loss (grounding.py); 0: SD3's loss alone
     ema_decay: float = 0.0  # > 0: save an exponential moving average of the weights
     bf16: bool = True  # bf16 autocast: ~20% faster steps on this CPU; weights stay fp32
+    # A trained VAE folder (scripts/train_vae.py): the transformer then learns on its latents, and
+    # the VAE (frozen here) ships with it. None: pixel space, as the first model.
+    vae: str | None = None
+    # Training-only auxiliary loss (REPA's idea, with labels instead of a teacher): a linear head
+    # on block ``shape_block``'s image tokens predicts background/circle/square/triangle per token,
+    # for samples noised below ``shape_sigma``. The head is not shipped; 0 turns it off.
+    shape_head: float = 0.0
+    shape_block: int = 1
+    shape_sigma: float = 0.6
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -90,7 +99,8 @@ def training_batch(step: int, cfg: TrainConfig, size: int) -> tuple[torch.Tensor
 def flow_matching_loss(
     pipe, model_config: ReferenceConfig, x0: torch.Tensor, captions: list[str], gen: torch.Generator, cfg
 ) -> torch.Tensor:
-    """Mean squared error of the predicted velocity for clean images ``x0`` ``[B, 3, H, W]``."""
+    """``(mean squared error of the predicted velocity, σ [B])`` for clean latents ``x0`` ``[B, C, h, w]``
+    (pixels in [-1, 1] for a pixel-space model)."""
     b = x0.shape[0]
     sigma = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(b, generator=gen))
     eps = torch.randn(x0.shape, generator=gen)
@@ -105,7 +115,46 @@ def flow_matching_loss(
             timestep=sigma * 1000.0,
             return_dict=False,
         )[0]
-    return F.mse_loss(pred.float(), eps - x0)
+    return F.mse_loss(pred.float(), eps - x0), sigma
+
+
+def encoder(vae):
+    """Pixels ``[B, 3, H, W]`` in [-1, 1] -> the transformer's clean latents: ``(mean - shift) ·
+    scale`` of the frozen VAE, as lava's ``Backend.encode_images`` computes them; identity without one."""
+    if vae is None:
+        return lambda pixels: pixels
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        z = vae.encode(pixels).latent_dist.mean
+        return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    return encode
+
+
+class ShapeHead(torch.nn.Module):
+    """The training-only per-token shape classifier on one block's image tokens (not shipped)."""
+
+    def __init__(self, transformer, block: int, width: int, classes: int = 4):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, classes)
+        self.tokens: torch.Tensor | None = None
+        transformer.transformer_blocks[block].register_forward_hook(self._keep)
+
+    def _keep(self, _module, _inputs, output) -> None:
+        self.tokens = output[1]  # SD3 joint blocks return (text tokens, image tokens)
+
+    def loss(self, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the tokens of the samples ``keep`` [B] selects; ``labels`` [B, N_img]."""
+        if not keep.any():
+            return torch.zeros(())
+        logits = self.linear(self.tokens[keep].float())
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[keep].reshape(-1))
+
+
+def shape_labels(scenes, grid: int) -> torch.Tensor:
+    """``[B, grid²]`` int64: 0 background, 1 + shape id at each token's centre."""
+    return torch.from_numpy(np.stack([s.labels(grid, "shape").ravel() for s in scenes]).astype(np.int64))
 
 
 class EMA:
@@ -150,7 +199,25 @@ def command_line(out: str, cfg: TrainConfig, model_config: ReferenceConfig) -> s
             else ""
         )
         + ("" if cfg.bf16 else " --no-bf16")
+        + (f" --vae {cfg.vae}" if cfg.vae else "")
+        + (
+            f" --shape-head {cfg.shape_head:g} --shape-block {cfg.shape_block}"
+            f" --shape-sigma {cfg.shape_sigma:g}"
+            if cfg.shape_head > 0
+            else ""
+        )
     )
+
+
+def load_vae(path: str):
+    """The frozen VAE of a ``scripts.train_vae`` folder and its factor (pixels per latent cell)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
+    return vae, 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+CHECKPOINT = "checkpoint.pt"
 
 
 def train(
@@ -160,53 +227,92 @@ def train(
     *,
     save_every: int = 0,
     threads: int | None = None,
+    resume: bool = False,
 ) -> dict:
-    """Train from scratch and save to ``out``; returns the run's metadata (also in the config JSON)."""
+    """Train from scratch (or, with ``resume``, from ``out``'s last checkpoint) and save to ``out``;
+    returns the run's metadata (also in the config JSON)."""
     model_config = model_config or ReferenceConfig()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
-    pipe = build_pipeline(model_config, seed=cfg.seed)
+    vae = None
+    if cfg.vae:
+        vae, factor = load_vae(cfg.vae)
+        model_config = replace(model_config, latent_channels=vae.config.latent_channels, vae_factor=factor)
+    encode = encoder(vae)
+    pipe = build_pipeline(model_config, seed=cfg.seed, vae=vae)
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
     for m in modules:
         m.train()  # build_pipeline already froze what must stay fixed (the zero pooled projections)
+    head = (
+        ShapeHead(pipe.transformer, cfg.shape_block, model_config.inner_dim) if cfg.shape_head > 0 else None
+    )
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    trained = params + (list(head.parameters()) if head else [])
     # No weight decay on norms, biases and embeddings' 1-d parameters.
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in trained if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    first = 0
+    checkpoint = os.path.join(out, CHECKPOINT)
+    if resume and os.path.isfile(checkpoint):
+        state = torch.load(checkpoint, weights_only=False)
+        for m, sd in zip(modules, state["modules"]):
+            m.load_state_dict(sd)
+        if head:
+            head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        if ema:
+            ema.shadow = state["ema"]
+        first = state["step"]
+        print(f"resumed {out} at step {first}", flush=True)
 
-    def save(extra: dict) -> None:
+    def save(extra: dict, step: int) -> None:
         with ema.swapped() if ema else nullcontext():
             save_pipeline(pipe, out, model_config, extra)
+        state = {
+            "modules": [m.state_dict() for m in modules],
+            "head": head.state_dict() if head else None,
+            "opt": opt.state_dict(),
+            "gen": gen.get_state(),
+            "ema": ema.shadow if ema else None,
+            "step": step,
+        }
+        torch.save(state, checkpoint + ".tmp")
+        os.replace(checkpoint + ".tmp", checkpoint)
 
     meta = {"train": asdict(cfg), "command": command_line(out, cfg, model_config)}
     store = install(pipe.transformer, range(model_config.num_layers)) if cfg.grounding > 0 else None
     start = time.time()
-    ema_loss = ground_avg = None
-    bar = tqdm(range(cfg.steps), desc="train", unit="step", mininterval=5)
+    ema_loss = ground_avg = shape_avg = None
+    bar = tqdm(range(first, cfg.steps), desc="train", unit="step", mininterval=5)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x0, captions, scenes, refs = training_batch(step, cfg, model_config.resolution)
-        loss = flow_matching_loss(pipe, model_config, x0, captions, gen, cfg)
+        pixels, captions, scenes, refs = training_batch(step, cfg, model_config.resolution)
+        loss, sigma = flow_matching_loss(pipe, model_config, encode(pixels), captions, gen, cfg)
         if store is not None:
             if step == 0:
                 for caption in captions:
                     token_mass_check(caption.split(), pipe.tokenizer(caption)["input_ids"])
             targets = word_targets(
-                scenes, refs, model_config.resolution, model_config.patch_size, model_config.clip_max_length
+                scenes, refs, model_config.resolution, model_config.token_pixels, model_config.clip_max_length
             )
             ground = grounding_loss(store, targets)
             ground_avg = ground.item() if ground_avg is None else 0.98 * ground_avg + 0.02 * ground.item()
             loss = loss + cfg.grounding * ground
+        if head is not None:
+            shape = head.loss(shape_labels(scenes, model_config.grid), sigma < cfg.shape_sigma)
+            shape_avg = shape.item() if shape_avg is None else 0.98 * shape_avg + 0.02 * shape.item()
+            loss = loss + cfg.shape_head * shape
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         opt.step()
         if ema:
             ema.update(step)
@@ -214,12 +320,16 @@ def train(
         bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{lr_at(step, cfg):.2e}", refresh=False)
         if step % 50 == 0 or step == cfg.steps - 1:
             grounding = "" if ground_avg is None else f" grounding {ground_avg:.4f}"
-            print(f"step {step} loss {ema_loss:.4f}{grounding} wall {time.time() - start:.0f}s", flush=True)
+            shapes = "" if shape_avg is None else f" shape {shape_avg:.4f}"
+            print(
+                f"step {step} loss {ema_loss:.4f}{grounding}{shapes} wall {time.time() - start:.0f}s",
+                flush=True,
+            )
         if save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
-            save({**meta, "steps_done": step + 1})
+            save({**meta, "steps_done": step + 1}, step + 1)
     wall = time.time() - start
-    meta.update(steps_done=cfg.steps, wall_time_s=round(wall, 1), final_loss=round(float(ema_loss), 5))
-    save(meta)
+    meta.update(steps_done=cfg.steps, wall_time_s=round(wall, 1), final_loss=round(float(ema_loss or 0.0), 5))
+    save(meta, cfg.steps)
     print(f"trained {cfg.steps} steps in {wall / 60:.1f} min (final loss {ema_loss:.4f}); saved to {out}")
     return meta
 
@@ -269,6 +379,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-every", type=int, default=250, help="also save every N steps (0: only at the end)")
     p.add_argument("--no-bf16", action="store_true", help="train in plain fp32 (slower)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--vae", default=d.vae, help="train on the latents of this VAE folder (scripts.train_vae)")
+    p.add_argument(
+        "--shape-head", type=float, default=d.shape_head, help="weight of the per-token shape loss"
+    )
+    p.add_argument("--shape-block", type=int, default=d.shape_block, help="block the shape head reads")
+    p.add_argument("--shape-sigma", type=float, default=d.shape_sigma, help="shape loss only below this σ")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     a = p.parse_args(argv)
     cfg = TrainConfig(
         steps=a.steps,
@@ -282,6 +399,10 @@ def main(argv: list[str] | None = None) -> None:
         caption_mix=tuple(float(m) for m in a.caption_mix.split(",")),
         big_scenes=a.big_scenes,
         grounding=a.grounding,
+        vae=a.vae,
+        shape_head=a.shape_head,
+        shape_block=a.shape_block,
+        shape_sigma=a.shape_sigma,
     )
     model_config = ReferenceConfig(
         num_layers=a.num_layers,
@@ -289,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         patch_size=a.patch_size,
         dual_attention_layers=tuple(int(b) for b in a.dual_attention.split(",") if b.strip()),
     )
-    train(a.out, cfg, model_config, save_every=a.save_every, threads=a.threads)
+    train(a.out, cfg, model_config, save_every=a.save_every, threads=a.threads, resume=a.resume)
 
 
 if __name__ == "__main__":

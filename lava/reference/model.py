@@ -58,10 +58,24 @@ class ReferenceConfig:
     pooled_text: bool = False
     # Blocks with SD3.5's extra image-only self-attention (MMDiT-X); () is SD3-medium's plain blocks.
     dual_attention_layers: tuple[int, ...] = ()
+    # The transformer's input: RGB pixels (3 channels, factor 1, the first model) or the latents of
+    # a VAE with ``latent_channels`` channels, ``vae_factor`` pixels per latent cell per side.
+    latent_channels: int = 3
+    vae_factor: int = 1
 
     @property
     def inner_dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def grid(self) -> int:
+        """Image tokens per side."""
+        return self.resolution // (self.vae_factor * self.patch_size)
+
+    @property
+    def token_pixels(self) -> int:
+        """Pixels per image token side."""
+        return self.vae_factor * self.patch_size
 
     @property
     def joint_attention_dim(self) -> int:
@@ -97,8 +111,9 @@ def build_tokenizers(config: ReferenceConfig):
     return tok, tok_2
 
 
-def build_pipeline(config: ReferenceConfig | None = None, *, seed: int = 0):
-    """An untrained ``StableDiffusion3Pipeline`` of ``config`` with seeded initial weights.
+def build_pipeline(config: ReferenceConfig | None = None, *, seed: int = 0, vae=None):
+    """An untrained ``StableDiffusion3Pipeline`` of ``config`` with seeded initial weights, on the
+    latents of ``vae`` (a trained ``AutoencoderKL``, kept as it is) or on pixels (``vae=None``).
 
     Components are in train mode with gradients on; ``train.py`` trains transformer and both
     text encoders together.
@@ -111,12 +126,12 @@ def build_pipeline(config: ReferenceConfig | None = None, *, seed: int = 0):
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        grid = config.resolution // config.patch_size
+        grid = config.grid
         transformer = SD3Transformer2DModel(
-            sample_size=config.resolution,
+            sample_size=config.resolution // config.vae_factor,
             patch_size=config.patch_size,
-            in_channels=3,
-            out_channels=3,
+            in_channels=config.latent_channels,
+            out_channels=config.latent_channels,
             num_layers=config.num_layers,
             attention_head_dim=config.head_dim,
             num_attention_heads=config.num_heads,
@@ -157,7 +172,7 @@ def build_pipeline(config: ReferenceConfig | None = None, *, seed: int = 0):
         # Training samples σ logit-normally with no shift; shift 1 keeps the scheduler's own
         # N-step schedules (lava's ``timestep_for_step``) consistent with that.
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-        vae=None,
+        vae=vae,
         text_encoder=text_encoder,
         tokenizer=tok,
         text_encoder_2=text_encoder_2,
@@ -186,7 +201,9 @@ def text_embeddings(pipe, captions: list[str], config: ReferenceConfig) -> tuple
 
 
 def save_pipeline(pipe, out_dir: str | os.PathLike, config: ReferenceConfig, meta: dict[str, Any]) -> None:
-    """Write fp16 safetensors of the three trained modules, tokenizers, scheduler and a config JSON."""
+    """Write the pipeline as a stock diffusers folder (``model_index.json``, fp16 safetensors of the
+    trained modules, tokenizers, scheduler; the VAE where there is one) plus ``lava-shapes.json``
+    (``config`` and ``meta``), so ``StableDiffusion3Pipeline.from_pretrained(out_dir)`` loads it."""
     from diffusers.utils import logging as diffusers_logging
 
     out = Path(out_dir)
@@ -194,17 +211,18 @@ def save_pipeline(pipe, out_dir: str | os.PathLike, config: ReferenceConfig, met
     # diffusers warns on every ``.to(float16)`` of a model that lists no fp32-only modules.
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
+    # fp16 halves the transformer and VAE files; diffusers loads them back as fp32 unless asked
+    # otherwise. The text encoders (a few hundred kB) stay fp32: transformers loads a checkpoint in
+    # its stored dtype, and fp16 prompt embeddings would make the stock pipeline's latents fp16.
+    halved = [m for m in (pipe.transformer, pipe.vae) if m is not None]
     try:
-        for name in ("transformer", "text_encoder", "text_encoder_2"):
-            module = getattr(pipe, name)
-            # fp16 halves the files; lava casts back to the backend dtype (fp32 on CPU) when loading.
-            module.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
-            module.to(torch.float32)
+        for module in halved:
+            module.to(torch.float16)
+        pipe.save_pretrained(out, safe_serialization=True)
     finally:
+        for module in halved:
+            module.to(torch.float32)
         diffusers_logging.set_verbosity(verbosity)
-    pipe.tokenizer.save_pretrained(out / "tokenizer")
-    pipe.tokenizer_2.save_pretrained(out / "tokenizer_2")
-    pipe.scheduler.save_pretrained(out / "scheduler")
     with open(out / CONFIG_FILE, "w") as f:
         json.dump({"model": config.to_dict(), **meta}, f, indent=2)
         f.write("\n")
@@ -230,6 +248,12 @@ def load_pipeline(path: str | os.PathLike = ASSET_DIR, dtype: torch.dtype = torc
             f"no lava-shapes weights in {path}: regenerate them with "
             "`python -m scripts.train --out lava/assets/lava-shapes`"
         )
+    if (path / "model_index.json").is_file():  # a stock folder (every model since v2)
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype)
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            if module is not None:
+                module.eval().requires_grad_(False)
+        return pipe
     pipe = StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
