@@ -121,14 +121,3 @@ def fit_to_grid(size: tuple[int, int], resolution: int, unit: int) -> tuple[int,
     h, w = size
     scale = resolution / max(h, w)
     return (max(unit, round(h * scale / unit) * unit), max(unit, round(w * scale / unit) * unit))
-
-
-def stretch_size(resolution: object) -> tuple[int, int] | None:
-    """``(H, W)`` of a ``"WxH"`` resolution (e.g. ``"1024x1024"``: every image stretched to that
-    size, aspect ratio not kept, as Seg4Diff feeds SD3), or ``None`` for any other value."""
-    if not isinstance(resolution, str):
-        return None
-    w, x, h = resolution.lower().partition("x")
-    if not (x and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
-        return None
-    return int(h), int(w)

@@ -7,7 +7,7 @@ stage can be called alone, replaced, or fed a value built by hand.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -17,8 +17,38 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-# What a capture reads: the attention probabilities (the seed method) or the concept view.
-SOURCES = ("attention", "concept")
+from .options import SOURCES
+
+
+@dataclass(frozen=True)
+class VariantDefaults:
+    """Recommended settings for one model variant, with where they come from.
+
+    ``timestep``/``layers``/``resolution``: where and how the attention is read (``source``).
+    ``normalize``/``background_threshold``/``min_presence``: how heatmaps become labels, the
+    ``AggregateConfig`` and ``MaskConfig`` settings ``lava.segment``, ``lava segment``, ``lava eval`` and
+    ``lava sweep`` use unless told otherwise (``mask_source`` says where they come from);
+    a ``None`` threshold labels no pixel background.
+    """
+
+    timestep: float
+    layers: tuple[int, ...]
+    resolution: int
+    source: str
+    normalize: str = "minmax"
+    background_threshold: float | None = None
+    min_presence: float | None = None
+    mask_source: str = "lava's generic mask settings, not measured for this model"
+    refine: str | None = None
+    presence: str = "peak"  # AggregateConfig.presence: "peak" or "null" (against the filler tokens)
+
+    def describe_mask(self) -> str:
+        bg = "none" if self.background_threshold is None else f"threshold {self.background_threshold:g}"
+        presence = "" if self.min_presence is None else f", min presence {self.min_presence:g}"
+        if self.min_presence is not None and self.presence != "peak":
+            presence += f" ({self.presence} presence)"
+        refine = "" if self.refine is None else f", refine {self.refine}"
+        return f"normalize {self.normalize}, background {bg}{presence}{refine}"
 
 
 @dataclass(frozen=True)
@@ -114,6 +144,16 @@ class PromptEncoding:
         """Sorted union of the class keys: the only text columns a capture needs."""
         return tuple(sorted({p for c in self.classes for p in self.positions(c, tokens)}))
 
+    def text_keys(self) -> tuple[int, ...]:
+        """Every text key of every prompt row (class and filler tokens alike)."""
+        return tuple(range(self.num_prompts * self.text_len))
+
+    def keys_for(self, presence: str, source: str = "attention") -> tuple[int, ...]:
+        """The text keys a capture keeps for presence rule ``presence``: every key for ``"null"``
+        (it compares the class keys with the filler keys), the class keys otherwise. The concept
+        view holds no probabilities over filler tokens; its presence is the peak rule."""
+        return self.text_keys() if presence == "null" and source == "attention" else self.columns()
+
 
 @dataclass(frozen=True)
 class CapturePlan:
@@ -188,6 +228,8 @@ class AttentionSlices:
     image_sizes: tuple[tuple[int, int], ...]
     source: str = "attention"
     image_qk: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # The capturing model's defaults, so the stages after capture default as that model does.
+    defaults: VariantDefaults | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -223,6 +265,13 @@ class AggregateConfig:
     normalize: str = "minmax"
     presence: str = "peak"
 
+    @classmethod
+    def for_model(cls, defaults: VariantDefaults | None) -> AggregateConfig:
+        """A model's own settings (``VariantDefaults``); these class defaults without one."""
+        if defaults is None:
+            return cls()
+        return cls(normalize=defaults.normalize, presence=defaults.presence)
+
 
 @dataclass(frozen=True)
 class Heatmaps:
@@ -238,6 +287,8 @@ class Heatmaps:
     image_sizes: tuple[tuple[int, int], ...]
     normalize: str
     presence: torch.Tensor | None = None
+    # The model's defaults (from the slices), so refine and to_mask default as that model does.
+    defaults: VariantDefaults | None = None
 
     def plot(self, index: int = 0, image: Image.Image | None = None):
         """A matplotlib figure with one heatmap per class (over ``image`` if given)."""
@@ -260,6 +311,18 @@ class MaskConfig:
     background_threshold: float | None = None
     background_name: str = "background"
     min_presence: float | None = None
+
+    @classmethod
+    def for_model(cls, defaults: VariantDefaults | None, classes: Sequence[str] = ()) -> MaskConfig:
+        """A model's own settings (``VariantDefaults``; these class defaults without one). Its
+        default background threshold gives way to a class among ``classes`` named like the
+        background label: both would label pixels "background"."""
+        if defaults is None:
+            return cls()
+        mask = cls(background_threshold=defaults.background_threshold, min_presence=defaults.min_presence)
+        if mask.background_name in classes:
+            mask = cls(min_presence=defaults.min_presence)
+        return mask
 
 
 class SegmentationArrays(NamedTuple):

@@ -45,55 +45,44 @@ PROTOCOLS = ("present", "all")
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One way to turn a forward pass into labels. ``None`` fields take the backend's default."""
+    """One way to turn a forward pass into labels: ``options`` are ``lava.segment`` options
+    (``lava.options``; one left out takes the backend's default), except that ``presence`` may
+    also be ``"denoise"`` (``lava.stages.presence.denoising_presence``, not a lava.segment rule)."""
 
     doc: str
-    normalize: str | None = None
-    background_threshold: float | None = None  # 0: no background
-    min_presence: float | None = None  # 0: every class competes
-    # "peak" (the maps' peaks), "null" (against the filler tokens), "denoise" (lava.presence);
-    # None: the backend's default (AggregateConfig.presence)
-    presence: str | None = None
-    softmax: str = "joint"
-    max_classes_per_prompt: int | None = None
-    # A lava.refine chain applied after normalisation: None takes the backend's default, "none" none.
-    refine: str | None = None
-    source: str = "attention"  # what the capture reads: attention probabilities or the concept view
-    # More lava.segment keywords (e.g. ensembles). A setting with any runs through lava.segment
-    # itself instead of sharing the other settings' forward pass.
-    call: tuple[tuple[str, Any], ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
 
-    def capture_key(self) -> tuple[int | None, str]:
-        return self.max_classes_per_prompt, self.source
-
-    def needs_own_run(self, backend) -> bool:
-        """Whether this setting runs through ``lava.segment`` itself: extra keywords, or a
-        propagation step (it needs the capture's own image queries and keys)."""
-        from lava.stages.refine import resolve_refine, split_refine
-
-        return bool(self.call) or bool(split_refine(resolve_refine(self.refine, backend.defaults.refine))[0])
+    @property
+    def presence(self) -> str | None:
+        return dict(self.options).get("presence")
 
     def segment_kwargs(self) -> dict[str, Any]:
         """The ``lava.segment`` keywords of this setting (``None``: the backend's default)."""
-        if self.presence == "denoise" or self.softmax != "joint":
-            raise ValueError("denoising presence and the cross softmax are not lava.segment keywords here")
-        return {
-            "presence": self.presence,
-            "normalize": self.normalize,
-            "background_threshold": self.background_threshold,
-            "min_presence": self.min_presence,
-            "max_classes_per_prompt": self.max_classes_per_prompt,
-            "refine": self.refine,
-            "source": self.source,
-        } | dict(self.call)
+        if self.presence == "denoise":
+            raise ValueError("denoising presence is not a lava.segment keyword")
+        return dict(self.options)
+
+    def recipe(self, backend, classes: Sequence[str]):
+        """The setting resolved against ``backend`` (``lava.config.recipe``); denoising presence
+        reads the model's own maps, peak rule, and swaps the presence in later."""
+        from lava.config import recipe
+
+        opts = dict(self.options)
+        if opts.get("presence") == "denoise":
+            opts["presence"] = "peak"
+        return recipe(backend, classes=classes, **opts)
+
+
+def setting(doc: str, **options: Any) -> Setting:
+    return Setting(doc, tuple(options.items()))
 
 
 # Each row changes one or two things against the plain call, so the table shows what each is worth.
 # refine=None takes the backend's default (PAMR for lava-shapes); rows that stand for settings
 # from before that default (or from other work) say refine="none".
 SETTINGS: dict[str, Setting] = {
-    "defaults": Setting("the plain call lava.segment(image, classes): the backend's defaults"),
-    "minmax-none": Setting(
+    "defaults": setting("the plain call lava.segment(image, classes): the backend's defaults"),
+    "minmax-none": setting(
         "per-class min-max, no background, no presence floor (the plain call before the open-vocabulary "
         "defaults)",
         normalize="minmax",
@@ -101,68 +90,68 @@ SETTINGS: dict[str, Setting] = {
         min_presence=0,
         refine="none",
     ),
-    "minmax-0.4": Setting(
+    "minmax-0.4": setting(
         "per-class min-max, background below 0.4 (the hand-tuned flags before the open-vocabulary defaults)",
         normalize="minmax",
         background_threshold=0.4,
         min_presence=0,
         refine="none",
     ),
-    "raw": Setting(
+    "raw": setting(
         "raw probabilities (no normalisation), no background, no refinement: Seg4Diff's choice",
         normalize="none",
         background_threshold=0,
         min_presence=0,
         refine="none",
     ),
-    "global-0.4": Setting(
+    "global-0.4": setting(
         "min-max over all classes of the image together, background below 0.4, no refinement",
         normalize="global",
         background_threshold=0.4,
         min_presence=0,
         refine="none",
     ),
-    "minmax-0.4-peak": Setting(
+    "minmax-0.4-peak": setting(
         "minmax-0.4 plus the defaults' presence floor on the map peaks",
         normalize="minmax",
         presence="peak",
         background_threshold=0.4,
         refine="none",
     ),
-    "defaults-denoise": Setting(
+    "defaults-denoise": setting(
         "defaults, presence from the denoising error instead of map peaks", presence="denoise"
     ),
-    "defaults-null": Setting(
+    "defaults-null": setting(
         "defaults, presence against the prompt's non-class tokens (lava.stages.presence.null_presence)",
         presence="null",
     ),
-    "defaults-peak": Setting(
+    "defaults-peak": setting(
         "defaults, presence from the map peaks (lava-shapes' rule before #8)", presence="peak"
     ),
-    "defaults-cross": Setting(
+    "defaults-cross": setting(
         "defaults, softmax over the text keys only (cross) instead of all keys", softmax="cross"
     ),
-    "split-4": Setting("defaults, classes forced into prompts of at most 4 names", max_classes_per_prompt=4),
-    "split-1": Setting("defaults, one prompt per class", max_classes_per_prompt=1),
-    "defaults-no-refine": Setting(
+    "split-4": setting("defaults, classes forced into prompts of at most 4 names", max_classes_per_prompt=4),
+    "split-1": setting("defaults, one prompt per class", max_classes_per_prompt=1),
+    "defaults-no-refine": setting(
         "defaults without PAMR: the maps as aggregated (the plain call before PAMR became the default)",
         refine="none",
     ),
-    "concept": Setting(
+    "concept": setting(
         "defaults, concept view (lava.concept: attention outputs, softmax over classes) instead of "
         "attention probabilities",
         source="concept",
     ),
-    "concept-no-refine": Setting("concept view, no refinement", source="concept", refine="none"),
-    "propagate-pamr": Setting(
+    "concept-no-refine": setting("concept view, no refinement", source="concept", refine="none"),
+    "propagate-pamr": setting(
         "defaults, maps propagated by the read blocks' own image attention (lava.propagate, 1 step), "
         "then PAMR",
         refine="propagate,pamr",
     ),
-    "propagate": Setting("maps propagated by the block's image attention, no PAMR", refine="propagate"),
-    "seeds-5": Setting("defaults, maps averaged over noise seeds 0-4", call=(("seeds", (0, 1, 2, 3, 4)),)),
-    "timesteps-3": Setting(
-        "defaults, maps averaged over timesteps 20, 50, 100", call=(("timesteps", (20.0, 50.0, 100.0)),)
+    "propagate": setting("maps propagated by the block's image attention, no PAMR", refine="propagate"),
+    "seeds-5": setting("defaults, maps averaged over noise seeds 0-4", seeds=(0, 1, 2, 3, 4)),
+    "timesteps-3": setting(
+        "defaults, maps averaged over timesteps 20, 50, 100", timesteps=(20.0, 50.0, 100.0)
     ),
 }
 
@@ -177,81 +166,50 @@ TUNE_GRID = {
 
 
 def scene_labels(backend, image: Image.Image, classes: Sequence[str], settings: Sequence[Setting], size: int):
-    """Label maps ``[size, size]`` of one image under each setting, sharing forward passes."""
-    import lava
-    from lava.pipeline import resolve_configs
-    from lava.stages.aggregate import normalize_scores
-    from lava.stages.capture import capture_views
-    from lava.stages.presence import denoising_presence, null_presence, text_keys, with_presence
-    from lava.stages.refine import refine as lava_refine
-    from lava.stages.refine import refine_name, resolve_refine
+    """Label maps ``[size, size]`` of one image under each setting, through ``lava.compose`` (the
+    composition ``lava.segment`` runs): settings that share a prompt share its forward passes,
+    and settings whose maps agree (they differ only in the mask stage) share those maps."""
+    from lava.compose import capture_forwards, forward_key, maps_from_slices, prepare_prompt, segmentation
+    from lava.stages.presence import denoising_presence, with_presence
+    from lava.types import MaskConfig
 
-    noisy = lava.noise(backend, image)
-    # One capture per prompt split, holding only the softmax domains some setting reads.
-    domains: dict[tuple[int | None, str], list[str]] = {}
-    null_keys = set()  # captures that also keep the non-class text keys (null presence)
-    for s in settings:
-        if s.needs_own_run(backend):
-            continue
-        if (s.presence or backend.defaults.presence) == "null" and s.source == "attention":
-            null_keys.add(s.capture_key())
-        domains.setdefault(s.capture_key(), [])
-        if s.softmax not in domains[s.capture_key()]:
-            domains[s.capture_key()].append(s.softmax)
-    captured: dict[tuple[int | None, str], tuple] = {}
-    prepared: dict[tuple, object] = {}
+    recipes = [s.recipe(backend, classes) for s in settings]
+    by_prompt: dict = {}
+    for rec in recipes:
+        by_prompt.setdefault(rec.prompt, []).append(rec)
+    prompts, captured = {}, {}
+    for config, group in by_prompt.items():
+        prompts[config] = prepare_prompt(backend, classes, config)
+        captured[config] = capture_forwards(backend, [image], prompts[config], group)
+    maps: dict = {}
     denoised: dict = {}
     out = []
-    for s in settings:
-        if s.needs_own_run(backend):
-            seg = lava.segment(image, classes, backend=backend, **s.segment_kwargs())
-            out.append(to_global(seg.labels[0], seg.classes, "colour_shape"))
-            continue
-        key = s.capture_key()
-        if key not in captured:
-            prompt = lava.encode_prompt(backend, classes, max_classes_per_prompt=key[0])
-            views = capture_views(
-                backend,
-                noisy,
-                prompt,
-                views=[("image_to_text", sm) for sm in domains[key]],
-                source=key[1],
-                columns=text_keys(prompt) if key in null_keys else None,
-            )
-            raw = {
-                sm: lava.aggregate(views[("image_to_text", sm)], prompt, normalize="none")
-                for sm in domains[key]
-            }
-            captured[key] = (prompt, raw, views)
-        prompt, raw, views = captured[key]
-        agg, mask = resolve_configs(
-            backend,
-            normalize=s.normalize,
-            background_threshold=s.background_threshold,
-            min_presence=s.min_presence,
-            presence=s.presence if s.presence != "denoise" else None,
-            classes=prompt.classes,
-        )
-        refine = refine_name(resolve_refine(s.refine, backend.defaults.refine))
-        # The maps depend on the capture, softmax, normalisation and refinement only; background
-        # and presence act in the mask stage, so settings that differ there share one refinement.
-        maps = (key, s.softmax, agg.normalize, refine)
-        if maps not in prepared:
-            heat = raw[s.softmax]
-            heat = dataclasses.replace(
-                heat, scores=normalize_scores(heat.scores, agg.normalize), normalize=agg.normalize
-            )
-            prepared[maps] = lava_refine(heat, [image], method=refine) if refine else heat
-        heat = prepared[maps]
+    for s, rec in zip(settings, recipes):
+        prompt = prompts[rec.prompt]
+        # The maps do not depend on the mask settings: settings differing only there share them.
+        key = dataclasses.replace(rec, mask=MaskConfig())
+        if key not in maps:
+            runs = [
+                captured[rec.prompt][forward_key(rec, t, x)][rec.reading.view] for t, x in rec.reading.runs
+            ]
+            maps[key] = maps_from_slices(runs, prompt, rec, [image])
+        heat = maps[key]
         if s.presence == "denoise":  # refinement keeps presence, so it can be swapped in after
-            if key not in denoised:
-                denoised[key] = denoising_presence(backend, noisy, prompt)
-            heat = with_presence(heat, denoised[key])
-        elif agg.presence == "null" and s.source == "attention":  # the concept view keeps peaks
-            heat = with_presence(heat, null_presence(views[("image_to_text", s.softmax)], prompt))
-        seg = lava.to_mask(heat, [(size, size)], config=mask)
+            if rec.prompt not in denoised:
+                noisy = lava_noise(backend, image, rec)
+                denoised[rec.prompt] = denoising_presence(backend, noisy, prompt)
+            heat = with_presence(heat, denoised[rec.prompt])
+        seg = segmentation(dataclasses.replace(heat, image_sizes=((size, size),)), rec)
         out.append(to_global(seg.labels[0], seg.classes, "colour_shape"))
     return out
+
+
+def lava_noise(backend, image: Image.Image, rec):
+    """The noised latents of the recipe's first run (what denoising presence compares against)."""
+    import lava
+
+    ((t, seed), *_) = rec.reading.runs
+    return lava.noise(backend, image, timestep=t, sigma=rec.reading.sigma, seed=seed)
 
 
 _COLOUR_OF = np.array(
@@ -369,7 +327,7 @@ def tune_settings(grid: dict[str, tuple] | None = None) -> dict[str, Setting]:
     for norm, bg, pres, how, refine in itertools.product(*(grid or TUNE_GRID).values()):
         if how != "peak" and pres == 0:
             continue
-        out[f"{norm} bg={bg} presence={how}>={pres} refine={refine}"] = Setting(
+        out[f"{norm} bg={bg} presence={how}>={pres} refine={refine}"] = setting(
             "tuning", normalize=norm, background_threshold=bg, min_presence=pres, presence=how, refine=refine
         )
     return out

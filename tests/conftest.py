@@ -35,6 +35,12 @@ def tiny35():
 
 
 @pytest.fixture(scope="session")
+def shapes():
+    """The shipped ``lava-shapes`` reference model (trained weights; one load for the session)."""
+    return lava.load_backend("lava-shapes")
+
+
+@pytest.fixture(scope="session")
 def tiny_flux():
     """FLUX.1-dev-like toy backend: 2 double-stream + 2 single-stream blocks, RoPE, guidance."""
     return lava.load_backend("tiny-flux")

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_kernels import _meta_peak
+from meta_memory import meta_peak
 
 import lava
 from lava.errors import LavaError
@@ -192,7 +192,7 @@ def test_concept_ops_allocate_nothing_n_by_n_at_2048px():
         out = concept_attention(cq, ck, cv, ik, iv, visible)
         return concept_dots(image_out, out, "none")
 
-    peak = _meta_peak(run)
+    peak = meta_peak(run)
     joined = 2 * 4 * b * h * (n + u) * d  # keys and values with the concepts appended
     scores = 4 * b * h * u * (n + u) * 2  # scores and probabilities, concept queries only
     maps = 4 * b * h * n * u * 2  # per-head dots and their float32 inputs' cast

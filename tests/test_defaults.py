@@ -17,11 +17,6 @@ from lava.reference.scenes import class_names, heldout_seeds, make_scene
 
 
 @pytest.fixture(scope="module")
-def shapes():
-    return lava.load_backend("lava-shapes")
-
-
-@pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     return export(tmp_path_factory.mktemp("shapes") / "hard", count=3, split="hard")
 

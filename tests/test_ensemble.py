@@ -25,8 +25,7 @@ def _heat(backend, img, timestep, seed, refine_method=None):
     noisy = lava.noise(backend, img, timestep=timestep, seed=seed)
     prompt = lava.encode_prompt(backend, CLASSES)
     slices = lava.capture(backend, noisy, prompt, keep_image_qk=refine_method is not None)
-    agg, _ = lava.pipeline.resolve_configs(backend)
-    heat = lava.aggregate(slices, prompt, agg)
+    heat = lava.aggregate(slices, prompt)  # the model's own settings
     return refine(heat, None, method=refine_method, slices=slices) if refine_method else heat
 
 
@@ -49,8 +48,7 @@ def test_the_ensemble_is_the_mean_of_its_runs(tiny):
     mean = mean_heatmaps(heats)
     torch.testing.assert_close(mean.scores, sum(h.scores for h in heats) / 4)
     torch.testing.assert_close(mean.presence, sum(h.presence for h in heats) / 4)
-    _, mask = lava.pipeline.resolve_configs(tiny)
-    want = lava.to_mask(mean, config=mask)
+    want = lava.to_mask(mean)  # the model's own mask settings
     got = lava.segment(img, CLASSES, backend=tiny, timesteps=[300, 600], seeds=[0, 1])
     assert torch.equal(got.scores[0], want.scores[0])
     single = lava.segment(img, CLASSES, backend=tiny, timestep=300)
@@ -58,7 +56,7 @@ def test_the_ensemble_is_the_mean_of_its_runs(tiny):
     # with propagation, each run is propagated by its own attention before the mean
     prop = mean_heatmaps([_heat(tiny, img, t, s, "propagate") for t, s in runs])
     got = lava.segment(img, CLASSES, backend=tiny, timesteps=[300, 600], seeds=[0, 1], refine="propagate")
-    assert torch.equal(got.scores[0], lava.to_mask(prop, config=mask).scores[0])
+    assert torch.equal(got.scores[0], lava.to_mask(prop).scores[0])
 
 
 def test_mean_heatmaps_checks_its_runs():
@@ -160,11 +158,12 @@ def test_eval_records_the_ensemble_and_refuses_to_mix(voc, tmp_path, capsys):
 
 
 def test_eval_ensemble_predicts_as_segment_does(voc, tiny, tmp_path):
+    from lava.config import recipe
     from lava.evaluation.datasets import load_dataset
     from lava.evaluation.runner import Cell, EvalSettings, run, vocabulary
 
     data = load_dataset("voc", str(voc.root))[:1]
-    settings = EvalSettings(normalize=tiny.defaults.normalize, seeds=(0, 1), refine="propagate,pamr")
+    settings = EvalSettings(recipe=recipe(tiny, seeds=(0, 1), refine="propagate,pamr"))
     cell = Cell((300.0, 600.0), tiny.check_layers(tiny.defaults.layers))
     got = {}
     run(
@@ -183,8 +182,8 @@ def test_eval_ensemble_predicts_as_segment_does(voc, tiny, tmp_path):
         image, names, backend=tiny, timesteps=[300, 600], seeds=[0, 1], refine="propagate,pamr"
     )
     assert torch.equal(got["seg"].scores[0], want.scores[0])
-    with pytest.raises(LavaError, match=r"seeds \(at least one\) or seed, not both"):
-        EvalSettings(seed=3, seeds=(0, 1))
+    with pytest.raises(LavaError, match=r"seeds=\[...\] or seed=..., not both"):
+        recipe(tiny, seed=3, seeds=(0, 1))
 
 
 def test_sweep_keeps_timesteps_as_its_grid_and_averages_seeds(voc, tmp_path, capsys):

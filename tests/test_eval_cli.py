@@ -14,6 +14,7 @@ from eval_fixtures import make_voc
 from PIL import Image
 
 import lava.evaluation.runner as runner
+from lava import compose
 from lava.cli import main
 from lava.errors import LavaError
 
@@ -177,7 +178,7 @@ def test_failed_run_does_not_lock_its_output_folder(voc, tmp_path, monkeypatch, 
         raise ValueError("out of memory (simulated)")
 
     # A run that dies before its first image leaves a journal holding its settings only.
-    monkeypatch.setattr(runner, "capture_views", failing)
+    monkeypatch.setattr(compose, "capture_views", failing)
     assert _eval(voc, out, "--timestep", "123") == 1
     journal = out / "journal.rank0.jsonl"
     assert len(journal.read_text().splitlines()) == 1
@@ -191,13 +192,13 @@ def test_failed_run_does_not_lock_its_output_folder(voc, tmp_path, monkeypatch, 
 
 def test_sweep_one_forward_per_timestep(voc, tmp_path, monkeypatch):
     calls = []
-    real = runner.capture_views
+    real = compose.capture_views
 
     def counting(backend, noisy, prompt, **kw):
         calls.append((noisy.timestep, tuple(kw["layers"]), tuple(kw["views"])))
         return real(backend, noisy, prompt, **kw)
 
-    monkeypatch.setattr(runner, "capture_views", counting)
+    monkeypatch.setattr(compose, "capture_views", counting)
     out = tmp_path / "sweep"
     rc = main(
         [

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 import lava
+from lava.compose import ForwardKey
 from lava.explore.app import EXAMPLES_DIR, copy_examples
 from lava.explore.render import grid_image, heat_gallery, write_downloads
 from lava.explore.session import (
+    CacheKey,
     Explorer,
-    ForwardKey,
     MapCache,
     error_message,
     parse_timesteps,
@@ -26,11 +27,6 @@ from lava.explore.session import (
 
 SCENE = EXAMPLES_DIR / "scene_0.png"
 CLASSES = "red square, blue triangle, yellow circle"
-
-
-@pytest.fixture(scope="module")
-def shapes():
-    return lava.load_backend("lava-shapes")
 
 
 @pytest.fixture
@@ -66,13 +62,15 @@ def test_defaults_are_the_models(shapes):
     s = ui(shapes)
     d = shapes.defaults
     assert s.classes == ("red square", "blue triangle", "yellow circle")
-    assert (s.normalize, s.background_threshold, s.min_presence) == (
+    r = s.recipe
+    assert (r.aggregate.normalize, r.mask.background_threshold, r.mask.min_presence) == (
         d.normalize,
         d.background_threshold,
         d.min_presence,
     )
-    assert s.refine == d.refine == "pamr" and s.layers == (0,)
-    assert ui(shapes, refine="none").refine is None
+    assert r.refine_label == d.refine == "pamr" and s.layers == (0,)
+    assert r.aggregate.presence == d.presence
+    assert ui(shapes, refine="none").recipe.refine == ()
 
 
 @pytest.mark.parametrize(
@@ -104,15 +102,15 @@ def test_bad_ui_values_raise_lava_errors_that_name_them(shapes, changes, message
 
 
 def test_background_modes(shapes):
-    assert ui(shapes, background="none").background_threshold is None
+    assert ui(shapes, background="none").recipe.mask.background_threshold is None
     named = ui(shapes, background="class", classes="red square, background")
-    assert named.classes == ("red square", "background") and named.background_threshold is None
+    assert named.classes == ("red square", "background") and named.recipe.mask.background_threshold is None
     assert ui(shapes, background="class").classes[-1] == "background"
     assert ui(shapes, background="class", classes="Background, red square").classes == (
         "Background",
         "red square",
     )
-    assert ui(shapes, min_presence=0).min_presence is None  # 0: every class competes
+    assert ui(shapes, min_presence=0).recipe.mask.min_presence is None  # 0: every class competes
 
 
 def test_parse_timesteps(shapes):
@@ -190,7 +188,8 @@ def test_a_changed_image_is_a_new_forward(explorer, shapes, scene_path, tmp_path
 
 def test_cache_is_bounded():
     cache = MapCache(size=2)
-    keys = [ForwardKey(str(i), ("a",), 50.0, 0, "attention", "image_to_text", "joint") for i in range(3)]
+    forward = ForwardKey(50.0, 0, None, None, "mean", "auto", "attention", None)
+    keys = [CacheKey(str(i), ("a",), forward, ("image_to_text", "joint"), False, "peak") for i in range(3)]
     fake = [type("S", (), {"maps": {0: None}, "layers": (0,)})() for _ in range(3)]
     for k, s in zip(keys, fake):
         cache.put(k, s)

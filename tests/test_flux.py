@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_kernels import _meta_peak
+from meta_memory import meta_peak
 
 import lava
 from lava.backends.family import FLUX, SD3, family_of
@@ -378,13 +378,13 @@ def test_capture_is_memory_flat_at_flux_1024px(monkeypatch, kind, direction, sof
             args = (torch.empty(1, n, c), None)
         rotary = (torch.empty(n, d), torch.empty(n, d))
     attn.requires_grad_(False)  # as in inference: no autograd graph keeping intermediates alive
-    own = _meta_peak(lambda: FluxAttnProcessor()(attn, *args, None, rotary))
+    own = meta_peak(lambda: FluxAttnProcessor()(attn, *args, None, rotary))
     plan = CapturePlan(
         layers=(0,), columns=tuple(range(n_cols)), direction=direction, softmax=softmax, impl="torch"
     )
     proc = CaptureProcessor(0, plan, CaptureStore(plan), FLUX, single_stream=kind == "single")
     proc.text_len = t
-    peak = _meta_peak(lambda: proc(attn, *args, None, rotary))
+    peak = meta_peak(lambda: proc(attn, *args, None, rotary))
     budget = chunk_budget(torch.device("meta"))
     lse_and_slice = 4 * h * n + 2 * 4 * n_img * n_cols
     nxn = 4 * h * n * n

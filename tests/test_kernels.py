@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import itertools
 import sys
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from meta_memory import meta_peak
 
 from lava.kernels import SliceSpec, attention_slice, attention_with_slice, available_impls, resolve_impl
 from lava.kernels.reference import naive_attention
@@ -135,45 +133,6 @@ def test_chunked_paths_match_explicit_softmax_at_any_chunk_size(direction, softm
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages created by the ops run under it, from shapes alone.
-
-    On ``meta`` tensors nothing is allocated or computed, so a call at a size far beyond this
-    machine's memory is accounted in milliseconds. Each op's outputs that are new storages add
-    their bytes; a storage's bytes are given back when it is freed. Storages that exist before
-    (inputs, in-place results, views) are not counted. Like the profiler replay, temporaries
-    made and freed inside one op are not seen.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: weakref.WeakSet = weakref.WeakSet()
-
-    def _free(self, n: int) -> None:
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, torch.Tensor):
-                self.seen.add(t.untyped_storage())
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.seen:
-                st = t.untyped_storage()
-                self.seen.add(st)
-                self.live += st.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(st, self._free, st.nbytes())
-        return out
-
-
-def _meta_peak(fn) -> int:
-    with _LiveBytes() as acct:
-        fn()
-    return acct.peak
-
-
 @pytest.mark.parametrize("direction", ["image_to_text", "text_to_image"])
 @pytest.mark.parametrize("softmax", ["joint", "cross"])
 @pytest.mark.parametrize("chunk_bytes", [40_000, 10**9])
@@ -186,7 +145,7 @@ def test_meta_accounting_agrees_with_profiler_replay(direction, softmax, chunk_b
     q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
     real, _ = peak_bytes(lambda: torch_attention_slice(q, k, None, spec, chunk_bytes=chunk_bytes))
     qm, km = q.to("meta"), k.to("meta")
-    meta = _meta_peak(lambda: torch_attention_slice(qm, km, None, spec, chunk_bytes=chunk_bytes))
+    meta = meta_peak(lambda: torch_attention_slice(qm, km, None, spec, chunk_bytes=chunk_bytes))
     assert abs(meta - real) <= 0.1 * real + 4096, (meta, real)
 
 
@@ -207,13 +166,13 @@ def test_standalone_slice_is_memory_flat_at_2048px(direction, softmax, device):
         text_start=n_img, text_len=t, columns=tuple(range(k_cols)), direction=direction, softmax=softmax
     )
     budget = chunk_budget(torch.device(device))
-    peak = _meta_peak(lambda: torch_attention_slice(q, k, None, spec, chunk_bytes=budget))
+    peak = meta_peak(lambda: torch_attention_slice(q, k, None, spec, chunk_bytes=budget))
     lse_and_result = 4 * b * h * n_img + 2 * 4 * b * n_img * k_cols
     assert peak <= budget + lse_and_result + 2**20, (
         f"peak {peak / 2**20:.1f} MiB, budget {budget / 2**20:.0f} MiB"
     )
     # the public function, with its own default for this (meta) device, stays as flat
-    peak = _meta_peak(
+    peak = meta_peak(
         lambda: attention_slice(
             q, k, text_start=n_img, text_len=t, columns=range(k_cols), direction=direction, softmax=softmax
         )

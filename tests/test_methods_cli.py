@@ -14,54 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from eval_fixtures import recompute_miou, shapes_folder
 from PIL import Image
 
 from lava.cli import main
 
 MODELS = {"lava": "tiny-sd3", "maskclip": "tiny-clip", "stableseg": "tiny-sd15"}
-CLASSES = ("background", "red square", "blue circle", "green triangle")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """A folder dataset: 3 images of different sizes, labels with an ignore border."""
-    root = tmp_path_factory.mktemp("shapes")
-    (root / "images").mkdir()
-    (root / "labels").mkdir()
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate([(24, 32), (20, 20), (28, 36)]):
-        label = np.zeros((h, w), dtype=np.uint8)
-        label[2:10, 3:12] = 1
-        label[h - 10 : h - 2, w - 12 : w - 2] = 2 if i != 1 else 3
-        label[0, :] = 255
-        img = (rng.random((h, w, 3)) * 60).astype(np.uint8)
-        img[label == 1] = (220, 30, 30)
-        img[label == 2] = (30, 30, 220)
-        img[label == 3] = (30, 220, 30)
-        Image.fromarray(img).save(root / "images" / f"s{i}.png")
-        Image.fromarray(label).save(root / "labels" / f"s{i}.png")
-    return root
+    return shapes_folder(tmp_path_factory.mktemp("shapes"))
 
 
 def _eval(folder: Path, out: Path, method: str, *extra: str) -> int:
     args = ["eval", "--dataset", "folder", "--root", str(folder), "--out", str(out)]
     return main([*args, "--method", method, "--model", MODELS[method], *extra])
-
-
-def _recompute_miou(folder: Path, out: Path, num_classes: int = len(CLASSES)) -> float:
-    """mIoU from the saved prediction PNGs against the label files, counted with numpy only."""
-    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
-    preds = sorted((out / "predictions").glob("*.png"))
-    assert preds
-    for path in preds:
-        pred = np.asarray(Image.open(path)).astype(np.int64)
-        gt = np.asarray(Image.open(folder / "labels" / path.name)).astype(np.int64)
-        keep = gt != 255
-        np.add.at(conf, (gt[keep], pred[keep]), 1)
-    tp = np.diag(conf)
-    union = conf.sum(0) + conf.sum(1) - tp
-    return float(np.mean(tp[union > 0] / union[union > 0]))
 
 
 @pytest.mark.parametrize("method", ["lava", "maskclip", "stableseg"])
@@ -72,7 +41,7 @@ def test_every_method_report_equals_recount_of_its_predictions(folder, tmp_path,
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["num_images"] == 3
     assert report["config"]["method"] == method and report["config"]["model"] == MODELS[method]
-    assert report["miou"] == pytest.approx(_recompute_miou(folder, out), abs=1e-6)
+    assert report["miou"] == pytest.approx(recompute_miou(folder, out), abs=1e-6)
     assert len(list((out / "vis").glob("*.png"))) == 1
     shown = capsys.readouterr().out
     assert f"protocol={protocol}" in shown
@@ -86,7 +55,7 @@ def test_method_background_threshold_mode_runs_through_the_same_mask_stage(folde
     assert _eval(folder, out, "stableseg", *extra, "--save-predictions") == 0
     report = json.loads((out / "report.json").read_text())
     assert "background=threshold" in report["protocol_description"]
-    assert report["miou"] == pytest.approx(_recompute_miou(folder, out), abs=1e-6)
+    assert report["miou"] == pytest.approx(recompute_miou(folder, out), abs=1e-6)
 
 
 def test_resume_refuses_another_method_and_names_it(folder, tmp_path, capsys):
@@ -234,19 +203,24 @@ def test_models_lists_the_comparison_methods_and_presets(capsys):
     assert "timestep 100 is unmeasured" in out and "seg4diff" in out
 
 
-def test_methods_refuse_propagation_and_segment_ensembles(tmp_path):
-    """A comparison method keeps no MM-DiT attention to propagate with, and lava.segment does not
-    average its runs: both are refused by name instead of being ignored."""
+def test_methods_refuse_propagation_and_average_ensembles(tmp_path):
+    """A comparison method keeps no MM-DiT attention to propagate with (refused by name instead of
+    ignored); its ensembles run through the same composition as lava's (one run per seed, maps
+    averaged), in lava.segment as in lava eval."""
     import lava
+    from lava.config import recipe
     from lava.errors import LavaError
-    from lava.evaluation.runner import EvalSettings
     from lava.methods import load_segmenter
 
-    image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
     maskclip = load_segmenter("maskclip", "tiny-clip")
     with pytest.raises(LavaError, match="propagate"):
         lava.segment(image, ["cat", "dog"], backend=maskclip, refine="propagate")
-    with pytest.raises(LavaError, match="seeds"):
-        lava.segment(image, ["cat", "dog"], backend=maskclip, seeds=[0, 1])
     with pytest.raises(LavaError, match="propagate"):
-        EvalSettings(method="maskclip", refine="propagate,pamr")
+        recipe(maskclip, refine="propagate,pamr")
+    with pytest.raises(LavaError, match="softmax"):
+        recipe(maskclip, softmax="cross")
+    # MaskCLIP draws no noise: every seed's maps are the same, so is their mean
+    one = lava.segment(image, ["cat", "dog"], backend=maskclip, seed=0)
+    two = lava.segment(image, ["cat", "dog"], backend=maskclip, seeds=[0, 1])
+    torch.testing.assert_close(one.scores[0], two.scores[0])

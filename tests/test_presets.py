@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_methods_cli import _recompute_miou, folder  # noqa: F401  (folder is a fixture)
+from eval_fixtures import recompute_miou, shapes_folder
 
 from lava.cli import main
 from lava.cli.common import explicit_options
@@ -14,6 +14,11 @@ from lava.presets import PRESETS, SEG4DIFF, seg4diff_timestep
 from lava.stages.noise import input_size
 
 TOY = ("--model", "tiny-sd3", "--resolution", "32x32", "--dtype", "float32", "--layers", "1")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return shapes_folder(tmp_path_factory.mktemp("shapes"))
 
 
 def test_seg4diff_timestep_is_timesteps_minus_8_of_28_with_shift_3(tiny):
@@ -43,7 +48,7 @@ def test_seg4diff_preset_values_and_sources():
             assert "cvlab-kaist/Seg4Diff" in SEG4DIFF.sources[key], key
 
 
-def test_eval_with_the_preset_records_every_resolved_setting(folder, tmp_path, capsys):  # noqa: F811
+def test_eval_with_the_preset_records_every_resolved_setting(folder, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["eval", "--dataset", "folder", "--root", str(folder), "--out", str(out), "--preset", "seg4diff"]
     assert main([*args, *TOY, "--save-predictions"]) == 0
@@ -59,13 +64,13 @@ def test_eval_with_the_preset_records_every_resolved_setting(folder, tmp_path, c
     )
     assert config["min_presence"] is None and config["input_resolution"] == "32x32"
     report = json.loads((out / "report.json").read_text())
-    assert report["miou"] == pytest.approx(_recompute_miou(folder, out), abs=1e-6)
+    assert report["miou"] == pytest.approx(recompute_miou(folder, out), abs=1e-6)
     err = capsys.readouterr().err
     assert "kept the options given (--dtype float32, --resolution 32x32, --layers [1])" in err
     assert "does not reproduce Seg4Diff" in err
 
 
-def test_options_given_win_over_the_preset_even_abbreviated(folder, tmp_path, capsys):  # noqa: F811
+def test_options_given_win_over_the_preset_even_abbreviated(folder, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["eval", "--dataset", "folder", "--root", str(folder), "--out", str(out), "--preset", "seg4diff"]
     assert main([*args, *TOY, "--proto", "all", "--limit", "1"]) == 0
@@ -80,13 +85,13 @@ def test_explicit_options_sees_typed_options_only():
     assert "normalize" not in given and "background" not in given
 
 
-def test_preset_of_another_method_is_refused(folder, tmp_path, capsys):  # noqa: F811
+def test_preset_of_another_method_is_refused(folder, tmp_path, capsys):
     args = ["eval", "--dataset", "folder", "--root", str(folder), "--out", str(tmp_path / "o")]
     assert main([*args, "--preset", "seg4diff", "--method", "maskclip", "--model", "tiny-clip"]) == 1
     assert "--preset seg4diff is a setting of --method lava, not --method maskclip" in capsys.readouterr().err
 
 
-def test_sweep_with_the_preset_keeps_its_own_grid(folder, tmp_path):  # noqa: F811
+def test_sweep_with_the_preset_keeps_its_own_grid(folder, tmp_path):
     out = tmp_path / "sweep"
     args = ["sweep", "--dataset", "folder", "--root", str(folder), "--out", str(out), "--preset", "seg4diff"]
     toy = ("--model", "tiny-sd3", "--resolution", "32x32", "--dtype", "float32")

@@ -39,11 +39,6 @@ MIN_ALL_MIOU = 0.17
 MIN_ALL_COLOUR_MIOU = 0.70
 
 
-@pytest.fixture(scope="module")
-def shapes():
-    return lava.load_backend("lava-shapes")
-
-
 # ---- scenes --------------------------------------------------------------------------------------
 def test_scene_is_deterministic_from_seed():
     a, b = make_scene(1_000_123), make_scene(1_000_123)

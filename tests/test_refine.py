@@ -151,11 +151,6 @@ def test_working_size_and_refusals():
         assert torch.allclose(refine(heat, [same]).scores, want, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def shapes():
-    return lava.load_backend("lava-shapes")
-
-
 @pytest.mark.parametrize("which", ["tiny", "shapes"])
 def test_segment_with_refine_runs_on_both_backends(which, request):
     backend = request.getfixturevalue(which)

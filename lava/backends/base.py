@@ -13,38 +13,10 @@ from typing import Any
 import torch
 
 from ..errors import LavaError, ModelError
+from ..types import VariantDefaults
 from .family import SD3
 
-
-@dataclass(frozen=True)
-class VariantDefaults:
-    """Recommended settings for one model variant, with where they come from.
-
-    ``timestep``/``layers``/``resolution``: where and how the attention is read (``source``).
-    ``normalize``/``background_threshold``/``min_presence``: how heatmaps become labels, the
-    ``AggregateConfig`` and ``MaskConfig`` settings ``lava.segment``, ``lava segment``, ``lava eval`` and
-    ``lava sweep`` use unless told otherwise (``mask_source`` says where they come from);
-    a ``None`` threshold labels no pixel background.
-    """
-
-    timestep: float
-    layers: tuple[int, ...]
-    resolution: int
-    source: str
-    normalize: str = "minmax"
-    background_threshold: float | None = None
-    min_presence: float | None = None
-    mask_source: str = "lava's generic mask settings, not measured for this model"
-    refine: str | None = None
-    presence: str = "peak"  # AggregateConfig.presence: "peak" or "null" (against the filler tokens)
-
-    def describe_mask(self) -> str:
-        bg = "none" if self.background_threshold is None else f"threshold {self.background_threshold:g}"
-        presence = "" if self.min_presence is None else f", min presence {self.min_presence:g}"
-        if self.min_presence is not None and self.presence != "peak":
-            presence += f" ({self.presence} presence)"
-        refine = "" if self.refine is None else f", refine {self.refine}"
-        return f"normalize {self.normalize}, background {bg}{presence}{refine}"
+__all__ = ["Backend", "VariantDefaults", "resolve_device", "resolve_dtype"]
 
 
 @dataclass

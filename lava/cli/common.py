@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from .. import options
 
 DEFAULT_MODEL = "lava-shapes"
 # --method values (lava.evaluation.runner.METHODS, spelled out here: the parser imports no torch)
@@ -32,42 +33,30 @@ def note(message: str) -> None:
     print(f"lava: {message}", file=sys.stderr)
 
 
-# ---- argument types ------------------------------------------------------------------------------
+# ---- argument types ----------------------------------------------------------------------------
 
 
-def number_list(cast, example: str):
-    """An argparse type for comma-separated numbers, e.g. ``9,10`` or ``200,500,800``."""
+def arg_type(parse):
+    """An argparse type from a ``lava.options`` parser: its ``ValueError`` becomes the error shown."""
 
-    def parse(text: str) -> list:
+    def convert(text: str):
         try:
-            return [cast(x) for x in text.split(",") if x.strip()]
+            return parse(text)
         except ValueError as err:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated numbers like {example}, got {text!r}"
-            ) from err
+            raise argparse.ArgumentTypeError(str(err)) from None
 
-    return parse
-
-
-int_list = number_list(int, "9,10")
-float_list = number_list(float, "200,500,800")
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
-def unit_interval(text: str) -> float:
-    """An argparse type for a number in [0, 1] (thresholds on normalised scores)."""
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from err
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(
-            f"expected a number between 0 and 1 (scores are normalised to [0, 1]), got {text!r}"
-        )
-    return value
+int_list = arg_type(options.int_list)
+float_list = arg_type(options.float_list)
+unit_interval = arg_type(options.unit_interval)
+resolution = arg_type(options.resolution)
 
 
 def views(text: str) -> list[tuple[str, str]]:
-    directions, domains = ("image_to_text", "text_to_image"), ("joint", "cross")
+    directions, domains = options.DIRECTIONS, options.SOFTMAX_DOMAINS
     if text == "all":
         return [(d, s) for d in directions for s in domains]
     out = []
@@ -82,23 +71,26 @@ def views(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def resolution(text: str) -> int | str | None:
-    from ..images import stretch_size
+def add_option(group, name: str, **override) -> None:
+    """The flag of declared option ``name`` (``lava.options.OPTIONS``); its destination is the
+    option's name and it defaults to ``None`` (the model's own value, or the option's default)."""
+    o = options.OPTIONS[name]
+    kw: dict = {"dest": o.name, "default": None, "help": o.help}
+    if o.choices is not None:
+        kw["choices"] = o.choices
+    if o.parse is not None:
+        kw["type"] = arg_type(o.parse)
+    if o.metavar is not None:
+        kw["metavar"] = o.metavar
+    kw.update(override)
+    group.add_argument(o.flag, **kw)
 
-    if text in ("native", "original"):
-        return None if text == "native" else text
-    stretched = stretch_size(text)
-    if stretched is not None:
-        return f"{stretched[1]}x{stretched[0]}"  # every image stretched to W x H px (aspect not kept)
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of pixels, 'native', 'original' or WxH like 1024x1024, got {text!r}"
-        ) from err
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"resolution must be positive, got {value}")
-    return value
+
+def option_values(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict:
+    """The declared options ``args`` holds (``None`` where not given), by name, less ``exclude``."""
+    return {
+        name: getattr(args, name) for name in options.OPTIONS if hasattr(args, name) and name not in exclude
+    }
 
 
 LAYERS_HELP = "negative numbers count from the last block (-1 = the last)"
@@ -168,144 +160,50 @@ def add_verbose_option(g) -> None:
     )
 
 
-def refine_method(text: str) -> str:
-    """``--refine`` values: a refinement ``lava.refine`` knows, or a comma-separated chain of them
-    (checked here, before the model loads); returned as the chain's canonical name."""
-    from ..errors import LavaError
-    from ..stages.refine import NO_REFINE, REFINE_METHODS, refine_name
-
-    if text.strip() == NO_REFINE:
-        return NO_REFINE
-    unknown = [m.strip() for m in text.split(",") if m.strip() not in REFINE_METHODS]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown refinement {unknown[0]!r}: expected one of {', '.join(REFINE_METHODS)}, or a "
-            "comma-separated chain such as propagate,pamr"
-        )
-    try:
-        return refine_name(text)
-    except LavaError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def add_reading_options(p: argparse.ArgumentParser) -> None:
+    """The reading options every command shares (``lava.options``; a command places the timestep,
+    layers and background threshold flags itself)."""
     g = p.add_argument_group("how the attention is read")
     seeds = g.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    seeds.add_argument(
-        "--seeds",
-        type=number_list(int, "0,1,2"),
-        default=None,
-        metavar="S1,S2,...",
-        help="an ensemble over noise seeds instead of --seed: the class maps of each seed (one forward "
-        "each) are averaged before labelling (ConceptAttention averages 5)",
-    )
-    g.add_argument(
-        "--resolution",
-        type=resolution,
-        default=None,
-        help="long image side fed to the model in px, 'native' (default), 'original', or WxH such as "
-        "1024x1024 (every image stretched to that size, aspect not kept, as Seg4Diff does); sides are "
-        "rounded to the model's token grid (multiples of 16 px for SD3: 1020 becomes 1024)",
-    )
-    g.add_argument(
-        "--direction",
-        choices=("image_to_text", "text_to_image"),
-        default="image_to_text",
-        help="image_to_text: image patches attending to class tokens (default); text_to_image: the reverse",
-    )
-    g.add_argument(
-        "--softmax",
-        choices=("joint", "cross"),
-        default="joint",
-        help="joint: normalised over all keys as the model does (default); "
-        "cross: over the other modality only",
-    )
-    g.add_argument(
-        "--source",
-        choices=("attention", "concept"),
-        default="attention",
-        help="attention: the image<->text attention probabilities (default); concept: the concept view, "
-        "each class's tokens copied into a stream the image never sees, map = image attention outputs . "
-        "concept attention outputs, softmaxed over the classes (ConceptAttention; uses the default "
-        "--direction/--softmax)",
-    )
-    g.add_argument(
-        "--tokens",
-        choices=("all", "clip", "t5"),
-        default="all",
-        help="which part of each class's tokens to average (default: %(default)s)",
-    )
-    g.add_argument(
-        "--normalize",
-        choices=("minmax", "global", "classes", "none"),
-        default=None,
-        help="score normalisation: minmax per class, global over all classes of an image, classes per "
-        "pixel, or none (default: the model's, see `lava models`)",
-    )
-    g.add_argument(
-        "--min-presence",
-        type=unit_interval,
-        default=None,
-        metavar="P",
-        help="a class whose peak score is below P (in [0, 1]) times the strongest class's peak in an "
-        "image takes no pixels there; 0 lets every class compete (default: the model's)",
-    )
-    g.add_argument(
-        "--presence",
-        choices=("peak", "null"),
-        default=None,
-        help="how --min-presence judges a class: peak (its map's peak against the strongest class's) or "
-        "null (1 where its tokens draw more attention than the prompt's filler tokens somewhere, else 0) "
-        "(default: the model's)",
-    )
-    g.add_argument(
-        "--max-classes-per-prompt",
-        type=int,
-        default=None,
-        metavar="N",
-        help="put at most N class names in one prompt (default: as many as fit the text window; longer "
-        "class lists are always split into several prompts, run as one batch)",
-    )
-    g.add_argument(
-        "--prompt-batch",
-        type=int,
-        default=None,
-        metavar="N",
-        help="prompts per forward pass when the classes span several prompts (default: all; lower it to "
-        "save memory)",
-    )
-    g.add_argument(
-        "--refine",
-        type=refine_method,
-        default=None,
-        metavar="METHOD[,METHOD]",
-        help="refine the class maps before labelling, in the order given: 'propagate' (spread them "
-        "along the captured blocks' own image-to-image attention, on the token grid), 'pamr' "
-        "(pixel-adaptive mask refinement with the image colours, on a grid 4x the token grid, longer "
-        "side <= 256 px), or the chain 'propagate,pamr'; 'none' turns the model's default off; see "
-        "docs/method.md. Default: the model's (`lava models`; pamr for lava-shapes, none elsewhere)",
-    )
+    add_option(seeds, "seed")
+    add_option(seeds, "seeds")
+    for name in (
+        "resolution",
+        "direction",
+        "softmax",
+        "source",
+        "tokens",
+        "normalize",
+        "min_presence",
+        "presence",
+        "max_classes_per_prompt",
+        "prompt_batch",
+        "refine",
+    ):
+        add_option(g, name)
     add_verbose_option(g)
-    g.add_argument(
-        "--attention-impl",
-        choices=("auto", "naive", "torch", "triton"),
-        default="auto",
-        help="attention-slice implementation (default: %(default)s: triton on CUDA, torch elsewhere)",
-    )
+    add_option(g, "impl")
 
 
 def check_source(args: argparse.Namespace) -> None:
-    """Refuse ``--source concept`` with a non-default ``--direction``/``--softmax`` before any model
-    loads: the concept view has neither."""
+    """Refuse, before any model loads, a reading that cannot be (``--source concept`` with a
+    non-default ``--direction``/``--softmax``) and options the ``--method`` has no use for."""
+    from ..config import Reading
     from ..errors import LavaError
 
     check_method(args)  # every command that checks --source checks --method with it
-    if args.source == "concept" and (args.direction, args.softmax) != ("image_to_text", "joint"):
+    given = {k: v for k, v in option_values(args).items() if v is not None}
+    view = {k: given[k] for k in ("direction", "softmax", "source") if k in given}
+    try:
+        Reading(**view)
+    except LavaError:
+        if view.get("source") != "concept":
+            raise
         raise LavaError(
             "--source concept has no direction or softmax domain to choose: drop --direction/--softmax "
-            f"(got {args.direction}/{args.softmax}) or use --source attention"
-        )
+            f"(got {view.get('direction', options.IMAGE_TO_TEXT)}/{view.get('softmax', options.JOINT)}) "
+            "or use --source attention"
+        ) from None
 
 
 def explicit_options(argv: Sequence[str]) -> set[str]:
@@ -371,23 +269,18 @@ def check_method(args: argparse.Namespace) -> None:
 
     if args.method == "lava":
         return
-    defaults = {
-        "source": "attention",
-        "direction": "image_to_text",
-        "softmax": "joint",
-        "tokens": "all",
-        "attention_impl": "auto",
-        "drop_t5": False,
-        "offload_text_encoders": False,
-        "max_memory": None,
-        "prompt_batch": None,
-        "sigma": None,
-        "views": None,
-    }
+    from ..methods.base import LAVA_ONLY
+
+    model_only = {"drop_t5": False, "offload_text_encoders": False, "max_memory": None, "views": None}
     given = [
+        options.OPTIONS[key].flag
+        for key in LAVA_ONLY
+        if getattr(args, key, None) not in (None, options.OPTIONS[key].default)
+    ]
+    given += [
         f"--{key.replace('_', '-')}"
-        for key, value in defaults.items()
-        if hasattr(args, key) and getattr(args, key) != value
+        for key, value in model_only.items()
+        if getattr(args, key, value) != value
     ]
     if given:
         raise LavaError(
@@ -424,11 +317,11 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
         "none: never predict it; auto (default): for a dataset that scores background, the model's "
         "threshold (see `lava models`), or the class name when the model has none; else none",
     )
-    g.add_argument(
-        "--background-threshold",
-        type=unit_interval,
-        default=None,
-        help="threshold in [0, 1] for --background threshold/auto (default: the model's)",
+    add_option(
+        g,
+        "background_threshold",
+        help="threshold in [0, 1] for --background threshold/auto; 0 is none "
+        "(default: the model's, see `lava models`)",
     )
     g.add_argument(
         "--out",
@@ -702,7 +595,6 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
     from ..evaluation import distributed
     from ..evaluation.datasets import load_dataset
     from ..evaluation.runner import EvalSettings
-    from ..stages.refine import refine_name, resolve_refine
 
     check_source(args)
     device = distributed.init(args.device)
@@ -713,30 +605,16 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         dataset = dataset[: args.limit]
     check_output_folder(Path(args.out))
     backend = load_backend_for(args, device)
-    d = backend.defaults
-    threshold = args.background_threshold if args.background_threshold is not None else d.background_threshold
-    if args.background == "threshold" and threshold is None:
+    from ..config import recipe
+
+    # The cells set the timesteps and blocks (a sweep's --timesteps is its grid, not an ensemble).
+    base = recipe(backend, **option_values(args, exclude=("timestep", "timesteps", "sigma", "layers")))
+    if args.background == "threshold" and base.mask.background_threshold is None:
         raise ValueError(
             f"--background threshold needs --background-threshold: {backend.name} has no default"
         )
     settings = EvalSettings(
-        protocol=args.protocol,
-        background=args.background,
-        background_threshold=threshold,
-        direction=args.direction,
-        softmax=args.softmax,
-        source=args.source,
-        tokens=args.tokens,
-        normalize=args.normalize or d.normalize,
-        min_presence=(args.min_presence or None) if args.min_presence is not None else d.min_presence,
-        presence=args.presence or d.presence,
-        max_classes_per_prompt=args.max_classes_per_prompt,
-        refine=refine_name(resolve_refine(args.refine, d.refine)),
-        seed=args.seed,
-        seeds=tuple(args.seeds) if args.seeds else None,
-        resolution=args.resolution,
-        impl=args.attention_impl,
-        method=args.method,
+        protocol=args.protocol, background=args.background, method=args.method, recipe=base
     )
     # Everything that changes a prediction; the journal refuses to mix results made otherwise.
     config = {
@@ -750,7 +628,7 @@ def eval_setup(args: argparse.Namespace, cells_spec: dict):
         "dtype": str(backend.dtype),
         "text_tokens": getattr(backend, "text_len", None),
         **cells_spec,
-        **{k: v for k, v in vars(settings).items()},
+        **settings.record(),
         **prediction_settings(backend, settings, dataset.info),
     }
     return dataset, backend, settings, config
@@ -768,6 +646,7 @@ def prediction_settings(backend, settings, info) -> dict:
 
     if is_segmenter(backend):  # its own settings: windows, templates, layer count...
         return {**backend.prediction_settings(), "classes": list(info.prompt_names)}
+    reading = settings.recipe.reading
     encoder = getattr(backend.pipe, "text_encoder", None)
     param = next(encoder.parameters(), None) if hasattr(encoder, "parameters") else None
     vae = backend.vae
@@ -775,9 +654,9 @@ def prediction_settings(backend, settings, info) -> dict:
         "text_encoders": backend.text_encoders,
         "text_dtype": str(param.dtype) if param is not None else None,
         "vae_tiling": bool(getattr(vae, "use_tiling", False)) if vae is not None else False,
-        "attention_impl": resolve_impl(settings.impl, backend.device),
-        "input_resolution": settings.resolution
-        if settings.resolution is not None
+        "attention_impl": resolve_impl(reading.impl, backend.device),
+        "input_resolution": reading.resolution
+        if reading.resolution is not None
         else backend.defaults.resolution,
         "classes": list(info.prompt_names),
     }

@@ -6,14 +6,12 @@ import argparse
 from pathlib import Path
 
 from .common import (
-    LAYERS_HELP,
     add_dataset_options,
     add_model_options,
+    add_option,
     add_reading_options,
     dry_run,
     eval_setup,
-    float_list,
-    int_list,
     note,
     prompt_printer,
 )
@@ -42,23 +40,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     when = p.add_mutually_exclusive_group()
-    when.add_argument(
-        "--timestep", type=float, default=None, help="model timestep to read (default: the model's)"
-    )
-    when.add_argument(
-        "--timesteps",
-        type=float_list,
-        default=None,
-        metavar="T1,T2,...",
-        help="an ensemble instead of --timestep: the class maps read at each timestep (one forward "
-        "each) are averaged before labelling, e.g. 300,500,700",
-    )
-    p.add_argument(
-        "--layers",
-        type=int_list,
-        default=None,
-        help=f"blocks averaged into one map; {LAYERS_HELP} (default: the model's)",
-    )
+    add_option(when, "timestep")
+    add_option(when, "timesteps")
+    add_option(p, "layers")
     p.add_argument(
         "--visualize", type=int, default=0, metavar="K", help="write overlays of the first K images"
     )
@@ -104,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_cells(
         backend,
         dataset,
-        [Cell(when, layers, settings.direction, settings.softmax)],
+        [Cell(when, layers, *settings.recipe.reading.view)],
         settings,
         out,
         config=config,

@@ -8,17 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .common import (
-    LAYERS_HELP,
     add_model_options,
+    add_option,
     add_reading_options,
     check_output_folder,
     check_source,
     dry_run,
-    float_list,
-    int_list,
     load_backend_for,
     note,
-    unit_interval,
+    option_values,
 )
 
 EPILOG = """\
@@ -60,29 +58,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="lava_out", help="output folder (default: %(default)s)")
     when = p.add_mutually_exclusive_group()
-    when.add_argument(
-        "--timestep", type=float, help="model timestep in [0, 1000) to read (default: the model's)"
-    )
-    when.add_argument("--sigma", type=float, help="noise level σ in [0, 1) instead of --timestep")
-    when.add_argument(
-        "--timesteps",
-        type=float_list,
-        metavar="T1,T2,...",
-        help="an ensemble instead of --timestep: the class maps read at each timestep (one forward "
-        "each) are averaged before labelling, e.g. 300,500,700",
-    )
-    p.add_argument(
-        "--layers",
-        type=int_list,
-        help=f"transformer blocks to read, e.g. 9 or 8,9,10; {LAYERS_HELP} (default: the model's)",
-    )
-    p.add_argument(
-        "--background-threshold",
-        type=unit_interval,
-        default=None,
-        help="label pixels whose best normalised score is below this (in [0, 1]) as background (label 0); "
-        "0 labels no pixel background (default: the model's, see `lava models`)",
-    )
+    for name in ("timestep", "sigma", "timesteps"):
+        add_option(when, name)
+    add_option(p, "layers")
+    add_option(p, "background_threshold")
     p.add_argument("--save-scores", action="store_true", help="also write per-class scores as .npz")
     p.add_argument("--heatmaps", action="store_true", help="also write a per-class heatmap figure (PNG)")
     add_model_options(p)
@@ -148,10 +127,11 @@ def write_set(files: dict[str, Path], seg, classes: Sequence[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import recipe
     from ..images import image_size
-    from ..pipeline import check_background_class, resolve_configs, segment_iter
+    from ..pipeline import segment_iter
+    from ..stages.mask import check_background_class
     from ..stages.prompts import parse_classes
-    from ..types import AggregateConfig
 
     classes = parse_classes(args.classes)
     check_background_class(classes, args.background_threshold)
@@ -166,40 +146,11 @@ def run(args: argparse.Namespace) -> int:
     sets = [output_files(out, stem, args) for stem in stems]
     check_output_folder(out, [path for files in sets for path in files.values()])
     backend = load_backend_for(args, sizes=sizes, announce_plan=False)
-    note(run_summary(backend, args, sizes) if args.method == "lava" else method_summary(backend, args))
-    agg, mask = resolve_configs(
-        backend,
-        AggregateConfig(tokens=args.tokens, presence=backend.defaults.presence),
-        normalize=args.normalize,
-        background_threshold=args.background_threshold,
-        min_presence=args.min_presence,
-        presence=args.presence,
-        classes=classes,
-    )
+    plan = recipe(backend, classes=classes, **option_values(args))
+    note(run_summary(backend, plan, sizes) if args.method == "lava" else method_summary(backend))
     if args.verbose and args.method == "lava":
-        describe_reading(backend, classes, args, agg, mask)
-    results = segment_iter(
-        args.images,
-        classes,
-        backend=backend,
-        timestep=args.timestep,
-        sigma=args.sigma,
-        layers=args.layers,
-        seed=None if args.seeds else args.seed,
-        timesteps=args.timesteps or None,
-        seeds=args.seeds or None,
-        resolution=args.resolution,
-        direction=args.direction,
-        softmax=args.softmax,
-        impl=args.attention_impl,
-        source=args.source,
-        max_classes_per_prompt=args.max_classes_per_prompt,
-        prompt_batch=args.prompt_batch,
-        aggregate_config=agg,
-        mask_config=mask,
-        refine=args.refine,
-        progress=len(args.images) > 1,
-    )
+        describe_reading(backend, classes, plan)
+    results = segment_iter(args.images, classes, backend=backend, recipe=plan, progress=len(args.images) > 1)
     for i, seg in results:
         write_set(sets[i], seg, classes)
         del seg  # hold nothing of this image while the next one runs
@@ -207,74 +158,68 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_summary(backend, args: argparse.Namespace, sizes) -> str:
+def _when(backend, reading) -> str:
+    """The timestep(s) and seed(s) of a reading, as the summary lines say them."""
+    if reading.sigma is not None:
+        when = f"timestep {backend.timestep_for_sigma(reading.sigma):g} (sigma {reading.sigma:g})"
+    elif len(reading.timesteps) > 1:
+        when = f"timesteps {', '.join(f'{t:g}' for t in reading.timesteps)} averaged"
+    else:
+        when = f"timestep {reading.timesteps[0]:g}"
+    if len(reading.seeds) > 1:
+        when += f", seeds {', '.join(map(str, reading.seeds))} averaged"
+    return when
+
+
+def run_summary(backend, plan, sizes) -> str:
     """The one line ``lava segment`` prints before it starts: model, variant, timestep, blocks,
     resolution, dtype, device, text encoders and the memory plan when ``--max-memory`` made one.
 
-    The timestep, blocks and resolution are checked here, so a run that would fail on them says
-    so instead of announcing itself.
+    The resolution is checked here (timestep and blocks were, by ``lava.config.recipe``), so a
+    run that would fail on it says so instead of announcing itself.
     """
     from ..stages.noise import input_size
-    from ..stages.refine import refine_name, resolve_refine
 
-    d = backend.defaults
-    if args.sigma is not None:
-        when = f"timestep {backend.timestep_for_sigma(args.sigma):g} (sigma {args.sigma:g})"
-    elif args.timesteps:
-        for t in args.timesteps:
-            backend.check_timestep(t)
-        when = f"timesteps {', '.join(f'{t:g}' for t in args.timesteps)} averaged"
-    else:
-        timestep = args.timestep if args.timestep is not None else d.timestep
-        backend.check_timestep(timestep)
-        when = f"timestep {timestep:g}"
-    if args.seeds:
-        when += f", seeds {', '.join(map(str, args.seeds))} averaged"
-    blocks = list(backend.check_layers(args.layers if args.layers is not None else d.layers))
+    d, reading = backend.defaults, plan.reading
     for size in sizes:
-        input_size(backend, size, args.resolution)  # refuses a side beyond the position embedding
-    if args.resolution is None:
+        input_size(backend, size, reading.resolution)  # refuses a side beyond the position embedding
+    if reading.resolution is None:
         res = f"resolution {d.resolution} px (native)"
-    elif args.resolution == "original":
+    elif reading.resolution == "original":
         res = "resolution original (each image's own size)"
     else:
-        res = f"resolution {args.resolution} px"
+        res = f"resolution {reading.resolution} px"
     dtype = str(backend.dtype).removeprefix("torch.")
     text = f"text encoders {backend.text_encoders}"
     if backend.text_device != backend.device:
         text += f" on {backend.text_device}"
     line = (
-        f"running {backend.name} (variant {backend.variant}): {when}, blocks {blocks}, {res}, "
-        f"{dtype} on {backend.device}, {text}"
+        f"running {backend.name} (variant {backend.variant}): {_when(backend, reading)}, "
+        f"blocks {list(reading.layers)}, {res}, {dtype} on {backend.device}, {text}"
     )
-    if getattr(args, "source", "attention") == "concept":
+    if reading.source == "concept":
         line += ", concept view"
-    refine = refine_name(resolve_refine(args.refine, d.refine))
-    if refine is not None:
-        line += f", refine {refine}"
+    if plan.refine_label is not None:
+        line += f", refine {plan.refine_label}"
     if "memory_plan" in backend.info:
         within = backend.info.get("memory_plan_for")
         line += f"; memory plan{' ' + within if within else ''}: {backend.info['memory_plan']}"
     return line
 
 
-def method_summary(segmenter, args: argparse.Namespace) -> str:
-    """``lava segment``'s opening line for a comparison method (``--method``): what it reads, with
-    the timestep and layers checked first."""
-    d = segmenter.defaults
-    timestep = args.timestep if args.timestep is not None else d.timestep
-    segmenter.check_timestep(timestep)
-    segmenter.check_layers(args.layers if args.layers is not None else d.layers)
+def method_summary(segmenter) -> str:
+    """``lava segment``'s opening line for a comparison method (``--method``): what it reads."""
     dtype = str(segmenter.dtype).removeprefix("torch.")
     return f"running {segmenter.describe()}; {dtype} on {segmenter.device}"
 
 
-def describe_reading(backend, classes, args, agg, mask) -> None:
+def describe_reading(backend, classes, plan) -> None:
     """``--verbose``: the prompts the classes were split into and the settings in force, on stderr."""
     from ..stages.prompts import build_prompt, split_classes
 
-    groups = split_classes(backend, classes, max_classes_per_prompt=args.max_classes_per_prompt)
-    per_forward = len(groups) if args.prompt_batch is None else min(args.prompt_batch, len(groups))
+    reading, agg, mask = plan.reading, plan.aggregate, plan.mask
+    groups = split_classes(backend, classes, max_classes_per_prompt=plan.prompt.max_classes_per_prompt)
+    per_forward = len(groups) if reading.prompt_batch is None else min(reading.prompt_batch, len(groups))
     note(f"{len(classes)} classes in {len(groups)} prompt(s), {per_forward} per forward pass")
     for i, group in enumerate(groups):
         note(f"  prompt {i + 1}: {build_prompt(group)[0]!r}")
@@ -284,20 +229,13 @@ def describe_reading(backend, classes, args, agg, mask) -> None:
         bg += f", min presence {mask.min_presence:g}"
         if agg.presence != "peak":
             bg += f" ({agg.presence} presence)"
+    view = (
+        "concept view (softmax over classes)"
+        if reading.source == "concept"
+        else f"{reading.direction} with softmax over {reading.softmax} keys"
+    )
     note(
-        f"{backend.name}: "
-        + (f"sigma {args.sigma:g}, " if args.sigma is not None else "")
-        + (
-            f"timesteps {list(args.timesteps)} averaged, "
-            if args.timesteps
-            else f"timestep {args.timestep if args.timestep is not None else d.timestep:g}, "
-        )
-        + f"layers {list(args.layers or d.layers)}, "
-        + (
-            "concept view (softmax over classes), "
-            if args.source == "concept"
-            else f"{args.direction} with softmax over {args.softmax} keys, "
-        )
-        + f"normalize {agg.normalize}, background {bg} (model defaults: {d.source}; {d.mask_source})"
+        f"{backend.name}: {_when(backend, reading)}, layers {list(reading.layers)}, {view}, "
+        f"normalize {agg.normalize}, background {bg} (model defaults: {d.source}; {d.mask_source})"
     )
     sys.stderr.flush()

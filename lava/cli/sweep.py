@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         backend.check_timestep(t)
     layers = backend.check_layers(args.layers)
     groups = [(layer,) for layer in layers] + ([tuple(layers)] if args.with_mean and len(layers) > 1 else [])
-    chosen = args.views or [(args.direction, args.softmax)]
+    chosen = args.views or [settings.recipe.reading.view]
     cells = [Cell(float(t), g, d, sm) for d, sm in chosen for t in args.timesteps for g in groups]
     out = Path(args.out)
     result = run_cells(

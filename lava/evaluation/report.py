@@ -56,15 +56,17 @@ def protocol_line(
         if settings.protocol == "all"
         else "only the classes present in each image"
     )
-    views = views or [(settings.direction, settings.softmax)]
-    if settings.source == "concept":
+    reading = settings.recipe.reading
+    views = views or [reading.view]
+    if reading.source == "concept":
         read = "concept view (image attention outputs · concept-token outputs, softmax over the classes)"
     else:
         read = "attention " + "; ".join(f"{d}, softmax over {sm} keys" for d, sm in views)
     background = settings.background_mode(info)
     if settings.method != "lava":  # a comparison method reads no attention view of lava's
         read = f"method {settings.method}"
-    refined = f"; refine {settings.refine}" if settings.refine else ""
+    refine = settings.recipe.refine_label
+    refined = f"; refine {refine}" if refine else ""
     return f"protocol={settings.protocol} ({vocab}); background={background}; {read}{refined}"
 
 
@@ -129,7 +131,7 @@ def write_sweep(
     views = list(dict.fromkeys(c.view for c in cells))
 
     def view_name(view: tuple[str, str], short: bool = False) -> str:
-        if settings.source == "concept":
+        if settings.recipe.reading.source == "concept":
             return "concept view"
         return f"{view[0]}/{view[1]}" if short else f"{view[0]}, softmax over {view[1]} keys"
 

@@ -10,10 +10,11 @@ totals. Under ``torchrun`` each rank takes every n-th image and the counts are a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backends.base import Backend
+from ..compose import ClassList, prepare_prompt, read_heatmaps, segmentation
+from ..config import Recipe
 from ..errors import LavaError
 from ..methods import METHODS
-from ..methods.base import Segmenter, is_segmenter, refuse_lava_options
-from ..stages.aggregate import aggregate, mean_heatmaps
-from ..stages.capture import capture_views, check_source
-from ..stages.mask import to_mask
-from ..stages.noise import noise
-from ..stages.presence import capture_columns
-from ..stages.prompts import encode_prompt
-from ..stages.refine import check_refine, split_refine
-from ..stages.refine import refine as refine_heatmaps
-from ..types import AggregateConfig, Heatmaps, MaskConfig, PromptEncoding, Segmentation
+from ..methods.base import Segmenter, is_segmenter
+from ..options import IMAGE_TO_TEXT, JOINT
+from ..types import PromptEncoding, Segmentation
 from . import distributed
 from .datasets import DatasetInfo, SegmentationDataset
 from .metrics import ConfusionMatrix
@@ -52,8 +48,8 @@ class Cell:
 
     timestep: float | tuple[float, ...]
     layers: tuple[int, ...]
-    direction: str = "image_to_text"
-    softmax: str = "joint"
+    direction: str = IMAGE_TO_TEXT
+    softmax: str = JOINT
 
     @property
     def view(self) -> tuple[str, str]:
@@ -71,79 +67,65 @@ class Cell:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """Everything that decides a prediction besides the timestep and layers.
+    """Everything that decides a prediction besides the timestep, layers and view of a cell.
 
     ``protocol``: ``"all"`` gives the method every class of the dataset (open vocabulary);
     ``"present"`` only the classes in that image's ground truth (as Seg4Diff reports).
     ``background``: ``"class"`` names the dataset's background class in the prompt;
-    ``"threshold"`` labels pixels whose best normalised score is below ``background_threshold``
-    as background; ``"none"`` never predicts background; ``"auto"``, for a dataset that scores a
-    background class, is ``"threshold"`` when a threshold is set (the CLI sets the model's) and
-    ``"class"`` otherwise, and ``"none"`` for a dataset without one.
-    ``max_classes_per_prompt`` caps the names per prompt (see ``lava.stages.prompts.split_classes``).
-    ``refine``: a ``lava.refine`` method or chain (``"pamr"``, ``"propagate,pamr"``) applied to each
-    image's class maps before the mask stage; ``None`` uses the maps as aggregated.
-    ``seeds``: noise seeds whose maps are averaged (an ensemble) instead of ``seed`` alone.
-    ``source``: ``"attention"`` reads the attention probabilities, ``"concept"`` the concept view
-    (``lava.concept``; only with the default view image_to_text/joint).
-    ``method``: ``"lava"``, or the comparison method (``lava.methods``) whose segmenter is run:
-    it reads no direction, softmax, source or tokens, and keeps no attention to propagate with.
+    ``"threshold"`` labels pixels whose best normalised score is below the recipe's background
+    threshold as background; ``"none"`` never predicts background; ``"auto"``, for a dataset that
+    scores a background class, is ``"threshold"`` when a threshold is set (the model's by default)
+    and ``"class"`` otherwise, and ``"none"`` for a dataset without one.
+    ``method``: ``"lava"``, or the comparison method (``lava.methods``) whose segmenter is run.
+    ``recipe``: the reading, aggregation, refinement and mask settings (``lava.config.recipe``
+    resolves them against the model); each cell replaces its timesteps, layers and view.
     """
 
     protocol: str = "all"
     background: str = "auto"
-    background_threshold: float | None = None
-    direction: str = "image_to_text"
-    softmax: str = "joint"
-    source: str = "attention"
-    tokens: str = "all"
-    normalize: str = "minmax"
-    min_presence: float | None = None
-    presence: str = "peak"  # AggregateConfig.presence: "peak" or "null"
-    seed: int = 0
-    resolution: int | str | None = None
-    impl: str = "auto"
-    template: str = "{}"
-    separator: str = " "
-    max_classes_per_prompt: int | None = None
-    refine: str | None = None
-    seeds: tuple[int, ...] | None = None
     method: str = "lava"
+    recipe: Recipe = field(default_factory=Recipe)
 
     def __post_init__(self) -> None:
-        check_refine(self.refine)
         if self.method not in METHODS:
             raise LavaError(f"method must be one of {METHODS}, got {self.method!r}")
-        lava_only = {
-            "direction": "image_to_text",
-            "softmax": "joint",
-            "source": "attention",
-            "tokens": "all",
-            "presence": "peak",
-        }
-        if self.method != "lava":
-            changed = [f"{k}={getattr(self, k)}" for k, v in lava_only.items() if getattr(self, k) != v]
-            refuse_lava_options(self.method, changed, self.refine)
-        if self.seeds is not None and (not self.seeds or self.seed != 0):
-            raise LavaError(
-                f"give seeds (at least one) or seed, not both: seed={self.seed}, seeds={self.seeds}"
-            )
         if self.protocol not in PROTOCOLS:
             raise LavaError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.background not in BACKGROUNDS:
             raise LavaError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
-        check_source(self.source, [(self.direction, self.softmax)])
-
-    @property
-    def noise_seeds(self) -> tuple[int, ...]:
-        return tuple(self.seeds) if self.seeds is not None else (self.seed,)
 
     def background_mode(self, info: DatasetInfo) -> str:
         if self.background == "auto":
             if info.background is None:
                 return "none"
-            return "threshold" if self.background_threshold is not None else "class"
+            return "threshold" if self.recipe.mask.background_threshold is not None else "class"
         return self.background
+
+    def record(self) -> dict:
+        """The settings as the journal records them (the keys every lava since 0.1 has written)."""
+        r = self.recipe
+        seeds = r.reading.seeds
+        return {
+            "protocol": self.protocol,
+            "background": self.background,
+            "background_threshold": r.mask.background_threshold,
+            "direction": r.reading.direction,
+            "softmax": r.reading.softmax,
+            "source": r.reading.source,
+            "tokens": r.aggregate.tokens,
+            "normalize": r.aggregate.normalize,
+            "min_presence": r.mask.min_presence,
+            "presence": r.aggregate.presence,
+            "seed": seeds[0] if len(seeds) == 1 else 0,
+            "resolution": r.reading.resolution,
+            "impl": r.reading.impl,
+            "template": r.prompt.template,
+            "separator": r.prompt.separator,
+            "max_classes_per_prompt": r.prompt.max_classes_per_prompt,
+            "refine": r.refine_label,
+            "seeds": list(seeds) if len(seeds) > 1 else None,
+            "method": self.method,
+        }
 
 
 @dataclass
@@ -366,94 +348,36 @@ def run(
     journal.start()
     distributed.barrier()
 
-    by_time: dict[float, list[int]] = {}
-    for i, cell in enumerate(cells):
-        for t in cell.timesteps:
-            by_time.setdefault(t, []).append(i)
-    capture_views_at = {t: list(dict.fromkeys(cells[i].view for i in idx)) for t, idx in by_time.items()}
-    capture_layers = {
-        t: tuple(sorted({layer for i in idx for layer in cells[i].layers})) for t, idx in by_time.items()
-    }
-    per_run, after = split_refine(settings.refine)
     threshold = settings.background_mode(info) == "threshold"
-    agg = AggregateConfig(tokens=settings.tokens, normalize=settings.normalize, presence=settings.presence)
-    cell_agg = [replace(agg, layers=cell.layers) for cell in cells]
-    mask_cfg = MaskConfig(
-        background_threshold=settings.background_threshold if threshold else None,
-        min_presence=settings.min_presence,
-    )
+    base = settings.recipe
+    if prompt_batch is not None:  # memory, not results: not part of the recorded settings
+        base = base.replace(prompt_batch=prompt_batch)
+    if not threshold:
+        base = dataclasses.replace(base, mask=dataclasses.replace(base.mask, background_threshold=None))
+    recipes = [
+        base.replace(
+            timesteps=cell.timesteps, layers=cell.layers, direction=cell.direction, softmax=cell.softmax
+        )
+        for cell in cells
+    ]
 
     new = {c.key: ConfusionMatrix(info.num_classes, info.ignore_index) for c in cells}
     todo = [i for i in range(len(dataset)) if dataset[i].id not in done][rank::world]
-    prompts: dict[tuple[str, ...], PromptEncoding] = {}
+    prompts: dict[tuple[str, ...], PromptEncoding | ClassList] = {}
     bar = tqdm(todo, desc=f"{info.name}", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     for i in bar:
         sample = dataset[i]
         image, label = sample.load()
         names, ids = vocabulary(info, label, settings)
-        # A comparison method encodes its own prompts (inside its heatmaps call).
-        if names not in prompts and not is_segmenter(backend):
-            prompts[names] = encode_prompt(
-                backend,
-                names,
-                template=settings.template,
-                separator=settings.separator,
-                max_classes_per_prompt=settings.max_classes_per_prompt,
-            )
-            if on_prompt is not None:
+        if names not in prompts:
+            prompts[names] = prepare_prompt(backend, names, base.prompt)
+            if on_prompt is not None and not is_segmenter(backend):
                 on_prompt(prompts[names])
-        prompt = prompts.get(names)
+        # One forward per timestep and seed, every cell's blocks and views at once.
+        heats = read_heatmaps(backend, [image], prompts[names], recipes)
         per_cell: dict[str, torch.Tensor] = {}
-        # Each cell's maps of every run (timestep x seed) it averages; one capture is held at a time.
-        runs: dict[int, list[Heatmaps]] = {ci: [] for ci in range(len(cells))}
-        for t, idx in by_time.items():
-            for seed in settings.noise_seeds:
-                if is_segmenter(backend):
-                    # One forward per timestep and seed too: the segmenter reads every cell's layers.
-                    heats = backend.heatmaps(
-                        image,
-                        names,
-                        timestep=t,
-                        layer_groups=[cells[ci].layers for ci in idx],
-                        normalize=settings.normalize,
-                        seed=seed,
-                        resolution=settings.resolution,
-                        template=settings.template,
-                        separator=settings.separator,
-                        max_classes_per_prompt=settings.max_classes_per_prompt,
-                    )
-                    for ci, heat in zip(idx, heats, strict=True):
-                        runs[ci].append(heat)
-                    continue
-                noisy = noise(backend, image, timestep=t, seed=seed, resolution=settings.resolution)
-                # One forward per timestep and seed: every block and view of its cells at once.
-                views = capture_views(
-                    backend,
-                    noisy,
-                    prompt,
-                    views=capture_views_at[t],
-                    layers=capture_layers[t],
-                    impl=settings.impl,
-                    prompt_batch=prompt_batch,
-                    keep_image_qk=bool(per_run),
-                    source=settings.source,
-                    columns=capture_columns(prompt, settings.presence, settings.source),
-                )
-                for ci in idx:
-                    cell = cells[ci]
-                    slices = views[cell.view]
-                    heat = aggregate(slices, prompt, cell_agg[ci])
-                    if per_run:  # propagated by this run's own attention, of the cell's blocks
-                        heat = refine_heatmaps(
-                            heat, [image], method=per_run, slices=slices, layers=cell.layers
-                        )
-                    runs[ci].append(heat)
-                del noisy, views
-        for ci, cell in enumerate(cells):
-            heat = mean_heatmaps(runs.pop(ci))
-            if after:
-                heat = refine_heatmaps(heat, [image], method=after)
-            seg = to_mask(heat, config=mask_cfg, images=(image,))
+        for ci, (cell, heat) in enumerate(zip(cells, heats, strict=True)):
+            seg = segmentation(heat, recipes[ci], (image,))
             pred = to_dataset_ids(seg, 0, ids, info, threshold)
             one = ConfusionMatrix(info.num_classes, info.ignore_index)
             one.update(pred, label)
@@ -461,6 +385,7 @@ def run(
             new[cell.key].add_counts(one.counts)
             if on_prediction is not None:
                 on_prediction(sample.id, pred, seg, ci)
+        del heats
         journal.append(sample.id, per_cell)
 
     totals = {}

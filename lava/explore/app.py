@@ -23,12 +23,10 @@ import time
 from pathlib import Path
 
 from ..errors import LavaError
+from ..options import DIRECTIONS, IMAGE_TO_TEXT, JOINT, SOFTMAX_DOMAINS, TOKEN_PARTS
 from .render import grid_image, heat_gallery, write_downloads
 from .session import (
     BACKGROUNDS,
-    DIRECTIONS,
-    SOFTMAXES,
-    TOKENS,
     Explorer,
     error_message,
     parse_blocks,
@@ -162,9 +160,9 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
                 )
                 with gr.Accordion("how the attention is read", open=False):
                     source = gr.Radio(["attention", "concept"], value="attention", label="source")
-                    direction = gr.Radio(list(DIRECTIONS), value="image_to_text", label="direction")
-                    softmax = gr.Radio(list(SOFTMAXES), value="joint", label="softmax domain")
-                    tokens = gr.Radio(list(TOKENS), value="all", label="class tokens")
+                    direction = gr.Radio(list(DIRECTIONS), value=IMAGE_TO_TEXT, label="direction")
+                    softmax = gr.Radio(list(SOFTMAX_DOMAINS), value=JOINT, label="softmax domain")
+                    tokens = gr.Radio(list(TOKEN_PARTS), value="all", label="class tokens")
                     normalize = gr.Dropdown(
                         ["default", "minmax", "global", "classes", "none"],
                         value="default",

@@ -27,24 +27,17 @@ import torch
 from PIL import Image
 
 from ..backends import Backend
+from ..compose import ForwardKey, capture_forwards, forward_key, maps_from_slices, propagates, segmentation
+from ..config import Recipe, recipe
 from ..errors import ImageError, LavaError
 from ..images import load_image
-from ..kernels import DIRECTIONS, SOFTMAX_DOMAINS
-from ..pipeline import resolve_configs
-from ..stages.aggregate import NORMALIZATIONS, aggregate
-from ..stages.capture import capture, check_source
-from ..stages.mask import to_mask
-from ..stages.noise import noise
-from ..stages.presence import text_keys
+from ..options import IMAGE_TO_TEXT, JOINT
+from ..stages.aggregate import aggregate
 from ..stages.prompts import encode_prompt, parse_classes
-from ..stages.refine import NO_REFINE, check_refine, resolve_refine, split_refine
-from ..stages.refine import refine as refine_heatmaps
-from ..types import SOURCES, AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding, Segmentation
+from ..types import AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding, Segmentation
 
 log = logging.getLogger("lava.explore")
 
-SOFTMAXES = SOFTMAX_DOMAINS  # the page's name for them
-TOKENS = ("all", "clip", "t5")
 BACKGROUNDS = ("threshold", "none", "class")
 BACKGROUND_CLASS = "background"
 
@@ -57,27 +50,25 @@ Progress = Callable[[float, str], None]
 
 @dataclass(frozen=True)
 class Settings:
-    """One request of the explorer, validated: what to read and how to turn it into labels.
+    """One request of the explorer, validated: the classes, the background mode and the
+    ``Recipe`` (``lava.config.recipe``, resolved against the model) that computes it.
 
-    ``background``: ``"threshold"`` labels pixels whose best score is below
-    ``background_threshold`` background; ``"none"`` gives every pixel a class; ``"class"`` names
+    ``background``: ``"threshold"`` labels pixels whose best score is below the recipe's
+    background threshold background; ``"none"`` gives every pixel a class; ``"class"`` names
     ``"background"`` in the prompt as one more class (already appended to ``classes``).
     """
 
     classes: tuple[str, ...]
-    timestep: float
-    layers: tuple[int, ...]
-    source: str = "attention"
-    direction: str = "image_to_text"
-    softmax: str = "joint"
-    tokens: str = "all"
-    seed: int = 0
-    normalize: str = "minmax"
-    background: str = "threshold"
-    background_threshold: float | None = None
-    min_presence: float | None = None
-    refine: str | None = None
-    presence: str = "peak"  # how min_presence judges a class (AggregateConfig.presence): the model's
+    background: str
+    recipe: Recipe
+
+    @property
+    def timestep(self) -> float:
+        return self.recipe.reading.timesteps[0]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.recipe.reading.layers
 
 
 def _choice(name: str, value, allowed: Sequence[str]) -> str:
@@ -132,8 +123,8 @@ def settings_from_ui(
     timestep,
     blocks: Sequence[str | int] | None,
     source: str = "attention",
-    direction: str = "image_to_text",
-    softmax: str = "joint",
+    direction: str = IMAGE_TO_TEXT,
+    softmax: str = JOINT,
     tokens: str = "all",
     seed=0,
     normalize: str | None = None,
@@ -155,21 +146,8 @@ def settings_from_ui(
         t = float(timestep)
     except (TypeError, ValueError):
         raise LavaError(f"timestep must be a number, got {timestep!r}") from None
-    backend.check_timestep(t)
     layers = parse_blocks(backend, blocks)
-    _choice("source", source, SOURCES)
-    _choice("direction", direction, DIRECTIONS)
-    _choice("softmax", softmax, SOFTMAXES)
-    _choice("tokens", tokens, TOKENS)
     _choice("background", background, BACKGROUNDS)
-    check_source(source, [(direction, softmax)])
-    d = backend.defaults
-    normalize = d.normalize if normalize in (None, "", "default") else normalize
-    _choice("normalize", normalize, NORMALIZATIONS)
-    # "default" (or empty) is the model's own refinement (PAMR for lava-shapes), "none" none.
-    refine = resolve_refine(None if refine in (None, "", "default") else refine, d.refine)
-    refine = None if refine == NO_REFINE else refine
-    check_refine(refine)
     try:
         seed_value = int(seed)
     except (TypeError, ValueError):
@@ -177,23 +155,22 @@ def settings_from_ui(
     if float(seed) != seed_value:
         raise LavaError(f"seed must be a whole number, got {seed!r}")
     threshold = _unit("background threshold", background_threshold)
-    if threshold is None:
-        threshold = d.background_threshold
-    if background == "threshold" and threshold is None:
+    if background == "threshold" and threshold is None and backend.defaults.background_threshold is None:
         raise LavaError(f"the background threshold is empty and {backend.name} has no default: enter one")
-    presence = _unit("min presence", min_presence)
     if background == "class":
         if not any(n.lower() == BACKGROUND_CLASS for n in names):  # names are unique without case
             names = (*names, BACKGROUND_CLASS)
-        threshold = None
+        threshold = 0.0  # none: the named class takes the background
     elif background == "none":
-        threshold = None
+        threshold = 0.0
     elif BACKGROUND_CLASS in names:
         raise LavaError(
             f"a class is named {BACKGROUND_CLASS!r} while the background is a threshold: choose the "
             "background option 'class' to let the named class compete, or drop that class"
         )
-    return Settings(
+    # "default" (or empty) is the model's own normalisation and refinement, as None is everywhere.
+    plan = recipe(
+        backend,
         classes=names,
         timestep=t,
         layers=layers,
@@ -202,51 +179,34 @@ def settings_from_ui(
         softmax=softmax,
         tokens=tokens,
         seed=seed_value,
-        normalize=normalize,
-        background=background,
+        normalize=None if normalize in (None, "", "default") else normalize,
+        refine=None if refine in (None, "", "default") else refine,
         background_threshold=threshold,
-        min_presence=d.min_presence if presence is None else (presence or None),
-        refine=refine,
-        presence=d.presence,
+        min_presence=_unit("min presence", min_presence),
     )
+    return Settings(classes=names, background=background, recipe=plan)
 
 
 def segment_kwargs(settings: Settings) -> dict:
     """The ``lava.segment`` keywords that compute what the explorer shows for ``settings``."""
-    # 0 = no threshold: every pixel gets a class (or the named background class)
-    threshold = settings.background_threshold if settings.background == "threshold" else 0.0
-    return dict(
-        classes=list(settings.classes),
-        timestep=settings.timestep,
-        layers=list(settings.layers),
-        seed=settings.seed,
-        direction=settings.direction,
-        softmax=settings.softmax,
-        source=settings.source,
-        aggregate_config=AggregateConfig(
-            tokens=settings.tokens, normalize=settings.normalize, presence=settings.presence
-        ),
-        background_threshold=threshold,
-        min_presence=settings.min_presence or 0.0,
-        refine=NO_REFINE if settings.refine is None else settings.refine,
-    )
+    return dict(classes=list(settings.classes), recipe=settings.recipe)
 
 
 # ---- the per-session cache ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ForwardKey:
-    """Everything that changes what one forward pass captures (blocks aside: see ``MapCache``)."""
+class CacheKey:
+    """Everything that changes what one forward pass captures (blocks aside: see ``MapCache``):
+    the image, the classes, the forward (``lava.compose.ForwardKey``), the view read, whether the
+    image q/k are kept (propagation) and the text keys the presence rule reads."""
 
     image: str  # digest of the RGB pixels
     classes: tuple[str, ...]
-    timestep: float
-    seed: int
-    source: str
-    direction: str
-    softmax: str
-    image_qk: bool = False  # kept for a propagation refinement
+    forward: ForwardKey
+    view: tuple[str, str]
+    image_qk: bool
+    presence: str
 
 
 class MapCache:
@@ -259,24 +219,24 @@ class MapCache:
 
     def __init__(self, size: int = 8):
         self.size = size
-        self._slices: OrderedDict[ForwardKey, AttentionSlices] = OrderedDict()
+        self._slices: OrderedDict[CacheKey, AttentionSlices] = OrderedDict()
         self._prompts: OrderedDict[tuple[str, ...], PromptEncoding] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._slices)
 
-    def get(self, key: ForwardKey, layers: Sequence[int]) -> AttentionSlices | None:
+    def get(self, key: CacheKey, layers: Sequence[int]) -> AttentionSlices | None:
         found = self._slices.get(key)
         if found is None or not set(layers) <= set(found.maps):
             return None
         self._slices.move_to_end(key)
         return found
 
-    def held_layers(self, key: ForwardKey) -> tuple[int, ...]:
+    def held_layers(self, key: CacheKey) -> tuple[int, ...]:
         found = self._slices.get(key)
         return found.layers if found is not None else ()
 
-    def put(self, key: ForwardKey, slices: AttentionSlices) -> None:
+    def put(self, key: CacheKey, slices: AttentionSlices) -> None:
         self._slices[key] = slices
         self._slices.move_to_end(key)
         while len(self._slices) > self.size:
@@ -391,22 +351,22 @@ class Explorer:
         image: Image.Image,
         digest: str,
         settings: Settings,
-        timestep: float,
-        layers: Sequence[int],
+        plan: Recipe,
         progress: Progress | None,
     ) -> tuple[PromptEncoding, AttentionSlices, int]:
-        """Prompt and slices of ``layers`` at ``timestep``: from the cache, or one forward."""
+        """Prompt and slices of ``plan``'s blocks at its timestep: from the cache, or one forward
+        (``lava.compose.capture_forwards``, as ``lava.segment`` captures them)."""
         b = self.backend
-        key = ForwardKey(
+        ((t, seed),) = plan.reading.runs
+        key = CacheKey(
             digest,
             settings.classes,
-            timestep,
-            settings.seed,
-            settings.source,
-            settings.direction,
-            settings.softmax,
-            bool(split_refine(settings.refine)[0]),
+            forward_key(plan, t, seed),
+            plan.reading.view,
+            propagates(plan),
+            plan.aggregate.presence,
         )
+        layers = plan.reading.layers
         with self._lock:
             prompt = cache.prompt(settings.classes, lambda: encode_prompt(b, settings.classes))
             found = cache.get(key, layers)
@@ -415,51 +375,24 @@ class Explorer:
             # one pass over every block this key has needed so far, so going back to any is free
             wanted = tuple(sorted(set(layers) | set(cache.held_layers(key))))
             if progress is not None:
-                progress(0.0, f"running {b.name} at t={timestep:g} (blocks {', '.join(map(str, wanted))})")
-            noisy = noise(b, [image], timestep=timestep, seed=settings.seed)
-            slices = capture(
-                b,
-                noisy,
-                prompt,
-                layers=wanted,
-                direction=settings.direction,
-                softmax=settings.softmax,
-                source=settings.source,
-                keep_image_qk=key.image_qk,
-                # every text key, so any presence rule reads the same cached capture
-                columns=text_keys(prompt) if settings.source == "attention" else None,
-            )
+                progress(0.0, f"running {b.name} at t={t:g} (blocks {', '.join(map(str, wanted))})")
+            captured = capture_forwards(b, [image], prompt, [plan.replace(layers=wanted)])
+            slices = captured[key.forward][key.view]
             self.forwards += 1
             cache.put(key, slices)
             return prompt, slices, 1
 
-    def _configs(self, settings: Settings, prompt: PromptEncoding):
-        kw = segment_kwargs(settings)
-        return resolve_configs(
-            self.backend,
-            kw["aggregate_config"],
-            background_threshold=kw["background_threshold"],
-            min_presence=kw["min_presence"],
-            classes=prompt.classes,
-        )
-
     def run(
         self, cache: MapCache, image_path, settings: Settings, progress: Progress | None = None
     ) -> Result:
-        """Segment the image at ``image_path`` as ``lava.segment(**segment_kwargs(settings))`` would,
-        re-using the session's captured maps when the forward inputs are unchanged."""
+        """Segment the image at ``image_path`` as ``lava.segment(**segment_kwargs(settings))`` does
+        (the same composition, ``lava.compose``), re-using the session's captured maps when the
+        forward inputs are unchanged."""
         image = self.load(image_path)
-        prompt, slices, ran = self._slices(
-            cache, image, image_digest(image), settings, settings.timestep, settings.layers, progress
-        )
-        agg, mask = self._configs(settings, prompt)
-        heat = aggregate(slices, prompt, dataclasses.replace(agg, layers=settings.layers))
-        if settings.refine is not None:
-            # As segment does: propagation reads this forward's own attention of these blocks.
-            heat = refine_heatmaps(
-                heat, [image], method=settings.refine, slices=slices, layers=settings.layers
-            )
-        seg = to_mask(heat, config=mask, images=(image,))
+        plan = settings.recipe
+        prompt, slices, ran = self._slices(cache, image, image_digest(image), settings, plan, progress)
+        heat = maps_from_slices([slices], prompt, plan, [image])
+        seg = segmentation(heat, plan, [image])
         return Result(segmentation=seg, heatmaps=heat, image=image, settings=settings, forwards=ran)
 
     def grid(
@@ -482,12 +415,14 @@ class Explorer:
         columns: list[int | str] = [*layers, *(["mean"] if len(layers) > 1 else [])]
         maps: dict[tuple[float, int | str], torch.Tensor] = {}
         ran = 0
+        # each map on its own scale
+        agg = AggregateConfig(tokens=settings.recipe.aggregate.tokens, normalize="minmax")
         for i, t in enumerate(timesteps):
             if progress is not None:
                 progress(i / len(timesteps), f"timestep {t:g} ({i + 1} of {len(timesteps)})")
-            prompt, slices, n = self._slices(cache, image, digest, settings, float(t), layers, None)
+            plan = settings.recipe.replace(timestep=float(t), layers=layers)
+            prompt, slices, n = self._slices(cache, image, digest, settings, plan, None)
             ran += n
-            agg = AggregateConfig(tokens=settings.tokens, normalize="minmax")  # each map on its own scale
             c = prompt.classes.index(class_name)
             for col in columns:
                 chosen = tuple(layers) if col == "mean" else (col,)

@@ -20,11 +20,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ..options import IMPLEMENTATIONS
 from .reference import naive_attention, naive_slice
 from .spec import DIRECTIONS, HEAD_REDUCTIONS, SOFTMAX_DOMAINS, SliceSpec
 from .torch_slice import torch_attention_slice
-
-IMPLEMENTATIONS = ("auto", "naive", "torch", "triton")
 
 __all__ = [
     "DIRECTIONS",

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-DIRECTIONS = ("image_to_text", "text_to_image")
-SOFTMAX_DOMAINS = ("joint", "cross")
-HEAD_REDUCTIONS = ("mean", "none")
+from ..options import DIRECTIONS, HEAD_REDUCTIONS, SOFTMAX_DOMAINS
+
+__all__ = ["DIRECTIONS", "HEAD_REDUCTIONS", "SOFTMAX_DOMAINS", "SliceSpec"]
 
 
 @dataclass(frozen=True)

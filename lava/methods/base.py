@@ -62,6 +62,11 @@ class Segmenter(Protocol):
     def describe(self) -> str: ...
 
 
+# Options (``lava.options``) only lava's own reading of MM-DiT attention has: a segmenter refuses
+# them rather than ignore them.
+LAVA_ONLY = ("sigma", "direction", "softmax", "heads", "impl", "source", "prompt_batch", "tokens", "presence")
+
+
 def is_segmenter(obj: Any) -> bool:
     """Whether ``obj`` is a comparison-method segmenter (not a lava ``Backend``)."""
     return isinstance(getattr(obj, "method", None), str) and callable(getattr(obj, "heatmaps", None))

@@ -16,10 +16,10 @@ import torch
 from einops import rearrange
 
 from ..errors import LavaError
+from ..options import NORMALIZATIONS, PRESENCE_RULES
 from ..types import AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding
 
-NORMALIZATIONS = ("minmax", "global", "classes", "none")
-PRESENCE_RULES = ("peak", "null")
+__all__ = ["NORMALIZATIONS", "PRESENCE_RULES", "aggregate", "mean_heatmaps", "normalize_scores"]
 
 
 def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -109,8 +109,11 @@ def aggregate(
     """Class heatmaps ``[B, C, h, w]`` from one capture, or several (e.g. several timesteps).
 
     ``config`` fields may also be given as keywords: ``aggregate(s, p, layers=(9,), tokens="clip")``.
+    Without ``config``, the capturing model's own settings (``AttentionSlices.defaults``: its
+    normalisation and presence rule), as ``lava.segment`` uses them.
     """
-    config = config or AggregateConfig()
+    first = slices if isinstance(slices, AttentionSlices) else next(iter(slices), None)
+    config = config or AggregateConfig.for_model(getattr(first, "defaults", None))
     if overrides:
         config = AggregateConfig(**{**config.__dict__, **overrides})
     check_presence(config.presence)
@@ -146,4 +149,5 @@ def aggregate(
         image_sizes=runs[0].image_sizes,
         normalize=config.normalize,
         presence=presence.float(),
+        defaults=runs[0].defaults,
     )

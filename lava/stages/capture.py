@@ -20,7 +20,8 @@ from ..backends.base import Backend
 from ..backends.family import SD3, family_of
 from ..errors import LavaError
 from ..kernels import SliceSpec, attention_with_slice, resolve_impl
-from ..types import SOURCES, AttentionSlices, CapturePlan, NoisyLatents, PromptEncoding
+from ..options import DEFAULT_VIEW, SOURCES
+from ..types import AttentionSlices, CapturePlan, NoisyLatents, PromptEncoding
 
 
 class CaptureStore(dict):
@@ -141,16 +142,17 @@ def pick_keys(sl: torch.Tensor, plan: CapturePlan, gather) -> torch.Tensor:
     return per_row.permute(0, 2, 3, 1, 4)[..., row_idx.to(sl.device), pos_idx.to(sl.device)]
 
 
-def check_source(source: str, views: Sequence[tuple[str, str]] = (("image_to_text", "joint"),)) -> None:
+def check_source(source: str, views: Sequence[tuple[str, str]] = (DEFAULT_VIEW,)) -> None:
     """Refuse an unknown source, and the concept source with any view but the default one: the
     concept view has no direction or softmax domain of its own."""
     if source not in SOURCES:
         raise LavaError(f"source must be one of {SOURCES}, got {source!r}")
     asked = [tuple(v) for v in views]
-    if source == "concept" and asked != [("image_to_text", "joint")]:
+    if source == "concept" and asked != [DEFAULT_VIEW]:
         raise LavaError(
             "the concept source has no direction or softmax domain to choose: read it with "
-            f"image_to_text/joint (got {', '.join('/'.join(v) for v in asked)}) or use the attention source"
+            f"{'/'.join(DEFAULT_VIEW)} (got {', '.join('/'.join(v) for v in asked)}) or use the attention "
+            "source"
         )
 
 
@@ -295,9 +297,10 @@ def capture_views(
     With several prompt rows, every image runs with every row as one batch (the same noised
     latents, one prompt per batch entry); ``prompt_batch`` caps the rows per forward to bound
     memory (then there is one forward per group of rows). ``columns`` are text keys (see
-    ``PromptEncoding.positions``); by default every class token. ``keep_image_qk`` also returns
-    each block's image queries and keys on every view (``AttentionSlices.image_qk``, for
-    ``lava.propagate``).
+    ``PromptEncoding.positions``); by default those the model's own presence rule reads
+    (``PromptEncoding.keys_for``: every class token, plus the filler tokens for ``"null"``).
+    ``keep_image_qk`` also returns each block's image queries and keys on every view
+    (``AttentionSlices.image_qk``, for ``lava.propagate``).
 
     ``source="concept"`` reads the concept view (``lava.concept``) instead of the attention
     probabilities; it has no direction or softmax domain, so ``views`` must then be the one
@@ -313,7 +316,9 @@ def capture_views(
             "encode it with the same backend"
         )
     t, n_rows = prompt.text_len, prompt.num_prompts
-    cols = tuple(dict.fromkeys(int(c) for c in columns)) if columns is not None else prompt.columns()
+    if columns is None:  # what the model's own presence rule reads (lava.segment keeps the same)
+        columns = prompt.keys_for(backend.defaults.presence, source)
+    cols = tuple(dict.fromkeys(int(c) for c in columns))
     bad = [c for c in cols if not 0 <= c < n_rows * t]
     if bad:
         raise LavaError(
@@ -388,6 +393,7 @@ def capture_views(
             image_sizes=noisy.image_sizes,
             source=source,
             image_qk=image_qk,
+            defaults=backend.defaults,
         )
     return out
 
@@ -423,10 +429,11 @@ def capture(
 ) -> AttentionSlices:
     """One forward pass; the slices of ``layers`` (default: the backend's) as ``AttentionSlices``.
 
-    ``columns`` default to the text keys of the prompt's classes, so only those ``K`` columns
-    are computed. Each map is float32 ``[B, H or 1, N_img, K]``. A prompt of several rows runs
-    as one batch of ``B × rows`` (at most ``prompt_batch`` rows per forward). ``keep_image_qk``
-    also keeps each block's image queries and keys (``AttentionSlices.image_qk``).
+    ``columns`` default to the text keys the model's presence rule reads (the class keys; every
+    key for ``"null"``), so only those ``K`` columns are computed. Each map is float32
+    ``[B, H or 1, N_img, K]``. A prompt of several rows runs as one batch of ``B × rows`` (at most
+    ``prompt_batch`` rows per forward). ``keep_image_qk`` also keeps each block's image queries
+    and keys (``AttentionSlices.image_qk``).
 
     ``source="concept"`` returns the concept view (``lava.concept``) of the same blocks instead;
     ``direction`` and ``softmax`` must then keep their defaults.

@@ -59,8 +59,10 @@ def to_mask(
     label 0 is background and class ``i`` becomes label ``i + 1``. With ``min_presence``, classes
     whose ``heatmaps.presence`` is below it in an image take no pixels there (the strongest class
     of an image always may). The keywords override ``config``'s fields; ``0`` turns either off.
+    Without ``config``, the model's own settings (``Heatmaps.defaults``), as ``lava.segment``
+    uses them.
     """
-    config = config or MaskConfig()
+    config = config or MaskConfig.for_model(heatmaps.defaults, heatmaps.classes)
     if background_threshold is not None:
         config = dataclasses.replace(config, background_threshold=background_threshold or None)
     if min_presence is not None:

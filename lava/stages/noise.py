@@ -9,7 +9,8 @@ from diffusers.image_processor import VaeImageProcessor
 
 from ..backends.base import Backend
 from ..errors import ImageError, LavaError
-from ..images import ImageInput, fit_to_grid, load_images, stretch_size
+from ..images import ImageInput, fit_to_grid, load_images
+from ..options import stretch_size
 from ..types import NoisyLatents
 
 

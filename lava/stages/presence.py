@@ -31,18 +31,9 @@ from .prompts import build_prompt
 
 
 def text_keys(prompt: PromptEncoding) -> tuple[int, ...]:
-    """Every text key of every prompt row: the ``columns`` a capture needs for ``null_presence``."""
-    return tuple(range(prompt.num_prompts * prompt.text_len))
-
-
-def capture_columns(
-    prompt: PromptEncoding, presence: str, source: str = "attention"
-) -> tuple[int, ...] | None:
-    """The ``columns`` a capture needs for presence rule ``presence`` (``None``: the class keys).
-
-    The concept view holds no probabilities over the filler tokens; its presence is the peak rule.
-    """
-    return text_keys(prompt) if presence == "null" and source == "attention" else None
+    """Every text key of every prompt row: the ``columns`` a capture needs for ``null_presence``
+    (``PromptEncoding.text_keys``)."""
+    return prompt.text_keys()
 
 
 def null_presence(

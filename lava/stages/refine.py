@@ -29,13 +29,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import LavaError
+from ..options import NO_REFINE, REFINE_METHODS  # NO_REFINE turns a model's default refinement off
 from ..types import AttentionSlices, Heatmaps
 from .aggregate import normalize_scores
 from .propagate import propagate
-
-REFINE_METHODS = ("propagate", "pamr")
-# Turns a backend's default refinement off (``None`` asks for the default).
-NO_REFINE = "none"
 
 # The working grid: a few pixels per token is enough for colour edges to cut a token in parts,
 # and the cost grows with the pixels (48 neighbours × iterations): 4× the token grid, longer side
@@ -291,7 +288,7 @@ def propagate_heatmaps(
 def refine(
     heatmaps: Heatmaps,
     images: Sequence[ImageLike] | None,
-    method: RefineSpec = "pamr",
+    method: RefineSpec = None,
     size: int | tuple[int, int] | None = None,
     *,
     slices: AttentionSlices | Sequence[AttentionSlices] | None = None,
@@ -299,6 +296,10 @@ def refine(
     **kw,
 ) -> Heatmaps:
     """Refine ``heatmaps`` by the chain ``method`` (see ``refine_steps``), step by step, in order.
+
+    ``method=None`` is the model's own refinement (``Heatmaps.defaults.refine``: PAMR for
+    ``lava-shapes``), as ``lava.segment`` applies it; when that is none (or the maps carry no
+    model defaults) the maps are returned as they are. ``"none"`` also returns them unchanged.
 
     ``"propagate"`` (``propagate_heatmaps``) needs ``slices`` captured with ``keep_image_qk``
     (``layers``: the blocks whose attention propagates; default all kept) and keeps the token
@@ -319,9 +320,11 @@ def refine(
     slightly below 1), maps that summed to 1 over classes still do, and raw maps keep their
     range. ``presence`` is kept (it comes from the maps before normalisation).
     """
+    if method is None:
+        method = heatmaps.defaults.refine if heatmaps.defaults is not None else None
     steps = refine_steps(method)
     if not steps:
-        raise LavaError(f"refine needs a method, one of {list(REFINE_METHODS)}")
+        return heatmaps
     b = heatmaps.scores.shape[0]
     if any(isinstance(s, PAMR) for s in steps) and (images is None or len(images) != b):
         raise LavaError(f"refine got {0 if images is None else len(images)} images for {b} heatmaps")
