@@ -299,10 +299,11 @@ class Segmentation:
         return SegmentationArrays(labels=labels, scores=scores, classes=self.classes)
 
     def label_image(self, index: int = 0) -> Image.Image:
-        """The label map as a palette PNG-ready image (colour i = class i)."""
+        """The label map as a PNG-ready image whose pixel value i is class i: a palette image
+        (colour i = class i) for up to 256 classes, else 16-bit grayscale (mode ``"I;16"``)."""
         from .viz import label_image
 
-        return label_image(self.labels[index])
+        return label_image(self.labels[index], num_labels=len(self.classes))
 
     def overlay(
         self, index: int = 0, image: Image.Image | None = None, alpha: float = 0.5, legend: bool = True

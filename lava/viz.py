@@ -24,11 +24,40 @@ def palette(n: int = 256) -> np.ndarray:
     return colors
 
 
-def label_image(labels: torch.Tensor | np.ndarray) -> Image.Image:
-    """A palette ("P") image of an ``[H, W]`` label map; pixel values are the label ids."""
+# A palette PNG holds label ids 0..255; beyond that, label maps are 16-bit grayscale PNGs.
+PALETTE_LABELS = 256
+MAX_PNG_LABELS = 65536
+
+
+def check_label_count(num_labels: int, what: str = "labels") -> None:
+    """Refuse label maps of more ids than a 16-bit PNG holds (before any model runs)."""
+    if num_labels > MAX_PNG_LABELS:
+        from .errors import LavaError
+
+        raise LavaError(
+            f"{num_labels} {what}: a label PNG holds at most {MAX_PNG_LABELS} label ids (16-bit); "
+            "split the classes over several runs"
+        )
+
+
+def label_image(labels: torch.Tensor | np.ndarray, num_labels: int | None = None) -> Image.Image:
+    """An ``[H, W]`` label map as a PNG-ready image whose pixel values are the label ids.
+
+    ``num_labels``: how many label ids the map can hold (e.g. ``len(seg.classes)``). Up to 256 it is
+    a palette ("P") image (colour i = label i); beyond, a 16-bit grayscale ("I;16") image, up to
+    65536 ids: every map of one run then has the same format whatever ids it happens to use.
+    ``None`` judges from the values present.
+    """
     arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    if arr.max(initial=0) > 255:
-        raise ValueError("palette PNGs hold at most 256 labels")
+    low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if num_labels is not None:
+        check_label_count(num_labels)
+    if low < 0 or high >= MAX_PNG_LABELS:
+        raise ValueError(f"label ids must be in 0..{MAX_PNG_LABELS - 1} for a PNG; got {low}..{high}")
+    if num_labels is not None and high >= num_labels:
+        raise ValueError(f"label id {high} is not below num_labels={num_labels}")
+    if (num_labels if num_labels is not None else high + 1) > PALETTE_LABELS:
+        return Image.fromarray(arr.astype(np.uint16))  # mode "I;16"
     img = Image.fromarray(arr.astype(np.uint8), mode="P")
     img.putpalette(palette().flatten().tolist())
     return img

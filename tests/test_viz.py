@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import lava
 from lava.types import Heatmaps, Segmentation
 from lava.viz import heatmap_figure, label_image, legend_entries, legend_layout, overlay, palette
 
@@ -110,6 +111,32 @@ def test_segmentation_overlay_has_legend_and_label_png_is_unchanged():
     assert png.mode == "P" and np.array_equal(np.asarray(png), lab.numpy())
     assert png.getpalette()[:12] == palette()[:4].flatten().tolist()
     assert label_image(lab).mode == "P"
+
+
+def test_label_png_is_a_palette_up_to_256_labels_and_16_bit_beyond(tmp_path):
+    import io
+
+    ids = np.arange(40 * 56).reshape(40, 56) % 300
+    for n, mode in [(256, "P"), (257, "I;16"), (65536, "I;16")]:
+        lab = ids % n
+        buf = io.BytesIO()
+        label_image(lab, num_labels=n).save(buf, format="PNG")
+        with Image.open(buf) as back:
+            assert back.mode == mode, n
+            assert np.array_equal(np.asarray(back), lab), n  # the ids round-trip
+    # the label count decides, not the ids a map happens to use: one format for every map of a run
+    assert label_image(np.zeros((4, 4), np.int32), num_labels=300).mode == "I;16"
+    assert label_image(np.full((4, 4), 299)).mode == "I;16"  # no count: judged from the values
+    seg = Segmentation(
+        labels=(torch.from_numpy(ids).int(),),
+        scores=(torch.zeros(300, 40, 56),),
+        classes=tuple(f"c{i}" for i in range(300)),
+    )
+    assert seg.label_image(0).mode == "I;16" and np.array_equal(np.asarray(seg.label_image(0)), ids)
+    with pytest.raises(lava.LavaError, match="at most 65536 label ids"):
+        label_image(ids, num_labels=65537)
+    with pytest.raises(ValueError, match="not below num_labels=256"):
+        label_image(ids, num_labels=256)
 
 
 @pytest.mark.parametrize(
