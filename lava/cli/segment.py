@@ -29,7 +29,8 @@ examples:
 for each IMAGE, --out receives:
   <name>_labels.png   label map (pixel value i = i-th class, see <name>_classes.txt): a palette PNG,
                       or with more than 256 labels a 16-bit grayscale PNG
-  <name>_overlay.png  label colours over the image, with a legend (class -> colour)
+  <name>_overlay.png  label colours over the image, with a legend (class -> colour) in a corner of
+                      background, else beside the image (a wider file)
   <name>_classes.txt  the class of each label value, one per line
   <name>_scores.npz   per-class scores [C, H, W] (with --save-scores)
   <name>_heatmaps.png one heatmap per class (with --heatmaps)
