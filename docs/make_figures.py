@@ -22,12 +22,15 @@ def main() -> None:
     seg = lava.segment(EXAMPLE, CLASSES, backend=backend)  # the model's own mask defaults
     panels = [("image", Image.open(EXAMPLE).convert("RGB")), ("labels", seg.label_image(0).convert("RGB")),
               ("overlay", seg.overlay(0))]
-    w, h = panels[0][1].size
-    fig = Image.new("RGB", (3 * w + 20, h + 16), "white")
+    # the overlay is wider than the image when its legend sits beside it
+    h = panels[0][1].height
+    fig = Image.new("RGB", (sum(im.width for _, im in panels) + 10 * (len(panels) - 1), h + 16), "white")
     draw = ImageDraw.Draw(fig)
-    for k, (title, im) in enumerate(panels):
-        fig.paste(im, (k * (w + 10), 16))
-        draw.text((k * (w + 10) + 2, 2), title, fill="black")
+    x = 0
+    for title, im in panels:
+        fig.paste(im, (x, 16))
+        draw.text((x + 2, 2), title, fill="black")
+        x += im.width + 10
     io.save_png(fig, ROOT / "docs" / "figures" / "readme_example.png")
 
 

@@ -362,17 +362,19 @@ class Segmentation:
         return SegmentationArrays(labels=labels, scores=scores, classes=self.classes)
 
     def label_image(self, index: int = 0) -> Image.Image:
-        """The label map as a palette PNG-ready image (colour i = class i)."""
+        """The label map as a PNG-ready image whose pixel value i is class i: a palette image
+        (colour i = class i) for up to 256 classes, else 16-bit grayscale (mode ``"I;16"``)."""
         from .viz import label_image
 
-        return label_image(self.labels[index])
+        return label_image(self.labels[index], num_labels=len(self.classes))
 
     def overlay(
         self, index: int = 0, image: Image.Image | None = None, alpha: float = 0.5, legend: bool = True
     ) -> Image.Image:
-        """The label colours blended over the image (the one segmented, unless given), same size as
-        the label map, with a legend of the classes present drawn in a corner (``legend=False``: none;
-        see ``lava.viz.overlay``)."""
+        """The label colours blended over the image (the one segmented, unless given) at the label
+        map's size, with a legend of the classes present: in a corner where it covers only the
+        "background" label, else beside the image on a canvas widened to the right, so it hides no
+        object (``legend=False``: none; see ``lava.viz.overlay``)."""
         from .viz import overlay
 
         base = image if image is not None else (self.images[index] if index < len(self.images) else None)

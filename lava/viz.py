@@ -24,11 +24,40 @@ def palette(n: int = 256) -> np.ndarray:
     return colors
 
 
-def label_image(labels: torch.Tensor | np.ndarray) -> Image.Image:
-    """A palette ("P") image of an ``[H, W]`` label map; pixel values are the label ids."""
+# A palette PNG holds label ids 0..255; beyond that, label maps are 16-bit grayscale PNGs.
+PALETTE_LABELS = 256
+MAX_PNG_LABELS = 65536
+
+
+def check_label_count(num_labels: int, what: str = "labels") -> None:
+    """Refuse label maps of more ids than a 16-bit PNG holds (before any model runs)."""
+    if num_labels > MAX_PNG_LABELS:
+        from .errors import LavaError
+
+        raise LavaError(
+            f"{num_labels} {what}: a label PNG holds at most {MAX_PNG_LABELS} label ids (16-bit); "
+            "split the classes over several runs"
+        )
+
+
+def label_image(labels: torch.Tensor | np.ndarray, num_labels: int | None = None) -> Image.Image:
+    """An ``[H, W]`` label map as a PNG-ready image whose pixel values are the label ids.
+
+    ``num_labels``: how many label ids the map can hold (e.g. ``len(seg.classes)``). Up to 256 it is
+    a palette ("P") image (colour i = label i); beyond, a 16-bit grayscale ("I;16") image, up to
+    65536 ids: every map of one run then has the same format whatever ids it happens to use.
+    ``None`` judges from the values present.
+    """
     arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    if arr.max(initial=0) > 255:
-        raise ValueError("palette PNGs hold at most 256 labels")
+    low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if num_labels is not None:
+        check_label_count(num_labels)
+    if low < 0 or high >= MAX_PNG_LABELS:
+        raise ValueError(f"label ids must be in 0..{MAX_PNG_LABELS - 1} for a PNG; got {low}..{high}")
+    if num_labels is not None and high >= num_labels:
+        raise ValueError(f"label id {high} is not below num_labels={num_labels}")
+    if (num_labels if num_labels is not None else high + 1) > PALETTE_LABELS:
+        return Image.fromarray(arr.astype(np.uint16))  # mode "I;16"
     img = Image.fromarray(arr.astype(np.uint8), mode="P")
     img.putpalette(palette().flatten().tolist())
     return img
@@ -79,18 +108,34 @@ class LegendRow:
 
 @dataclass(frozen=True)
 class LegendLayout:
-    """Where the legend box sits in the overlay (``x0, y0, x1, y1``, inclusive), its font size and rows."""
+    """Where the legend box sits in the overlay (``x0, y0, x1, y1``, inclusive), its font size and
+    rows, and the overlay's size ``canvas`` (``W, H``): the label map's, or wider when the legend
+    sits beside the image."""
 
     box: tuple[int, int, int, int]
     font_px: int
     rows: tuple[LegendRow, ...]
+    canvas: tuple[int, int]
+    beside: bool = False  # True: to the right of the image, on a canvas widened for it
 
 
-def legend_layout(labels: torch.Tensor | np.ndarray, classes: Sequence[str]) -> LegendLayout | None:
+def background_labels(classes: Sequence[str]) -> tuple[int, ...]:
+    """The label ids of classes named ``"background"`` (the name ``MaskConfig`` gives label 0)."""
+    return tuple(i for i, name in enumerate(classes) if name == "background")
+
+
+def legend_layout(
+    labels: torch.Tensor | np.ndarray,
+    classes: Sequence[str],
+    background: Sequence[int] | None = None,
+) -> LegendLayout | None:
     """The legend ``overlay`` draws on an ``[H, W]`` label map, or ``None`` when it gets none.
 
-    One line per class present (colour swatch + name, in label order) in a dark box in the corner
-    that hides the smallest share of the labelled regions. The text is about 1/30 of the shorter
+    One line per class present (colour swatch + name, in label order) in a dark box. The box goes
+    inside the image, in a corner where it covers only ``background`` labels (default: the classes
+    named "background"; among such corners, the one hiding the least of them); when every corner
+    would cover a labelled object, it goes beside the image, to the right of it, on a canvas
+    widened for it (``canvas``), so no object is hidden. The text is about 1/30 of the shorter
     side (9 to 40 px); the box takes at most 60% of the width (longer names end in "…") and half
     the height: with more classes than fit, the largest ones are listed and a last line says how
     many more there are. Images too small for one line at 9 px (under ~40 px high) get no legend.
@@ -128,8 +173,13 @@ def legend_layout(labels: torch.Tensor | np.ndarray, classes: Sequence[str]) -> 
     if box_w > width - 2 * margin or box_h > height - 2 * margin:
         return None
 
-    # the corner whose box hides the smallest share of the classes' areas (ties: reading order)
+    # inside: a corner whose box covers background only, hiding the smallest share of it
+    # (ties: reading order); else beside the image, at its top right
     area = np.bincount(arr.ravel(), minlength=1).astype(np.float64)
+    free = np.zeros(max(int(arr.max()) + 1, len(classes)), dtype=bool)
+    for i in background_labels(classes) if background is None else background:
+        if 0 <= i < len(free):
+            free[i] = True
     corners = [
         (margin, margin),
         (width - margin - box_w, margin),
@@ -137,12 +187,17 @@ def legend_layout(labels: torch.Tensor | np.ndarray, classes: Sequence[str]) -> 
         (width - margin - box_w, height - margin - box_h),
     ]
 
-    def hidden(xy: tuple[int, int]) -> float:
+    def under(xy: tuple[int, int]) -> np.ndarray:
         x, y = xy
-        under = np.bincount(arr[y : y + box_h, x : x + box_w].ravel(), minlength=len(area))
-        return float((under / np.maximum(area, 1)).sum())
+        return np.bincount(arr[y : y + box_h, x : x + box_w].ravel(), minlength=len(free))
 
-    x0, y0 = min(corners, key=hidden)
+    clear = [xy for xy in corners if not under(xy)[~free].any()]
+    canvas = (width, height)
+    if clear:
+        x0, y0 = min(clear, key=lambda xy: float((under(xy)[: len(area)] / np.maximum(area, 1)).sum()))
+    else:
+        x0, y0 = width + margin, margin
+        canvas = (width + box_w + 2 * margin, height)
     rows = []
     for r, text in enumerate(texts):
         top = y0 + pad + r * row_h
@@ -153,7 +208,12 @@ def legend_layout(labels: torch.Tensor | np.ndarray, classes: Sequence[str]) -> 
             rows.append(LegendRow(i, text, color, swatch, (x0 + pad + sw + gap, top)))
         else:
             rows.append(LegendRow(None, text, None, None, (x0 + pad, top)))
-    return LegendLayout((x0, y0, x0 + box_w - 1, y0 + box_h - 1), px, tuple(rows))
+    box = (x0, y0, x0 + box_w - 1, y0 + box_h - 1)
+    return LegendLayout(box, px, tuple(rows), canvas, beside=not clear)
+
+
+# The strip a legend beside the image sits on.
+LEGEND_STRIP = (255, 255, 255)
 
 
 def overlay(
@@ -162,23 +222,30 @@ def overlay(
     classes: Sequence[str] = (),
     alpha: float = 0.5,
     legend: bool = True,
+    background: Sequence[int] | None = None,
 ) -> Image.Image:
     """Label colours blended over ``image`` (RGB), at the label map's size, with a legend.
 
     The palette is the PASCAL VOC one (colour ``i`` for label ``i``, as in the label PNGs), so
     colours say nothing about the class names: the legend (``legend_layout``) lists every class
-    present with its colour, drawn inside the image in the corner that hides the least of the
-    labelled regions, so the overlay stays pixel-aligned with the image and the label map.
+    present with its colour. It is drawn inside the image, in a corner where it covers only
+    ``background`` labels (default: the classes named "background"), or else beside the image on a
+    canvas widened to the right: the image area (top left, the label map's size) is the plain
+    blend either way, pixel-aligned with the image and the label map, and no object is hidden.
     ``legend=False``, no ``classes``, or an image too small for it (under ~40 px high) gives the
-    plain blend.
+    plain blend at the label map's size.
     """
     arr = _as_array(labels)
     colors = palette()[arr % 256]
     base = np.asarray(image.convert("RGB").resize((arr.shape[1], arr.shape[0])), dtype=np.float32)
     out = (1 - alpha) * base + alpha * colors.astype(np.float32)
     img = Image.fromarray(out.round().clip(0, 255).astype(np.uint8), mode="RGB")
-    layout = legend_layout(arr, classes) if legend and classes else None
+    layout = legend_layout(arr, classes, background) if legend and classes else None
     if layout is not None:
+        if layout.canvas != img.size:
+            wide = Image.new("RGB", layout.canvas, LEGEND_STRIP)
+            wide.paste(img, (0, 0))
+            img = wide
         draw = ImageDraw.Draw(img, "RGBA")
         draw.rectangle(layout.box, fill=(0, 0, 0, 180))
         font = _font(layout.font_px)

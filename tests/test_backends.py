@@ -58,6 +58,53 @@ def test_layout_facts(tiny):
     assert tiny.max_resolution == tiny.transformer.config.pos_embed_max_size * 4
 
 
+def test_loading_from_python_is_quiet_unless_asked():
+    """Like the ``lava`` command without ``--verbose``: no "Loading weights" bars or library
+    warnings, in a fresh process with the libraries at their own defaults."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, lava\nlava.load_backend(sys.argv[1], verbose=sys.argv[2] == 'v')\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    env["OMP_NUM_THREADS"] = "1"
+    for name in ("lava-shapes", "tiny-sd3"):
+        quiet = subprocess.run(
+            [sys.executable, "-c", code, name, "q"], capture_output=True, text=True, env=env
+        )
+        assert quiet.returncode == 0, quiet.stderr
+        assert (quiet.stdout, quiet.stderr) == ("", ""), name
+    loud = subprocess.run(
+        [sys.executable, "-c", code, "tiny-sd3", "v"], capture_output=True, text=True, env=env
+    )
+    assert loud.returncode == 0 and "[transformers]" in loud.stderr  # the check above can see chatter
+
+
+def test_quiet_loading_puts_the_libraries_settings_back(capfd):
+    import warnings
+
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    libs = (transformers_logging, diffusers_logging)
+    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+    filters = list(warnings.filters)
+    try:
+        for lib in libs:
+            lib.set_verbosity(lib.INFO)
+            lib.enable_progress_bar()
+        lava.load_backend("lava-shapes")
+        assert capfd.readouterr() == ("", "")
+        assert [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs] == [
+            (lib.INFO, True)
+        ] * 2
+        assert warnings.filters == filters
+    finally:
+        for lib, (level, bars) in zip(libs, before):
+            lib.set_verbosity(level)
+            lib.enable_progress_bar() if bars else lib.disable_progress_bar()
+
+
 def test_missing_local_folder_and_offline_hub(monkeypatch, tmp_path):
     with pytest.raises(ModelError, match="model folder not found"):
         lava.load_backend(str(tmp_path / "no-such-model"))

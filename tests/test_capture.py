@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_segmentation
 
 import lava
 from lava.stages.capture import capturing, run_until_captured, transformer_inputs
@@ -193,7 +194,8 @@ def test_triton_capture_gives_same_segmentation_as_torch(tiny, image):
         torch.testing.assert_close(b.maps[layer], a.maps[layer], atol=1e-5, rtol=1e-4)
     seg_a = lava.to_mask(lava.aggregate(a, prompt))
     seg_b = lava.to_mask(lava.aggregate(b, prompt))
-    assert torch.equal(seg_a.labels[0], seg_b.labels[0])
+    # two kernels, two summation orders: equal scores within tolerance, labels off ties (conftest)
+    assert_same_segmentation(seg_b, seg_a)
 
 
 def test_triton_capture_leaves_outputs_unchanged(tiny, image):

@@ -64,6 +64,57 @@ def test_segment_writes_all_outputs(img_path, tmp_path, capsys):
     assert (out / "room_classes.txt").read_text().split("\n")[:2] == ["cat", "potted plant"]
 
 
+def test_more_than_256_labels_are_a_16_bit_png_that_the_folder_reader_reads(img_path, tiny, tmp_path):
+    import json
+
+    import lava
+    from lava.evaluation import load_dataset
+
+    names = [f"thing {i}" for i in range(300)]
+    out = tmp_path / "out"
+    args = ["segment", str(img_path), "--classes", ",".join(names), "--model", "tiny-sd3", "--out", str(out)]
+    assert main(args) == 0
+    with Image.open(out / "room_labels.png") as im:
+        assert im.mode == "I;16" and im.size == (56, 40)
+        got = np.asarray(im)
+    want = lava.segment(img_path, names, backend=tiny)  # the same computation as the command's
+    assert want.classes == tuple(names) and np.array_equal(got, want.labels[0].numpy())
+    assert (out / "room_classes.txt").read_text().splitlines() == names
+    # A folder dataset of these 300 classes reads the file back as the same ids (65535 = ignore)
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    Image.open(img_path).convert("RGB").save(root / "images" / "room.png")
+    truth = got.copy()
+    truth[0] = 65535
+    Image.fromarray(truth).save(root / "labels" / "room.png")
+    data = load_dataset("folder", root)
+    assert data.info.ignore_index == 65535
+    _, label = data[0].load()
+    assert np.array_equal(label, truth)
+    # lava eval --save-predictions writes 16-bit predictions in dataset ids, read back alike
+    run = tmp_path / "run"
+    args = ["eval", "--dataset", "folder", "--root", str(root), "--model", "tiny-sd3", "--out", str(run)]
+    assert main([*args, "--save-predictions"]) == 0
+    with Image.open(run / "predictions" / "room.png") as im:
+        assert im.mode == "I;16"
+        predicted = np.asarray(im)
+    assert predicted.shape == truth.shape and predicted.max() < 300
+    assert json.loads((run / "report.json").read_text())["num_images"] == 1
+
+
+def test_more_labels_than_a_16_bit_png_holds_are_refused_before_the_model_loads(img_path, tmp_path, capsys):
+    names = ",".join(f"c{i}" for i in range(65536))
+    # an unknown model would fail first if it were loaded before the check
+    out = tmp_path / "o"
+    args = ["segment", str(img_path), "--classes", names, "--model", "nope-model", "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "65537 labels" in err and "at most 65536 label ids" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -305,11 +356,18 @@ def test_interrupt_during_the_renames_is_held_until_the_set_is_complete(tmp_path
         if len(moved) == 1:
             signal.raise_signal(signal.SIGINT)  # arrives after the first rename of three
 
-    with pytest.raises(KeyboardInterrupt), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(io.os, "replace", replace_and_signal)
-        with io.atomic_files(files) as tmps:
-            for t in tmps:
-                t.write_text("x")
+    # The held interrupt is delivered to the handler in force before, which must raise
+    # KeyboardInterrupt: Python's default one. A suite started in the background (nohup, `&`)
+    # inherits SIGINT ignored, and an ignored signal rightly stays ignored; so install it here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(io.os, "replace", replace_and_signal)
+            with io.atomic_files(files) as tmps:
+                for t in tmps:
+                    t.write_text("x")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert all(f.read_text() == "x" for f in files)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.txt", "f1.txt", "f2.txt"]
 

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import SCORE_ATOL, SCORE_RTOL, assert_same_segmentation
 from PIL import Image
 
 import lava
@@ -50,9 +51,20 @@ def ui(backend, **changes):
 
 
 def assert_same(result, seg):
-    assert result.segmentation.classes == seg.classes
-    assert torch.equal(result.segmentation.labels[0], seg.labels[0])
-    assert torch.equal(result.segmentation.scores[0], seg.scores[0])
+    """The explorer's result is ``lava.segment``'s. The explorer captures every text key (so any
+    presence rule reads the cached capture); segment does too under the null presence rule
+    (lava-shapes' default) and captures no key columns with the concept source: then both run the
+    same computation and must agree bit for bit. Otherwise segment captures the class keys only:
+    other matrix shapes, other float rounding on some CPUs (conftest), so the results agree within
+    ``SCORE_ATOL``/``SCORE_RTOL`` and their labels off ties."""
+    settings = result.settings
+    if settings.source != "attention" or settings.presence == "null":
+        assert result.segmentation.classes == seg.classes
+        assert torch.equal(result.segmentation.labels[0], seg.labels[0])
+        assert torch.equal(result.segmentation.scores[0], seg.scores[0])
+    else:
+        threshold = settings.background_threshold if settings.background == "threshold" else None
+        assert_same_segmentation(result.segmentation, seg, background_threshold=threshold)
 
 
 # ---- UI values → settings ------------------------------------------------------------------------
@@ -212,7 +224,11 @@ def test_grid_one_forward_per_timestep_for_all_blocks(explorer, shapes, scene_pa
             layers = [0, 1, 3] if col == "mean" else [col]
             slices = lava.capture(shapes, noisy, prompt, layers=layers)
             alone = lava.aggregate(slices, prompt, normalize="minmax")
-            assert torch.equal(grid.maps[(float(t), col)], alone.scores[0, 1]), (t, col)
+            # The grid's forward captured every text key, this one the class keys only: two
+            # computations, equal up to float rounding (conftest.SCORE_ATOL).
+            torch.testing.assert_close(
+                grid.maps[(float(t), col)], alone.scores[0, 1], atol=SCORE_ATOL, rtol=SCORE_RTOL
+            )
     # again, and the main view at a grid timestep and block: all from the cache
     assert explorer.grid(cache, scene_path, settings, "red square", (500, 100), (1, 3)).forwards == 0
     assert explorer.run(cache, scene_path, ui(shapes, timestep=100, blocks=["1", "3"])).forwards == 0

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import near_ties
 from PIL import Image
 
 import lava
@@ -207,7 +208,13 @@ def test_measure_reads_what_segment_gives(shapes, name):
         )
     }
     seg = lava.segment(image, classes, backend=shapes, softmax=s.softmax, **kw)
-    assert np.array_equal(got, to_global(seg.labels[0], seg.classes, "colour_shape"))
+    # measure's capture holds every softmax view and text key its settings read, the public call's
+    # only this setting's: two computations, whose labels may differ only at ties (conftest).
+    threshold = s.background_threshold
+    if threshold is None:
+        threshold = shapes.defaults.background_threshold
+    off = got != to_global(seg.labels[0], seg.classes, "colour_shape")
+    assert not (off & ~near_ties(seg, 0, threshold).numpy()).any(), int(off.sum())
 
 
 def test_grounding_processor_is_the_models_attention(shapes):

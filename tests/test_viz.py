@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import lava
 from lava.types import Heatmaps, Segmentation
 from lava.viz import heatmap_figure, label_image, legend_entries, legend_layout, overlay, palette
 
@@ -51,12 +52,24 @@ def test_legend_lists_every_class_present_with_its_palette_colour():
     assert legend_entries(lab, CLASSES) == [(r.label, r.text, r.color) for r in rows]
 
 
-def test_legend_sits_in_a_corner_away_from_the_classes():
+def assert_legend_hides_no_object(lab, classes, background=(0,)):
+    """The overlay's image area differs from the plain blend only on background labels, and any
+    part of the canvas beyond the image area is the legend's strip."""
+    h, w = lab.shape
+    with_legend = np.asarray(overlay(gray(w, h), lab, classes))
+    plain = np.asarray(overlay(gray(w, h), lab, classes, legend=False))
+    changed = (with_legend[:h, :w] != plain).any(-1)
+    assert np.isin(lab[changed], background).all(), "the legend covers a labelled object"
+    return with_legend, plain
+
+
+def test_legend_sits_in_a_corner_of_background_only():
     lab = scene_labels()
-    x0, y0, x1, y1 = legend_layout(lab, CLASSES).box
-    under = lab[y0 : y1 + 1, x0 : x1 + 1]
-    for c in (1, 2, 3):  # each class keeps most of its pixels visible
-        assert (under == c).sum() < 0.2 * (lab == c).sum()
+    layout = legend_layout(lab, CLASSES)
+    assert not layout.beside and layout.canvas == (320, 256)
+    x0, y0, x1, y1 = layout.box
+    assert (lab[y0 : y1 + 1, x0 : x1 + 1] == 0).all()  # background only under the box
+    assert_legend_hides_no_object(lab, CLASSES)
     # outside the box the overlay is exactly the plain blend
     with_legend = np.asarray(overlay(gray(320, 256), lab, CLASSES))
     plain = np.asarray(overlay(gray(320, 256), lab, CLASSES, legend=False))
@@ -64,6 +77,47 @@ def test_legend_sits_in_a_corner_away_from_the_classes():
     outside[y0 : y1 + 1, x0 : x1 + 1] = False
     assert np.array_equal(with_legend[outside], plain[outside])
     assert not np.array_equal(with_legend, plain)
+
+
+def test_legend_goes_beside_the_image_when_every_corner_holds_an_object():
+    lab = scene_labels()
+    for y, x in ((0, 0), (0, -1), (-1, 0), (-1, -1)):  # an object in each corner
+        lab[y * 30 : y * 30 + 30 or None, x * 40 : x * 40 + 40 or None] = 4
+    layout = legend_layout(lab, CLASSES)
+    assert layout.beside and layout.box[0] > 320 and layout.canvas[1] == 256
+    assert layout.canvas[0] == layout.box[2] + 1 + (layout.box[0] - 320)  # margin on both sides
+    img, plain = assert_legend_hides_no_object(lab, CLASSES)
+    assert img.shape == (256, layout.canvas[0], 3)
+    assert np.array_equal(img[:, :320], plain)  # the image area is the plain blend, top left
+    strip = img[:, 320:]
+    x0, y0, x1, y1 = layout.box
+    outside = np.ones(strip.shape[:2], bool)
+    outside[y0 : y1 + 1, x0 - 320 : x1 - 320 + 1] = False
+    assert (strip[outside] == 255).all() and not (strip[~outside] == 255).all()
+    # without a background label every pixel is an object's: the legend always goes beside
+    no_background = ("cat", *CLASSES[1:])
+    assert legend_layout(scene_labels(), no_background).beside
+    assert_legend_hides_no_object(scene_labels(), no_background, background=())
+    # a background label named by the caller
+    assert not legend_layout(scene_labels(), no_background, background=(0,)).beside
+
+
+def test_shipped_example_legend_hides_no_shape():
+    """The 128 px example the README shows: every corner of it holds part of a shape."""
+    import lava
+    from lava.explore.app import EXAMPLES_DIR
+
+    path = EXAMPLES_DIR / "scene_0.png"
+    classes = ["red square", "blue triangle", "yellow circle"]
+    seg = lava.segment(path, classes, backend=lava.load_backend("lava-shapes"))
+    lab = seg.labels[0].numpy()
+    assert seg.classes[0] == "background"
+    img = np.asarray(seg.overlay(0))
+    plain = np.asarray(seg.overlay(0, legend=False))
+    assert img.shape[0] == 128 and img.shape[1] >= 128
+    changed = (img[:, :128] != plain).any(-1)
+    assert (lab[changed] == 0).all()
+    assert legend_layout(lab, seg.classes).rows[-1].text == "yellow circle"  # the whole list, readable
 
 
 def test_plain_blend_without_legend_classes_or_room():
@@ -110,6 +164,32 @@ def test_segmentation_overlay_has_legend_and_label_png_is_unchanged():
     assert png.mode == "P" and np.array_equal(np.asarray(png), lab.numpy())
     assert png.getpalette()[:12] == palette()[:4].flatten().tolist()
     assert label_image(lab).mode == "P"
+
+
+def test_label_png_is_a_palette_up_to_256_labels_and_16_bit_beyond(tmp_path):
+    import io
+
+    ids = np.arange(40 * 56).reshape(40, 56) % 300
+    for n, mode in [(256, "P"), (257, "I;16"), (65536, "I;16")]:
+        lab = ids % n
+        buf = io.BytesIO()
+        label_image(lab, num_labels=n).save(buf, format="PNG")
+        with Image.open(buf) as back:
+            assert back.mode == mode, n
+            assert np.array_equal(np.asarray(back), lab), n  # the ids round-trip
+    # the label count decides, not the ids a map happens to use: one format for every map of a run
+    assert label_image(np.zeros((4, 4), np.int32), num_labels=300).mode == "I;16"
+    assert label_image(np.full((4, 4), 299)).mode == "I;16"  # no count: judged from the values
+    seg = Segmentation(
+        labels=(torch.from_numpy(ids).int(),),
+        scores=(torch.zeros(300, 40, 56),),
+        classes=tuple(f"c{i}" for i in range(300)),
+    )
+    assert seg.label_image(0).mode == "I;16" and np.array_equal(np.asarray(seg.label_image(0)), ids)
+    with pytest.raises(lava.LavaError, match="at most 65536 label ids"):
+        label_image(ids, num_labels=65537)
+    with pytest.raises(ValueError, match="not below num_labels=256"):
+        label_image(ids, num_labels=256)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -501,6 +502,7 @@ def load_backend(
     dtype: str | torch.dtype | None = None,
     drop_t5: bool = False,
     offload_text_encoders: bool = False,
+    verbose: bool | None = None,
     **kw: Any,
 ) -> Backend:
     """A backend from a registry name (``"tiny-sd3"``, ``"sd3-medium"``, ``"flux-dev"``, ``"tiny-flux"``,
@@ -511,20 +513,32 @@ def load_backend(
         dtype: default bf16 on CUDA, fp32 on CPU.
         drop_t5: skip the T5 encoder (its part of the text sequence is then zeros).
         offload_text_encoders: keep the text encoders on the CPU; only their outputs move.
+        verbose: let diffusers and transformers print while loading (their warnings and
+            "Loading weights" bars), as configured. By default they are quiet for the load (and
+            restored after it), as under the ``lava`` command without ``--verbose``; hub download
+            bars are shown either way.
     """
+    from .loading import VERBOSE_LOADING, library_output
+
     opts = dict(
         device=device, dtype=dtype, drop_t5=drop_t5, offload_text_encoders=offload_text_encoders, **kw
     )
     if name_or_path in REGISTRY:
-        return REGISTRY[name_or_path](**opts)
-    path = os.path.expanduser(name_or_path)
-    if os.path.isdir(path):
-        return _load_pretrained(path, **opts)
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ModelError(f"model folder not found: {name_or_path}")
-    if name_or_path.count("/") == 1:  # a hub id: org/name
-        return _load_pretrained(name_or_path, **opts)
-    raise ModelError(
-        f"unknown model {name_or_path!r}: expected one of {sorted(REGISTRY)}, a hub id such as "
-        f"{HUB_IDS['sd3-medium']!r}, or a local folder"
-    )
+        load = functools.partial(REGISTRY[name_or_path], **opts)
+    else:
+        path = os.path.expanduser(name_or_path)
+        if os.path.isdir(path):
+            load = functools.partial(_load_pretrained, path, **opts)
+        elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+            raise ModelError(f"model folder not found: {name_or_path}")
+        elif name_or_path.count("/") == 1:  # a hub id: org/name
+            load = functools.partial(_load_pretrained, name_or_path, **opts)
+        else:
+            raise ModelError(
+                f"unknown model {name_or_path!r}: expected one of {sorted(REGISTRY)}, a hub id such as "
+                f"{HUB_IDS['sd3-medium']!r}, or a local folder"
+            )
+    if VERBOSE_LOADING.get() if verbose is None else verbose:
+        return load()
+    with library_output(verbose=False):
+        return load()

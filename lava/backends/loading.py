@@ -14,9 +14,13 @@ falls back to the class's own ``from_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import re
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -145,3 +149,66 @@ def module_class(index: dict, name: str):
 
     library, class_name = index[name]
     return getattr(importlib.import_module(library), class_name)
+
+
+# ---- library output ------------------------------------------------------------------------------
+
+# Python warnings raised from inside these packages are theirs to report, not lava's.
+CHATTY_MODULES = r"(diffusers|transformers|huggingface_hub|accelerate|tokenizers)(\.|$)"
+
+# What ``load_backend(verbose=None)`` does: quiet, unless the caller's context says otherwise
+# (``lava --verbose`` sets it for the command it runs).
+VERBOSE_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("lava_verbose_loading", default=False)
+
+
+def set_library_output(verbose: bool) -> Callable[[], None]:
+    """Switch the chatter of diffusers and transformers off, or (``verbose=True``) back to their
+    own defaults; returns a function that puts back what was in force before.
+
+    Off: their log messages below errors, their own progress bars ("Loading weights") and the
+    Python warnings raised inside them (and inside huggingface_hub, accelerate, tokenizers) are not
+    shown. Hub download bars stay as they were: a first download of real weights takes minutes and
+    the user should see it move.
+    """
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    libs = (transformers_logging, diffusers_logging)
+    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+    hub_bars = not hub_utils.are_progress_bars_disabled()
+    caught = warnings.catch_warnings()  # restores the warning filters on exit
+    caught.__enter__()
+    if not verbose:
+        warnings.filterwarnings("ignore", module=CHATTY_MODULES)
+
+    def switch(levels_and_bars) -> None:
+        for lib, (level, bars) in zip(libs, levels_and_bars):
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
+            else:
+                lib.disable_progress_bar()
+        # transformers switches the hub's bars along with its own: put them back as they were
+        if hub_bars:
+            hub_utils.enable_progress_bars()
+        else:
+            hub_utils.disable_progress_bars()
+
+    switch([(lib.WARNING if verbose else lib.ERROR, verbose) for lib in libs])
+
+    def restore() -> None:
+        caught.__exit__(None, None, None)
+        switch(before)
+
+    return restore
+
+
+@contextlib.contextmanager
+def library_output(verbose: bool) -> Iterator[None]:
+    """``set_library_output(verbose)`` for the block only."""
+    restore = set_library_output(verbose)
+    try:
+        yield
+    finally:
+        restore()

@@ -50,8 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import LavaError
     from .common import apply_preset, error_message, quiet_libraries
 
+    verbose_loading = None
     try:
-        quiet_libraries(verbose=getattr(args, "verbose", False))
+        verbose = getattr(args, "verbose", False)
+        quiet_libraries(verbose=verbose)
+        if verbose:  # lava.load_backend is quiet unless told otherwise: --verbose tells it
+            from ..backends.loading import VERBOSE_LOADING
+
+            verbose_loading = VERBOSE_LOADING.set(True)
         apply_preset(args)  # first: a preset fills the options every later check looks at
         return _command(args.command).run(args)
     except (LavaError, ValueError, OSError) as err:
@@ -60,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lava: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if verbose_loading is not None:
+            VERBOSE_LOADING.reset(verbose_loading)
 
 
 __all__ = ["COMMANDS", "build_parser", "main"]

@@ -49,7 +49,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--save-predictions",
         action="store_true",
-        help="write every predicted label map as predictions/<id>.png (dataset ids, 255 = ignore)",
+        help="write every predicted label map as predictions/<id>.png (dataset ids and its ignore id, "
+        "255 for the standard datasets; a 16-bit PNG for datasets of more than 255 classes)",
     )
     add_dataset_options(p)
     add_model_options(p)
@@ -77,10 +78,12 @@ def run(args: argparse.Namespace) -> int:
     config.update(timestep=list(when) if isinstance(when, tuple) else when, layers=list(layers))
     out = Path(args.out)
     shown = {"n": 0}
+    # Dataset ids and the ignore id: palette PNGs while they fit in 0..255, else 16-bit (every file alike)
+    id_count = max(dataset.info.num_classes, dataset.info.ignore_index + 1)
 
     def on_prediction(image_id, pred, seg, _cell):
         if args.save_predictions:
-            io.save_png(label_image(pred), out / "predictions" / f"{image_id}.png")
+            io.save_png(label_image(pred, num_labels=id_count), out / "predictions" / f"{image_id}.png")
         if shown["n"] < args.visualize:
             shown["n"] += 1
             io.save_png(seg.overlay(0), out / "vis" / f"{image_id}_overlay.png")

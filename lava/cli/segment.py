@@ -25,8 +25,10 @@ examples:
   lava segment a.png b.png --classes "person,bicycle" --layers 8,9,10 --timestep 515 --save-scores
 
 for each IMAGE, --out receives:
-  <name>_labels.png   label map (palette PNG; pixel value i = i-th class, see <name>_classes.txt)
-  <name>_overlay.png  label colours over the image, with a legend (class -> colour)
+  <name>_labels.png   label map (pixel value i = i-th class, see <name>_classes.txt): a palette PNG,
+                      or with more than 256 labels a 16-bit grayscale PNG
+  <name>_overlay.png  label colours over the image, with a legend (class -> colour) in a corner of
+                      background, else beside the image (a wider file)
   <name>_classes.txt  the class of each label value, one per line
   <name>_scores.npz   per-class scores [C, H, W] (with --save-scores)
   <name>_heatmaps.png one heatmap per class (with --heatmaps)
@@ -132,9 +134,12 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import segment_iter
     from ..stages.mask import check_background_class
     from ..stages.prompts import parse_classes
+    from ..viz import check_label_count
 
     classes = parse_classes(args.classes)
     check_background_class(classes, args.background_threshold)
+    # Refused before the model loads: one label id per class, plus 0 for background unless it is off.
+    check_label_count(len(classes) + (args.background_threshold != 0), "labels (the classes and background)")
     check_source(args)
     stems = output_names(args.images)
     # Every input is checked (opened, header read) before the model loads; pixels are read one

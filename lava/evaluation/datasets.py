@@ -6,7 +6,8 @@ conversion. ``LAYOUTS`` spells out each one. Every missing, unreadable or incons
 :class:`DatasetError` naming the file; no sample is ever skipped.
 
 Labels come back as ``uint8`` arrays of shape ``[H, W]`` holding dataset label ids ``0..C-1``, with
-``255`` meaning "ignore" (already mapped: e.g. reduce-zero-label is applied for ADE20K).
+``255`` meaning "ignore" (already mapped: e.g. reduce-zero-label is applied for ADE20K); a folder
+dataset of more than 255 classes gives ``int32`` arrays with ``65535`` meaning "ignore".
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from lava.errors import LavaError
 from lava.evaluation import classnames as cn
 
 IGNORE_INDEX = 255
+# A folder dataset of more classes than ids 0..254 stores 16-bit label PNGs (as lava writes them):
+WIDE_IGNORE_INDEX = 65535
 
 _Pairs = list[tuple[str, Path, Path]]  # (sample id, image path, label path)
 
@@ -40,7 +43,8 @@ LAYOUTS: dict[str, str] = {
     "1..150 = classes); ROOT is ADEChallengeData2016 or a folder holding it (directly or as ade/...)",
     "folder": "ROOT/classes.txt (one class name per line, in label-id order; a class named "
     "'background' is scored as background), ROOT/images/<id>.png|.jpg, ROOT/labels/<id>.png (class "
-    "ids, 255 = ignore); optional ROOT/<split>.txt lists the ids (required when a split is named), else "
+    "ids, 255 = ignore; with more than 255 classes 16-bit PNGs, 65535 = ignore); optional "
+    "ROOT/<split>.txt lists the ids (required when a split is named), else "
     "every image is used",
     "cityscapes": "ROOT/leftImg8bit/val/<city>/<id>_leftImg8bit.png, "
     "ROOT/gtFine/val/<city>/<id>_gtFine_labelTrainIds.png (train ids 0..18, 255 = ignore); ROOT is the "
@@ -86,8 +90,9 @@ class DatasetInfo:
 class Sample:
     """One image/label pair. Nothing is read until ``image``, ``label`` or ``load()`` is used.
 
-    ``raw_to_label`` is a 256-entry table from the value stored in the label file to the dataset
-    label id (or 255 = ignore); ``-1`` marks values the dataset's encoding never uses.
+    ``raw_to_label`` is a table from the value stored in the label file to the dataset label id
+    (or the ignore id); ``-1`` marks values the dataset's encoding never uses. It has 256 entries
+    (8-bit labels) or, for a folder dataset of more than 255 classes, 65536 (16-bit labels).
     """
 
     id: str
@@ -104,13 +109,14 @@ class Sample:
 
     @property
     def label(self) -> np.ndarray:
-        """Label ids, uint8 ``[H, W]`` with 255 = ignore; checked against the image's size."""
+        """Label ids ``[H, W]`` (uint8 with 255 = ignore; int32 with 65535 = ignore for a folder of
+        more than 255 classes); checked against the image's size."""
         label = _read_label(self.label_path, self.raw_to_label)
         self._check_sizes(_read_size(self.image_path, "image"), (label.shape[1], label.shape[0]))
         return label
 
     def load(self) -> tuple[Image.Image, np.ndarray]:
-        """Read both files once: (PIL RGB image of size (W, H), uint8 label ``[H, W]``)."""
+        """Read both files once: (PIL RGB image of size (W, H), label ``[H, W]`` as ``label``)."""
         image = _read_image(self.image_path)
         label = _read_label(self.label_path, self.raw_to_label)
         self._check_sizes(image.size, (label.shape[1], label.shape[0]))
@@ -186,12 +192,13 @@ def _open(path: Path, what: str) -> Image.Image:
 
 def _read_label(path: Path, raw_to_label: np.ndarray) -> np.ndarray:
     with _open(path, "label") as image:
-        # P (palette, e.g. VOC) and L hold ids directly; RGB/RGBA would be a colourised
-        # visualisation, which cannot be turned back into ids safely.
-        if image.mode not in ("P", "L", "I", "I;16"):
+        # P (palette, e.g. VOC), L and 16-bit grayscale (I;16, lava's maps of more than 256
+        # labels) hold ids directly; RGB/RGBA would be a colourised visualisation, which cannot be
+        # turned back into ids safely.
+        if image.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
             raise DatasetError(
                 f"label {path} has PIL mode {image.mode!r}; expected a single-channel PNG of class "
-                "ids (mode P or L), not a colour visualisation"
+                "ids (mode P, L or 16-bit I;16), not a colour visualisation"
             )
         try:
             raw = np.asarray(image)
@@ -199,10 +206,12 @@ def _read_label(path: Path, raw_to_label: np.ndarray) -> np.ndarray:
             raise DatasetError(f"cannot decode label {path}: {exc}") from exc
     if raw.ndim != 2:
         raise DatasetError(f"label {path} has shape {raw.shape}; expected [H, W]")
+    top = len(raw_to_label) - 1
     if raw.dtype != np.uint8:
-        if raw.size and (raw.min() < 0 or raw.max() > 255):
-            raise DatasetError(f"label {path} holds values outside 0..255 (min {raw.min()}, max {raw.max()})")
-        raw = raw.astype(np.uint8)
+        if raw.size and (raw.min() < 0 or raw.max() > top):
+            low, high = raw.min(), raw.max()
+            raise DatasetError(f"label {path} holds values outside 0..{top} (min {low}, max {high})")
+        raw = raw.astype(np.uint8 if top <= 255 else np.int64)
     mapped = raw_to_label[raw]
     unexpected = mapped < 0
     if unexpected.any():
@@ -211,7 +220,7 @@ def _read_label(path: Path, raw_to_label: np.ndarray) -> np.ndarray:
             f"label {path} holds values {values[:10].tolist()} that this dataset's encoding never uses "
             f"(expected {_describe_valid(raw_to_label)}); is it the right dataset or conversion?"
         )
-    return mapped.astype(np.uint8)
+    return mapped.astype(np.uint8 if top <= 255 else np.int32)
 
 
 def _describe_valid(raw_to_label: np.ndarray) -> str:
@@ -232,10 +241,10 @@ def _describe_valid(raw_to_label: np.ndarray) -> str:
 # Label encodings: raw value in the file -> dataset label id
 
 
-def _identity_table(num_classes: int) -> np.ndarray:
-    table = np.full(256, -1, dtype=np.int16)
+def _identity_table(num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    table = np.full(ignore_index + 1, -1, dtype=np.int16 if ignore_index <= 255 else np.int32)
     table[:num_classes] = np.arange(num_classes)
-    table[IGNORE_INDEX] = IGNORE_INDEX
+    table[ignore_index] = ignore_index
     return table
 
 
@@ -479,8 +488,12 @@ def _load_folder(root: Path, split: str | None) -> SegmentationDataset:
     if not names_file.is_file():
         raise DatasetError(f"missing {names_file}; expected layout: {layout}")
     classes = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
-    if not classes or len(classes) > 255:
-        raise DatasetError(f"{names_file} must name 1..255 classes, one per line; it names {len(classes)}")
+    if not classes or len(classes) > WIDE_IGNORE_INDEX:
+        raise DatasetError(
+            f"{names_file} must name 1..{WIDE_IGNORE_INDEX} classes, one per line; it names {len(classes)}"
+        )
+    # ids 0..254 and 255 = ignore fit 8-bit label PNGs; more classes need 16-bit ones
+    ignore = IGNORE_INDEX if len(classes) <= IGNORE_INDEX else WIDE_IGNORE_INDEX
     split_file = root / f"{split or 'val'}.txt"
     if split_file.is_file():
         ids = _ids_from_split_file(split_file, layout)
@@ -502,6 +515,6 @@ def _load_folder(root: Path, split: str | None) -> SegmentationDataset:
         pairs.append((sid, image, root / "labels" / f"{sid}.png"))
     _check_all_exist(pairs, layout, _no_hint)
     background = classes.index("background") if "background" in classes else None
-    info = DatasetInfo(f"folder:{root.name}", classes, cn.prompt_names(classes), IGNORE_INDEX, background)
-    table = _identity_table(len(classes))
+    info = DatasetInfo(f"folder:{root.name}", classes, cn.prompt_names(classes), ignore, background)
+    table = _identity_table(len(classes), ignore)
     return SegmentationDataset(info, [Sample(sid, i, lab, table) for sid, i, lab in pairs], root)

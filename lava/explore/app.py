@@ -369,7 +369,8 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
 
         def segment_api(image_path, classes_text):
             """Segment an image into comma-separated classes with the model's defaults: returns the
-            overlay (with a legend) and the label map (palette PNG, pixel value i = i-th class)."""
+            overlay (with a legend) and the label map (palette PNG, pixel value i = i-th class;
+            16-bit grayscale beyond 256 labels)."""
             try:
                 settings = explorer.default_settings(classes_text)
                 result = explorer.run(explorer.new_cache(), image_path, settings)

@@ -86,8 +86,9 @@ def grid_image(grid: Grid, panel: int = 160) -> Image.Image:
 
 def write_downloads(folder: str | os.PathLike, result: Result, stem: str = "lava") -> list[Path]:
     """The files ``lava segment --save-scores`` writes for one image, written by the same code:
-    ``<stem>_labels.png`` (palette PNG, pixel value i = i-th class), ``<stem>_overlay.png``,
-    ``<stem>_classes.txt`` and ``<stem>_scores.npz`` (``scores`` ``[C, H, W]``, ``classes``)."""
+    ``<stem>_labels.png`` (pixel value i = i-th class: palette PNG, 16-bit beyond 256 labels),
+    ``<stem>_overlay.png``, ``<stem>_classes.txt`` and ``<stem>_scores.npz`` (``scores``
+    ``[C, H, W]``, ``classes``)."""
     from ..cli.segment import write_set
 
     folder = Path(folder)
