@@ -6,6 +6,8 @@ from the name it was loaded under, so local folders and fine-tunes get the right
 
 from __future__ import annotations
 
+import dataclasses
+
 from .base import VariantDefaults
 
 HUB_IDS = {
@@ -58,6 +60,29 @@ DEFAULTS = {
         source="toy model with random weights: any setting is as good as any other",
     ),
 }
+
+
+# Blocks of each variant: a model of another depth (a small fine-tune, a model trained from
+# scratch) reads the same relative depth.
+BLOCKS = {"sd3-medium": 24, "sd3.5-medium": 24, "sd3.5-large": 38, "sd3.5-large-turbo": 38}
+
+
+def fitted_defaults(variant: str, transformer_config, native: int) -> VariantDefaults:
+    """``DEFAULTS[variant]``, fitted to a model of that family with another block count or native
+    size: the blocks at the same relative depth, the resolution the model was built for."""
+    d = DEFAULTS[variant]
+    n = int(transformer_config.num_layers)
+    expected = BLOCKS.get(variant, n)
+    if n == expected and native == d.resolution:
+        return d
+    layers = tuple(sorted({min(n - 1, round(layer * n / expected)) for layer in d.layers}))
+    return dataclasses.replace(
+        d,
+        layers=layers,
+        resolution=native,
+        source=f"unmeasured: {variant}'s reading ({d.source}) at the same relative depth of {n} blocks, "
+        f"{native} px native",
+    )
 
 
 def detect_variant(transformer_config, hint: str = "") -> str:

@@ -11,6 +11,7 @@ are only built by ``load_reference_backend``.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from ..backends.base import Backend, VariantDefaults
 
@@ -59,7 +60,7 @@ def load_reference_backend(
     T5 slots are always zeros). ``path`` loads weights from another folder written by
     ``python -m scripts.train --out PATH``.
     """
-    from ..backends import from_pipeline
+    from ..backends import _load_sd3, from_pipeline
     from ..backends.base import resolve_device, resolve_dtype
     from ..errors import ModelError
     from .model import ASSET_DIR, load_pipeline, read_config
@@ -67,21 +68,32 @@ def load_reference_backend(
     if kw:
         raise ModelError(f"lava-shapes takes no options {sorted(kw)}")
     del drop_t5  # no T5 to drop
-    folder = path or ASSET_DIR
+    folder = Path(path or ASSET_DIR)
     dev = resolve_device(device if device is not None else "cpu")
     dt = resolve_dtype(dtype or "float32", dev)
-    pipe = load_pipeline(folder)
     config, _ = read_config(folder)
-    backend = from_pipeline(
-        pipe,
-        name="lava-shapes",
-        device=dev,
-        dtype=dt,
-        offload_text_encoders=offload_text_encoders,
-        max_sequence_length=config.t5_tokens,
-        # A model trained at another size (``--resolution``) reads images at its own size.
-        defaults=dataclasses.replace(REFERENCE_DEFAULTS, resolution=config.resolution),
-    )
+    # A model trained at another size (``--resolution``) reads images at its own size.
+    defaults = dataclasses.replace(REFERENCE_DEFAULTS, resolution=config.resolution)
+    if (folder / "model_index.json").is_file():  # a stock SD3 folder: loaded like any other
+        backend = _load_sd3(
+            str(folder),
+            device=dev,
+            dtype=dt,
+            offload_text_encoders=offload_text_encoders,
+            max_sequence_length=config.t5_tokens,
+        )
+        backend.name, backend.defaults = "lava-shapes", defaults
+        backend.info.pop("no_t5", None)  # by design: its T5 slots are zeros
+    else:  # the first model's folder layout (pixel space, no model_index.json)
+        backend = from_pipeline(
+            load_pipeline(folder),
+            name="lava-shapes",
+            device=dev,
+            dtype=dt,
+            offload_text_encoders=offload_text_encoders,
+            max_sequence_length=config.t5_tokens,
+            defaults=defaults,
+        )
     backend.variant = "lava-shapes"
     backend.info["weights"] = str(folder)
     return backend
