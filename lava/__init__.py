@@ -8,7 +8,10 @@ The five stages are plain functions over frozen dataclasses (``lava.types``)::
     heat    = lava.aggregate(slices, prompt)
     seg     = lava.to_mask(heat)
 
-and ``lava.segment(images, classes, backend=...)`` composes them.
+and ``lava.segment(images, classes, backend=...)`` composes them. Called with no options, every
+stage takes the model's own settings, as ``segment`` does. ``lava.recipe(backend, **options)``
+resolves a call's settings into one value (``lava.Recipe``), and ``lava.read_heatmaps`` /
+``lava.segmentation`` run the stages for several recipes, sharing forward passes.
 
 The public names are imported on first use (PEP 562), so ``import lava`` and the ``lava``
 command's ``--help`` stay fast: torch and diffusers load only when a stage is needed.
@@ -36,8 +39,11 @@ _EXPORTS = {
     "ModelError": "errors",
     "NoisyLatents": "types",
     "PAMR": "stages.refine",
+    "PromptConfig": "config",
     "Propagate": "stages.refine",
     "PromptEncoding": "types",
+    "Reading": "config",
+    "Recipe": "config",
     "Segmentation": "types",
     "aggregate": "stages.aggregate",
     "capture": "stages.capture",
@@ -50,9 +56,13 @@ _EXPORTS = {
     "mean_heatmaps": "stages.aggregate",
     "noise": "stages.noise",
     "propagate": "stages.propagate",
+    "read_heatmaps": "compose",
+    "recipe": "config",
     "refine": "stages.refine",
     "segment": "pipeline",
     "segment_iter": "pipeline",
+    "segmentation": "compose",
+    "split_classes": "stages.prompts",
     "to_mask": "stages.mask",
 }
 
@@ -69,8 +79,11 @@ __all__ = [
     "MaskConfig",
     "ModelError",
     "NoisyLatents",
+    "PromptConfig",
     "PromptEncoding",
     "Propagate",
+    "Reading",
+    "Recipe",
     "Segmentation",
     "aggregate",
     "capture",
@@ -84,9 +97,13 @@ __all__ = [
     "mean_heatmaps",
     "noise",
     "propagate",
+    "read_heatmaps",
+    "recipe",
     "refine",
     "segment",
     "segment_iter",
+    "segmentation",
+    "split_classes",
     "to_mask",
 ]
 
@@ -97,6 +114,8 @@ __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals(), submodules=(
 if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ provides them
     from . import kernels
     from .backends import Backend, from_pipeline, list_backends, load_backend
+    from .compose import read_heatmaps, segmentation
+    from .config import PromptConfig, Reading, Recipe, recipe
     from .errors import ClassNameError, ImageError, LavaError, ModelError
     from .images import load_image
     from .pipeline import segment, segment_iter
@@ -104,7 +123,7 @@ if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ p
     from .stages.capture import capture, capturing
     from .stages.mask import to_mask
     from .stages.noise import noise
-    from .stages.prompts import encode_prompt
+    from .stages.prompts import encode_prompt, split_classes
     from .stages.propagate import propagate
     from .stages.refine import PAMR, Propagate, refine
     from .types import (

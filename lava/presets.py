@@ -3,7 +3,10 @@
 A preset fills every option that decides a prediction. An option given on the command line
 as well wins, and lava says which ones did (the run then no longer reproduces the paper's
 setting exactly); the journal and report record the preset's name and every resolved value.
-Nothing here imports torch: the CLI parser lists the presets.
+From Python a preset's values are split by where they go: ``segment_options()`` (the
+``lava.options`` keywords of ``lava.segment``/``lava.config.recipe``), ``load_options()`` (the
+keywords of ``lava.load_backend``) and ``eval_options()`` (``EvalSettings``' protocol and
+background). Nothing here imports torch: the CLI parser lists the presets.
 """
 
 from __future__ import annotations
@@ -11,6 +14,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
+
+from .options import OPTIONS
+
+# Keywords of ``lava.load_backend`` a preset may set (how the model is loaded, not how it is read).
+LOAD_OPTIONS = ("dtype", "drop_t5", "max_sequence_length", "offload_text_encoders")
+# Fields of ``lava.evaluation.runner.EvalSettings`` a preset may set (which classes are named).
+EVAL_OPTIONS = ("protocol", "background")
 
 
 @dataclass(frozen=True)
@@ -19,7 +30,21 @@ class Preset:
     (a callable is called when the preset is applied); an option a command does not have is
     skipped. ``grid``: options a sweep varies itself (its ``--timesteps``/``--layers``), not set
     there. ``sources``: where each value was read, for the docs and ``lava models``.
-    ``differences``: what lava does not (or cannot) do identically."""
+    ``differences``: what lava does not (or cannot) do identically.
+
+    Every key of ``options`` is a ``lava.options`` name, a ``LOAD_OPTIONS`` or an
+    ``EVAL_OPTIONS`` one (checked when the preset is made). From Python, without the CLI::
+
+        from lava.presets import SEG4DIFF as p
+
+        backend = lava.load_backend(p.model, **p.load_options())
+        seg = lava.segment(img, classes, backend=backend, **p.segment_options())
+        # lava eval's settings (lava.evaluation.runner.EvalSettings):
+        settings = EvalSettings(**p.eval_options(), method=p.method, recipe=p.recipe(backend))
+
+    Each returns a new dict (resolvers such as Seg4Diff's timestep called), so a value can be
+    changed before use: ``{**p.segment_options(), "layers": [8, 9]}``.
+    """
 
     name: str
     paper: str
@@ -29,6 +54,44 @@ class Preset:
     sources: Mapping[str, str]
     grid: tuple[str, ...] = ("timestep", "layers")
     differences: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.options if k not in OPTIONS and k not in LOAD_OPTIONS + EVAL_OPTIONS]
+        if unknown:
+            raise ValueError(
+                f"preset {self.name}: unknown option(s) {', '.join(unknown)}; a preset sets lava.options "
+                f"names, load options ({', '.join(LOAD_OPTIONS)}) or eval options ({', '.join(EVAL_OPTIONS)})"
+            )
+
+    def _values(self, names) -> dict[str, Any]:
+        """The preset's values of ``names``, resolvers called (a list copied, so it may be changed)."""
+        out = {}
+        for key, value in self.options.items():
+            if key in names:
+                value = value() if callable(value) else value
+                out[key] = list(value) if isinstance(value, list) else value
+        return out
+
+    def segment_options(self) -> dict[str, Any]:
+        """The ``lava.options`` keywords of ``lava.segment``, ``segment_iter`` and
+        ``lava.config.recipe`` (e.g. ``timestep``, ``layers``, ``normalize``)."""
+        return self._values(OPTIONS)
+
+    def load_options(self) -> dict[str, Any]:
+        """The keywords of ``lava.load_backend`` (e.g. ``drop_t5``, ``max_sequence_length``,
+        ``dtype``) for loading ``self.model``."""
+        return self._values(LOAD_OPTIONS)
+
+    def eval_options(self) -> dict[str, Any]:
+        """``protocol`` and ``background`` of ``lava.evaluation.runner.EvalSettings``."""
+        return self._values(EVAL_OPTIONS)
+
+    def recipe(self, backend, **options: Any):
+        """``lava.config.recipe(backend, ...)`` with the preset's options, ``options`` given here
+        winning (e.g. ``layers=[1]`` on a smaller model)."""
+        from .config import recipe
+
+        return recipe(backend, **{**self.segment_options(), **options})
 
 
 def seg4diff_timestep(num_steps: int = 28, index: int = -8, shift: float = 3.0) -> float:

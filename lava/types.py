@@ -169,7 +169,7 @@ class CapturePlan:
     ``k // text_len``, so ``text_len`` is needed when there is more than one row.
 
     ``source``: ``"attention"`` reads the attention probabilities (the views above);
-    ``"concept"`` reads the concept view instead (``lava.concept``: image attention outputs ·
+    ``"concept"`` reads the concept view instead (``lava.stages.concept``: image attention outputs ·
     concept-token attention outputs), which has no direction or softmax domain of its own.
     ``keep_image_qk`` also keeps each captured block's image queries and keys (what
     ``lava.propagate`` needs): ``O(N_img · H · D)`` per block, never ``N×N``; off by default.
@@ -210,7 +210,7 @@ class AttentionSlices:
     comes from the forward of its own prompt row, in that row's softmax.
 
     With ``source="concept"`` the entries are instead the dot products of image token ``i``'s
-    attention output with the concept token of key ``columns[c]`` (``lava.concept``): logits,
+    attention output with the concept token of key ``columns[c]`` (``lava.stages.concept``): logits,
     softmaxed over the classes by ``lava.aggregate``.
     ``image_qk[block]``, only when the capture was asked to keep them (``keep_image_qk``):
     the image queries and keys of that block's joint attention (after qk-norm), each

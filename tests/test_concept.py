@@ -1,4 +1,4 @@
-"""The concept view (lava.concept) is exact, leaves the model untouched, and stays memory-flat."""
+"""The concept view (lava.stages.concept) is exact, leaves the model untouched, and stays memory-flat."""
 
 from __future__ import annotations
 

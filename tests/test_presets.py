@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from conftest import scene
 from eval_fixtures import recompute_miou, shapes_folder
 
+import lava
 from lava.cli import main
 from lava.cli.common import explicit_options
-from lava.presets import PRESETS, SEG4DIFF, seg4diff_timestep
+from lava.options import OPTIONS
+from lava.presets import EVAL_OPTIONS, LOAD_OPTIONS, PRESETS, SEG4DIFF, Preset, seg4diff_timestep
 from lava.stages.noise import input_size
 
 TOY = ("--model", "tiny-sd3", "--resolution", "32x32", "--dtype", "float32", "--layers", "1")
@@ -46,6 +50,67 @@ def test_seg4diff_preset_values_and_sources():
     for key in o:
         if key not in ("source", "min_presence", "background_threshold"):
             assert "cvlab-kaist/Seg4Diff" in SEG4DIFF.sources[key], key
+
+
+def test_every_preset_key_has_a_place():
+    # Each value goes to lava.segment (a lava.options name), lava.load_backend or EvalSettings; a
+    # sweep's grid names options too. The three dicts split the options between them.
+    for preset in PRESETS.values():
+        for key in preset.options:
+            assert key in OPTIONS or key in LOAD_OPTIONS or key in EVAL_OPTIONS, (preset.name, key)
+        for key in preset.grid:
+            assert key in OPTIONS, (preset.name, key)
+        split = {**preset.segment_options(), **preset.load_options(), **preset.eval_options()}
+        assert sorted(split) == sorted(preset.options)
+    with pytest.raises(ValueError, match="unknown option"):
+        Preset("x", "p", "lava", "tiny-sd3", {"timestpe": 5}, {})
+
+
+def test_preset_options_from_python():
+    assert SEG4DIFF.load_options() == {"drop_t5": True, "max_sequence_length": 77, "dtype": "float16"}
+    assert SEG4DIFF.eval_options() == {"protocol": "present", "background": "none"}
+    opts = SEG4DIFF.segment_options()
+    assert opts["timestep"] == seg4diff_timestep()  # the resolver is called
+    assert not any(callable(v) for v in opts.values())
+    opts["layers"].append(10)  # each call hands out its own values
+    assert SEG4DIFF.segment_options()["layers"] == [9] and SEG4DIFF.options["layers"] == [9]
+
+
+def test_seg4diff_from_python_equals_its_options_spelled_out():
+    # sd3-medium cannot be downloaded here: tiny-sd3 stands in, with the two values a toy model
+    # cannot take (4 blocks, a 128 px position embedding) and float32 on the CPU overridden.
+    backend = lava.load_backend("tiny-sd3", **{**SEG4DIFF.load_options(), "dtype": "float32"})
+    assert not backend.has_t5 and backend.text_len == 77 + 77  # T5 dropped: 154 text tokens
+    toy = {"layers": [1], "resolution": "32x32"}
+    image, classes = scene(40, 56, seed=2), ["cat", "dog", "sofa"]
+    a = lava.segment(image, classes, backend=backend, **{**SEG4DIFF.segment_options(), **toy})
+    b = lava.segment(
+        image,
+        classes,
+        backend=backend,
+        resolution="32x32",
+        layers=[1],
+        timestep=seg4diff_timestep(),
+        direction="image_to_text",
+        softmax="joint",
+        source="attention",
+        tokens="clip",
+        normalize="none",
+        min_presence=0,
+        background_threshold=0,
+    )
+    assert a.classes == b.classes == tuple(classes)  # no background label: the threshold is off
+    assert torch.equal(a.labels[0], b.labels[0]) and torch.equal(a.scores[0], b.scores[0])
+    r = SEG4DIFF.recipe(backend, **toy)
+    assert r.reading.timesteps == (seg4diff_timestep(),) and r.reading.layers == (1,)
+    assert (r.aggregate.tokens, r.aggregate.normalize) == ("clip", "none")
+    assert r.mask.background_threshold is None and r.mask.min_presence is None
+    c = lava.segment(image, classes, backend=backend, recipe=r)
+    assert torch.equal(a.scores[0], c.scores[0])
+    from lava.evaluation.runner import EvalSettings
+
+    settings = EvalSettings(**SEG4DIFF.eval_options(), method=SEG4DIFF.method, recipe=r)
+    assert (settings.protocol, settings.background, settings.recipe) == ("present", "none", r)
 
 
 def test_eval_with_the_preset_records_every_resolved_setting(folder, tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 Each class's map is the mean over its text tokens (CLIP part, T5 part or both), over heads,
 over the chosen blocks and over every timestep given, then normalised. Concept-view slices
-(``source="concept"``, see ``lava.concept``) hold logits rather than probabilities: their class
+(``source="concept"``, see ``lava.stages.concept``) hold logits rather than probabilities: their class
 means are softmaxed over the classes at each image token (per capture, before the timesteps are
 averaged), as ConceptAttention does, and then normalised like attention maps.
 """

@@ -302,7 +302,7 @@ def capture_views(
     ``keep_image_qk`` also returns each block's image queries and keys on every view
     (``AttentionSlices.image_qk``, for ``lava.propagate``).
 
-    ``source="concept"`` reads the concept view (``lava.concept``) instead of the attention
+    ``source="concept"`` reads the concept view (``lava.stages.concept``) instead of the attention
     probabilities; it has no direction or softmax domain, so ``views`` must then be the one
     default view ``("image_to_text", "joint")``, under which key its slices are returned.
     """
@@ -435,7 +435,7 @@ def capture(
     ``prompt_batch`` rows per forward). ``keep_image_qk`` also keeps each block's image queries
     and keys (``AttentionSlices.image_qk``).
 
-    ``source="concept"`` returns the concept view (``lava.concept``) of the same blocks instead;
+    ``source="concept"`` returns the concept view (``lava.stages.concept``) of the same blocks instead;
     ``direction`` and ``softmax`` must then keep their defaults.
     """
     views = capture_views(
