@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import SCORE_ATOL, SCORE_RTOL, assert_same_segmentation
+from conftest import SCORE_ATOL, SCORE_RTOL
 from PIL import Image
 
 import lava
@@ -51,20 +51,12 @@ def ui(backend, **changes):
 
 
 def assert_same(result, seg):
-    """The explorer's result is ``lava.segment``'s. The explorer captures every text key (so any
-    presence rule reads the cached capture); segment does too under the null presence rule
-    (lava-shapes' default) and captures no key columns with the concept source: then both run the
-    same computation and must agree bit for bit. Otherwise segment captures the class keys only:
-    other matrix shapes, other float rounding on some CPUs (conftest), so the results agree within
-    ``SCORE_ATOL``/``SCORE_RTOL`` and their labels off ties."""
-    settings = result.settings
-    if settings.source != "attention" or settings.presence == "null":
-        assert result.segmentation.classes == seg.classes
-        assert torch.equal(result.segmentation.labels[0], seg.labels[0])
-        assert torch.equal(result.segmentation.scores[0], seg.scores[0])
-    else:
-        threshold = settings.background_threshold if settings.background == "threshold" else None
-        assert_same_segmentation(result.segmentation, seg, background_threshold=threshold)
+    """The explorer's result is ``lava.segment``'s: both run ``lava.compose`` with the same recipe
+    and capture the same text keys (those the presence rule reads), so the same computation, and
+    they agree bit for bit."""
+    assert result.segmentation.classes == seg.classes
+    assert torch.equal(result.segmentation.labels[0], seg.labels[0])
+    assert torch.equal(result.segmentation.scores[0], seg.scores[0])
 
 
 # ---- UI values → settings ------------------------------------------------------------------------

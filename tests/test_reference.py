@@ -196,23 +196,10 @@ def test_measure_reads_what_segment_gives(shapes, name):
     classes = list(class_names()[1:])
     s = SETTINGS[name]
     got = scene_labels(shapes, Image.fromarray(image), classes, [SETTINGS["minmax-none"], s], 64)[1]
-    kw = {
-        k: getattr(s, k)
-        for k in (
-            "normalize",
-            "background_threshold",
-            "min_presence",
-            "max_classes_per_prompt",
-            "refine",
-            "source",
-        )
-    }
-    seg = lava.segment(image, classes, backend=shapes, softmax=s.softmax, **kw)
-    # measure's capture holds every softmax view and text key its settings read, the public call's
-    # only this setting's: two computations, whose labels may differ only at ties (conftest).
-    threshold = s.background_threshold
-    if threshold is None:
-        threshold = shapes.defaults.background_threshold
+    seg = lava.segment(image, classes, backend=shapes, **s.segment_kwargs())
+    # measure's capture holds every softmax view its settings read, the public call's only this
+    # setting's: two computations, whose labels may differ only at ties (conftest).
+    threshold = s.recipe(shapes, classes).mask.background_threshold
     off = got != to_global(seg.labels[0], seg.classes, "colour_shape")
     assert not (off & ~near_ties(seg, 0, threshold).numpy()).any(), int(off.sum())
 

@@ -54,7 +54,7 @@ def test_pamr_pulls_a_spilled_blob_back_inside_its_colour_region():
         normalize="minmax",
     )
     pixels = Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-    out = refine(heat, [pixels])
+    out = refine(heat, [pixels], "pamr")
     assert out.scores.shape == (1, 2, 32, 32)  # 4x the 8x8 grid
     plain = lava.to_mask(heat).labels[0] == 0
     refined = lava.to_mask(out).labels[0] == 0
@@ -140,15 +140,17 @@ def test_working_size_and_refusals():
     )
     with pytest.raises(LavaError, match="unknown refine method 'crf'"):
         refine(heat, [scene(8, 8)], method="crf")
+    # maps built by hand carry no model defaults: no method is no refinement
+    assert refine(heat, [scene(8, 8)]) is heat
     with pytest.raises(LavaError, match="2 images for 1 heatmaps"):
-        refine(heat, [scene(8, 8), scene(8, 8)])
+        refine(heat, [scene(8, 8), scene(8, 8)], "pamr")
     # PIL, uint8 array, uint8 tensor and float tensor images at the working size read the same.
     pil = scene(16, 16)
     arr = np.array(pil)
-    want = refine(heat, [pil]).scores
+    want = refine(heat, [pil], "pamr").scores
     assert want.shape == (1, 2, 16, 16)
     for same in (arr, torch.from_numpy(arr).permute(2, 0, 1), torch.from_numpy(arr / 255.0).permute(2, 0, 1)):
-        assert torch.allclose(refine(heat, [same]).scores, want, atol=1e-6)
+        assert torch.allclose(refine(heat, [same], "pamr").scores, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("which", ["tiny", "shapes"])

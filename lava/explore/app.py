@@ -80,6 +80,7 @@ def fresh_folder(results_dir: Path, max_age: float = RESULT_AGE_S) -> Path:
 
 def _describe(result, sigma: float, seconds: float) -> str:
     s = result.settings
+    r = s.recipe.reading
     ran = (
         f"{result.forwards} model forward in {seconds:.2f} s"
         if result.forwards
@@ -87,12 +88,13 @@ def _describe(result, sigma: float, seconds: float) -> str:
     )
     blocks = ", ".join(map(str, s.layers))
     mean = " (mean)" if len(s.layers) > 1 else ""
-    bg = {"threshold": f"background below {s.background_threshold:g}", "none": "no background"}.get(
+    threshold = s.recipe.mask.background_threshold
+    bg = {"threshold": f"background below {threshold:g}", "none": "no background"}.get(
         s.background, "background named as a class"
     )
     return (
         f"**{len(s.classes)} classes** · t = {s.timestep:g} (σ {sigma:.3f}) · blocks {blocks}{mean} · "
-        f"{s.source}{'' if s.source == 'concept' else f' {s.direction}/{s.softmax}'} · {bg} · {ran}"
+        f"{r.source}{'' if r.source == 'concept' else f' {r.direction}/{r.softmax}'} · {bg} · {ran}"
     )
 
 
