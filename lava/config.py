@@ -33,6 +33,7 @@ from .options import (
     unknown_options,
 )
 from .stages.capture import check_source
+from .stages.mask import check_background_class
 from .stages.refine import RefineStep, refine_name, refine_steps, resolve_refine
 from .types import AggregateConfig, MaskConfig
 
@@ -206,9 +207,7 @@ def recipe(
     prompt = PromptConfig(**picked(PROMPT))
 
     agg = aggregate_config or AggregateConfig.for_model(d)
-    agg = dataclasses.replace(
-        agg, **{o.name: given[o.name] for o in options_of(AGGREGATE) if o.name in given}
-    )
+    agg = dataclasses.replace(agg, **picked(AGGREGATE))
 
     # A refinement may be given as a name, a chain or step objects (``PAMR(size=128)``).
     refine = refine_steps(resolve_refine(options.get("refine"), d.refine))
@@ -228,8 +227,6 @@ def recipe(
     _check_unit("min_presence", mask.min_presence)
     if classes is not None and mask.background_threshold is not None and mask.background_name in classes:
         if mask_config is not None or "background_threshold" in given:
-            from .stages.mask import check_background_class
-
             check_background_class(classes, mask.background_threshold, mask.background_name)
         mask = dataclasses.replace(mask, background_threshold=None)
     return Recipe(reading=read, prompt=prompt, aggregate=agg, refine=refine, mask=mask)

@@ -48,15 +48,11 @@ def load_model(path: str | Path, init: bool = False, seed: int = 0):
     """``(pipe, latent_encoder)`` of a saved ``lava-shapes`` folder; ``init`` re-initialises the
     transformer from its config (seeded). ``latent_encoder`` maps ``[B, 3, H, W]`` pixels in
     [-1, 1] to the transformer's clean latents (through the VAE where the model has one)."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel
 
     from lava.reference.model import load_pipeline
 
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=torch.float32)
-    else:
-        pipe = load_pipeline(path)
+    pipe = load_pipeline(path)
     if init:
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)

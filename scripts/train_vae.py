@@ -51,6 +51,15 @@ class VaeConfig:
     same_colour: float = 0.35
     scenes: int = 20_000  # pre-rendered training scenes, cycled
     seed: int = 0
+    # Training-only semantic alignment (not shipped): a small transformer head reads the latent
+    # means and predicts each latent cell's shape (background/circle/square/triangle), its loss
+    # weighted by ``shape``. A VAE trained for reconstruction alone hands the diffusion transformer
+    # latents from which shape is not learnable (docs/reference-model.md: a supervised 4-block
+    # transformer stays at chance on them); the gradient of this head through the encoder makes the
+    # latents carry what the head needs (cf. VA-VAE, Yao et al. 2025: VAE latents aligned with
+    # semantic features train diffusion models faster). 0: reconstruction only.
+    shape: float = 0.0
+    init: str | None = None  # start from this trained VAE folder instead of a seeded initialisation
 
 
 def build_vae(cfg: VaeConfig):
@@ -80,15 +89,36 @@ def build_vae(cfg: VaeConfig):
         torch.random.set_rng_state(state)
 
 
-def _render(args: tuple[int, int, float]) -> np.ndarray:
-    seed, size, same_colour = args
-    return make_scene(seed, same_colour=same_colour, counts="train").render(size, 2)
+def _render(args: tuple[int, int, float, int]) -> tuple[np.ndarray, np.ndarray]:
+    seed, size, same_colour, grid = args
+    scene = make_scene(seed, same_colour=same_colour, counts="train")
+    return scene.render(size, 2), scene.labels(grid, "shape")
 
 
-def render_scenes(seeds, size: int, same_colour: float) -> np.ndarray:
-    """``[N, size, size, 3]`` uint8 renders of training scenes (2 processes)."""
+def render_scenes(seeds, size: int, same_colour: float, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """``([N, size, size, 3]`` uint8 renders, ``[N, grid, grid]`` shape ids at the latent cells'
+    centres (0 background)) of training scenes (2 processes)."""
     with Pool(2) as pool:
-        return np.stack(pool.map(_render, [(s, size, same_colour) for s in seeds], chunksize=256))
+        out = pool.map(_render, [(s, size, same_colour, grid) for s in seeds], chunksize=256)
+    return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+
+
+class ShapeHead(torch.nn.Module):
+    """Training-only: latent means ``[B, C, g, g]`` -> per-cell shape logits ``[B, g², 4]``."""
+
+    def __init__(self, channels: int, grid: int, width: int = 128, depth: int = 2):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(channels, width, 1)
+        self.pos = torch.nn.Parameter(torch.zeros(1, grid * grid, width))
+        layer = torch.nn.TransformerEncoderLayer(
+            width, 4, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = torch.nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.out = torch.nn.Linear(width, 4)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.embed(z).flatten(2).transpose(1, 2) + self.pos
+        return self.out(self.blocks(x))
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -100,7 +130,9 @@ def gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
-def vae_loss(vae, x: torch.Tensor, cfg: VaeConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+def vae_loss(
+    vae, x: torch.Tensor, cfg: VaeConfig, gen: torch.Generator, head=None, labels=None
+) -> tuple[torch.Tensor, dict]:
     dist = vae.encode(x).latent_dist
     z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
     rec = vae.decode(z).sample
@@ -111,7 +143,13 @@ def vae_loss(vae, x: torch.Tensor, cfg: VaeConfig, gen: torch.Generator) -> tupl
     edge = (gx - tx).abs().mean() + (gy - ty).abs().mean()
     kl = dist.kl().mean() / x[0].numel()
     loss = l1 + mse + cfg.edge * edge + cfg.kl * kl
-    return loss, {"l1": l1.item(), "mse": mse.item(), "edge": edge.item()}
+    parts = {"l1": l1.item(), "mse": mse.item(), "edge": edge.item()}
+    if head is not None:
+        logits = head(dist.mean)
+        shape = F.cross_entropy(logits.reshape(-1, 4), labels.reshape(-1))
+        loss = loss + cfg.shape * shape
+        parts["shape"] = shape.item()
+    return loss, parts
 
 
 @torch.no_grad()
@@ -134,9 +172,17 @@ def train_vae(out: str, cfg: VaeConfig, threads: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
-    images = render_scenes(TRAIN_SEEDS[: cfg.scenes], cfg.resolution, cfg.same_colour)
-    vae = build_vae(cfg).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    grid = cfg.resolution // 2 ** (len(cfg.channels) - 1)
+    images, labels = render_scenes(TRAIN_SEEDS[: cfg.scenes], cfg.resolution, cfg.same_colour, grid)
+    if cfg.init:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(cfg.init).train()
+    else:
+        vae = build_vae(cfg).train()
+    head = ShapeHead(vae.config.latent_channels, grid) if cfg.shape > 0 else None
+    params = list(vae.parameters()) + (list(head.parameters()) if head else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = np.random.default_rng(cfg.seed).permutation(len(images))
     start, avg = time.time(), None
@@ -144,10 +190,11 @@ def train_vae(out: str, cfg: VaeConfig, threads: int | None = None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         idx = order[np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % len(images)]
-        loss, parts = vae_loss(vae, to_pixels(images[idx]), cfg, gen)
+        target = torch.from_numpy(labels[idx].astype(np.int64)) if head else None
+        loss, parts = vae_loss(vae, to_pixels(images[idx]), cfg, gen, head, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         avg = parts if avg is None else {k: 0.95 * avg[k] + 0.05 * v for k, v in parts.items()}
         if step % 100 == 0 or step == cfg.steps - 1:
@@ -185,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--edge", type=float, default=d.edge, help="weight of the image-gradient L1")
     p.add_argument("--scenes", type=int, default=d.scenes, help="pre-rendered training scenes")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--shape", type=float, default=d.shape, help="weight of the training-only shape head")
+    p.add_argument("--init", default=None, help="start from this trained VAE folder")
+    p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     cfg = VaeConfig(
@@ -197,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
         edge=a.edge,
         scenes=a.scenes,
         seed=a.seed,
+        shape=a.shape,
+        init=a.init,
+        warmup=a.warmup,
     )
     train_vae(a.out, cfg, threads=a.threads)
 

@@ -249,7 +249,10 @@ def load_pipeline(path: str | os.PathLike = ASSET_DIR, dtype: torch.dtype = torc
             "`python -m scripts.train --out lava/assets/lava-shapes`"
         )
     if (path / "model_index.json").is_file():  # a stock folder (every model since v2)
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype)
+        # No T5: the folder lists none, and diffusers wants that said (as for SD3 without T5).
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            path, dtype=dtype, text_encoder_3=None, tokenizer_3=None
+        )
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             if module is not None:
                 module.eval().requires_grad_(False)
