@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..backends.base import Backend, VariantDefaults
+from ..backends.base import Backend, VariantDefaults, resolve_device, resolve_dtype
+from ..backends.wrap import from_pipeline
+from ..errors import ModelError
 
 __all__ = ["BACKGROUND_THRESHOLD", "REFERENCE_DEFAULTS", "load_reference_backend"]
 
@@ -59,9 +61,6 @@ def load_reference_backend(
     T5 slots are always zeros). ``path`` loads weights from another folder written by
     ``python -m scripts.train --out PATH``.
     """
-    from ..backends import from_pipeline
-    from ..backends.base import resolve_device, resolve_dtype
-    from ..errors import ModelError
     from .model import ASSET_DIR, load_pipeline, read_config
 
     if kw:
