@@ -9,7 +9,7 @@ import pytest
 from eval_fixtures import recompute_miou, shapes_folder
 
 from lava.cli import main
-from lava.cli.common import explicit_options
+from lava.cli.preset import explicit_options
 from lava.presets import PRESETS, SEG4DIFF, seg4diff_timestep
 from lava.stages.noise import input_size
 
@@ -104,7 +104,7 @@ def test_stretched_resolution_ignores_the_aspect_ratio(tiny):
     assert input_size(tiny, (16, 24), "32x32") == (32, 32)
     assert input_size(tiny, (16, 24), "64x32") == (32, 64)  # W x H
     assert input_size(tiny, (16, 24), 32) == (20, 32)  # a number keeps the aspect ratio
-    from lava.cli.common import resolution
+    from lava.cli.args import resolution
 
     assert resolution("1024X768") == "1024x768" and resolution("native") is None
 

@@ -15,7 +15,6 @@ falls back to the class's own ``from_pretrained``.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import os
 import re
@@ -155,10 +154,6 @@ def module_class(index: dict, name: str):
 
 # Python warnings raised from inside these packages are theirs to report, not lava's.
 CHATTY_MODULES = r"(diffusers|transformers|huggingface_hub|accelerate|tokenizers)(\.|$)"
-
-# What ``load_backend(verbose=None)`` does: quiet, unless the caller's context says otherwise
-# (``lava --verbose`` sets it for the command it runs).
-VERBOSE_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("lava_verbose_loading", default=False)
 
 
 def set_library_output(verbose: bool) -> Callable[[], None]:

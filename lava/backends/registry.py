@@ -17,7 +17,7 @@ from ..errors import ModelError
 from ..reference import REFERENCE_DEFAULTS, load_reference_backend
 from . import flux
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype
-from .loading import VERBOSE_LOADING, library_output
+from .loading import library_output
 from .pretrained import load_flux, load_pretrained, load_sd3, refuse_drop_t5
 from .sd3 import DEFAULTS, HUB_IDS
 from .tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_flux_pipeline, build_tiny_pipeline
@@ -144,7 +144,7 @@ def load_backend(
     dtype: str | torch.dtype | None = None,
     drop_t5: bool = False,
     offload_text_encoders: bool = False,
-    verbose: bool | None = None,
+    verbose: bool = False,
     **kw: Any,
 ) -> Backend:
     """A backend from a registry name (``"tiny-sd3"``, ``"sd3-medium"``, ``"flux-dev"``, ``"tiny-flux"``,
@@ -178,7 +178,7 @@ def load_backend(
                 f"unknown model {name_or_path!r}: expected one of {sorted(REGISTRY)}, a hub id such as "
                 f"{HUB_IDS['sd3-medium']!r}, or a local folder"
             )
-    if VERBOSE_LOADING.get() if verbose is None else verbose:
+    if verbose:
         return load()
     with library_output(verbose=False):
         return load()

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import LavaError
+from ..errors import LavaError, describe_os_error
 from ..options import DIRECTIONS, IMAGE_TO_TEXT, JOINT, SOFTMAX_DOMAINS, TOKEN_PARTS
 from .render import grid_image, heat_gallery, write_downloads
 from .session import (
@@ -468,7 +468,6 @@ def _spread(n_time: int, count: int = 5) -> list[int]:
 
 def check_port(host: str, port: int) -> None:
     """Refuse at once (before the model loads) an address the server could not listen on."""
-    from ..io import describe_os_error
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
