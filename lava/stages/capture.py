@@ -15,7 +15,7 @@ import torch
 from ..backends.base import Backend
 from ..errors import LavaError
 from ..kernels import SliceSpec, resolve_impl
-from ..options import DEFAULT_VIEW, SOURCES
+from ..options import DEFAULT_VIEW, IMAGE_TO_TEXT, JOINT, SOURCES
 from ..types import AttentionSlices, CapturePlan, NoisyLatents, PromptEncoding
 from .concept import capturing_concepts
 from .processors import CaptureProcessor, CaptureStore, StopForward, capturing, run_until_captured
@@ -223,8 +223,8 @@ def capture(
     prompt: PromptEncoding,
     *,
     layers: Sequence[int] | None = None,
-    direction: str = "image_to_text",
-    softmax: str = "joint",
+    direction: str = IMAGE_TO_TEXT,
+    softmax: str = JOINT,
     heads: str = "mean",
     columns: Sequence[int] | None = None,
     impl: str = "auto",
