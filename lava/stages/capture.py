@@ -114,6 +114,72 @@ def capture_views(
     probabilities; it has no direction or softmax domain, so ``views`` must then be the one
     default view ``("image_to_text", "joint")``, under which key its slices are returned.
     """
+    layer_tuple, cols, impl = _check_request(backend, prompt, views, layers, columns, heads, impl, source)
+    (direction, softmax), *extra = [tuple(v) for v in views]
+    t = prompt.text_len
+    per_group: list[dict[tuple[str, str], dict[int, torch.Tensor]]] = []
+    qk_groups: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
+    order: list[int] = []
+    for rows in prompt_groups(prompt, prompt_batch):
+        keys = tuple(c for c in cols if c // t in rows)
+        if not keys:
+            continue
+        plan = CapturePlan(
+            layers=layer_tuple,
+            columns=keys,
+            direction=direction,
+            softmax=softmax,
+            heads=heads,
+            impl=impl,
+            early_exit=early_exit,
+            extra_views=tuple(extra),
+            prompt_rows=rows,
+            text_len=t,
+            source=source,
+            keep_image_qk=keep_image_qk,
+        )
+        if plan.source == "concept":
+            context = capturing_concepts(backend.transformer, plan, noisy.batch_size * len(rows))
+        else:
+            context = capturing(backend.transformer, plan)
+        with context as store:
+            run_until_captured(backend.transformer, **transformer_inputs(backend, noisy, prompt, rows))
+        per_group.append(store.views)
+        qk_groups.append(store.image_qk)
+        order += keys
+    image_qk = _join_image_qk(qk_groups, noisy.batch_size) if keep_image_qk else None
+    return {
+        view: AttentionSlices(
+            maps=maps,
+            columns=cols,
+            grid=noisy.grid,
+            direction=view[0],
+            softmax=view[1],
+            heads=heads,
+            timestep=noisy.timestep,
+            sigma=noisy.sigma,
+            image_sizes=noisy.image_sizes,
+            source=source,
+            image_qk=image_qk,
+            defaults=backend.defaults,
+        )
+        for view, maps in _join_groups(per_group, order, cols, layer_tuple).items()
+    }
+
+
+def _check_request(
+    backend: Backend,
+    prompt: PromptEncoding,
+    views: Sequence[tuple[str, str]],
+    layers: Sequence[int] | None,
+    columns: Sequence[int] | None,
+    heads: str,
+    impl: str,
+    source: str,
+) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    """``(blocks, text keys, implementation)`` of a ``capture_views`` call, each checked before any
+    forward runs: the views and source, the blocks, the prompt's text length, the keys' range
+    (default: those the model's presence rule reads) and the slice op's options."""
     if not views:
         raise LavaError("views must name at least one (direction, softmax) pair")
     check_source(source, views)
@@ -146,61 +212,26 @@ def capture_views(
         impl = resolve_impl(impl, backend.device)
     except ValueError as err:
         raise LavaError(str(err)) from err
-    (direction, softmax), *extra = [tuple(v) for v in views]
-    per_group: list[dict[tuple[str, str], dict[int, torch.Tensor]]] = []
-    qk_groups: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
-    order: list[int] = []
-    for rows in prompt_groups(prompt, prompt_batch):
-        keys = tuple(c for c in cols if c // t in rows)
-        if not keys:
-            continue
-        plan = CapturePlan(
-            layers=layer_tuple,
-            columns=keys,
-            direction=direction,
-            softmax=softmax,
-            heads=heads,
-            impl=impl,
-            early_exit=early_exit,
-            extra_views=tuple(extra),
-            prompt_rows=rows,
-            text_len=t,
-            source=source,
-            keep_image_qk=keep_image_qk,
-        )
-        if plan.source == "concept":
-            context = capturing_concepts(backend.transformer, plan, noisy.batch_size * len(rows))
-        else:
-            context = capturing(backend.transformer, plan)
-        with context as store:
-            run_until_captured(backend.transformer, **transformer_inputs(backend, noisy, prompt, rows))
-        per_group.append(store.views)
-        qk_groups.append(store.image_qk)
-        order += keys
-    # Back to the order of ``cols``; each group's maps hold its own keys, in that order.
+    return layer_tuple, cols, impl
+
+
+def _join_groups(
+    per_group: Sequence[dict[tuple[str, str], dict[int, torch.Tensor]]],
+    order: Sequence[int],
+    cols: Sequence[int],
+    layers: Sequence[int],
+) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
+    """Each view's maps ``{block: [B, H', N_img, K]}`` over every forward's keys, joined and put
+    back in the order of ``cols`` (each forward's maps hold its own keys, ``order`` all of them)."""
     rank = {c: i for i, c in enumerate(cols)}
     perm = sorted(range(len(order)), key=lambda i: rank[order[i]])
-    image_qk = _join_image_qk(qk_groups, noisy.batch_size) if keep_image_qk else None
     out = {}
     for view in per_group[0]:
         maps = {}
-        for block in layer_tuple:
+        for block in layers:
             joined = torch.cat([g[view][block] for g in per_group], dim=-1)
             maps[block] = joined if perm == list(range(len(perm))) else joined[..., perm]
-        out[view] = AttentionSlices(
-            maps=maps,
-            columns=cols,
-            grid=noisy.grid,
-            direction=view[0],
-            softmax=view[1],
-            heads=heads,
-            timestep=noisy.timestep,
-            sigma=noisy.sigma,
-            image_sizes=noisy.image_sizes,
-            source=source,
-            image_qk=image_qk,
-            defaults=backend.defaults,
-        )
+        out[view] = maps
     return out
 
 
