@@ -90,9 +90,16 @@ def _split_dir(split: str, aliases: dict[str, str], dataset: str) -> str:
     return aliases[split]
 
 
-def _list_pascal(
-    root: Path, split: str, *, year_dir: str, image_sets: str, label_dir: str, layout: str
-) -> tuple[Path, Pairs]:
+# Each Pascal layout: the folder of its year, its ImageSets/ subfolder and its label folder.
+PASCAL = {
+    "voc": ("VOC2012", "Segmentation", "SegmentationClass"),
+    "context": ("VOC2010", "SegmentationContext", "SegmentationClassContext"),
+}
+
+
+def _list_pascal(name: str, root: Path, split: str) -> tuple[Path, Pairs]:
+    year_dir, image_sets, label_dir = PASCAL[name]
+    layout = LAYOUTS[name]
     base = _find_base(root, ("", year_dir, f"VOCdevkit/{year_dir}"), f"ImageSets/{image_sets}", layout)
     ids = ids_from_split_file(base / "ImageSets" / image_sets / f"{split}.txt", layout)
     pairs = [(i, base / "JPEGImages" / f"{i}.jpg", base / label_dir / f"{i}.png") for i in ids]
@@ -101,25 +108,11 @@ def _list_pascal(
 
 
 def list_voc(root: Path, split: str) -> tuple[Path, Pairs]:
-    return _list_pascal(
-        root,
-        split,
-        year_dir="VOC2012",
-        image_sets="Segmentation",
-        label_dir="SegmentationClass",
-        layout=LAYOUTS["voc"],
-    )
+    return _list_pascal("voc", root, split)
 
 
 def list_context(root: Path, split: str) -> tuple[Path, Pairs]:
-    return _list_pascal(
-        root,
-        split,
-        year_dir="VOC2010",
-        image_sets="SegmentationContext",
-        label_dir="SegmentationClassContext",
-        layout=LAYOUTS["context"],
-    )
+    return _list_pascal("context", root, split)
 
 
 def list_coco_object(root: Path, split: str) -> tuple[Path, Pairs]:
