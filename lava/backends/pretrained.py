@@ -4,6 +4,7 @@ words why it could not be loaded."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -21,34 +22,53 @@ def refuse_drop_t5(source: str, drop_t5: bool) -> None:
         )
 
 
-def load_flux(
-    source: str,
-    *,
-    device=None,
-    dtype=None,
-    drop_t5: bool = False,
-    offload_text_encoders: bool = False,
-    max_sequence_length: int | None = None,
-    guidance: float | None = None,
-    **kw,
-) -> Backend:
-    from diffusers import FluxPipeline
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded pipeline goes: device and dtype (resolved), text encoders on the CPU or
+    not, and the T5 window (``None``: the model's)."""
 
-    refuse_drop_t5(source, drop_t5)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    device: torch.device
+    dtype: torch.dtype
+    offload_text_encoders: bool = False
+    max_sequence_length: int | None = None
+
+
+def placement(opts: dict) -> tuple[Placement, dict]:
+    """The ``Placement`` a loader's keyword options ask for, and the rest of them (passed on to
+    ``from_pretrained``: ``revision``, ``variant``, ...)."""
+    kw = dict(opts)
+    dev = resolve_device(kw.pop("device", None))
+    dt = resolve_dtype(kw.pop("dtype", None), dev)
+    offload = kw.pop("offload_text_encoders", False)
+    return Placement(dev, dt, offload, kw.pop("max_sequence_length", None)), kw
+
+
+def _as_backend(source: str, where: Placement, build, guidance: float | None = None) -> Backend:
+    """``build()``'s pipeline as a backend placed ``where``; its failures to load explained in plain
+    words (``load_error_message``)."""
     try:
-        pipe = FluxPipeline.from_pretrained(source, dtype=dt, **kw)
+        pipe = build()
     except (OSError, ValueError) as err:
         raise ModelError(load_error_message(source, err)) from err
     return from_pipeline(
         pipe,
         name=source,
-        device=dev,
-        dtype=dt,
-        offload_text_encoders=offload_text_encoders,
-        max_sequence_length=max_sequence_length,
+        device=where.device,
+        dtype=where.dtype,
+        offload_text_encoders=where.offload_text_encoders,
+        max_sequence_length=where.max_sequence_length,
         guidance=guidance,
+    )
+
+
+def load_flux(source: str, *, drop_t5: bool = False, guidance: float | None = None, **opts) -> Backend:
+    """A Flux pipeline from a hub id or a folder (``opts``: ``placement``'s, then ``from_pretrained``'s)."""
+    from diffusers import FluxPipeline
+
+    refuse_drop_t5(source, drop_t5)
+    where, kw = placement(opts)
+    return _as_backend(
+        source, where, lambda: FluxPipeline.from_pretrained(source, dtype=where.dtype, **kw), guidance
     )
 
 
@@ -68,45 +88,31 @@ def load_pretrained(source: str, **opts) -> Backend:
     return load_sd3(source, index=index, **opts)
 
 
-def load_sd3(
-    source: str,
-    *,
-    device=None,
-    dtype=None,
-    drop_t5: bool = False,
-    offload_text_encoders: bool = False,
-    max_sequence_length: int | None = None,
-    index: dict | None = None,
-    **kw,
-) -> Backend:
-    """``index``: the source's ``model_index.json`` when the caller has read it already."""
+def load_sd3(source: str, *, drop_t5: bool = False, index: dict | None = None, **opts) -> Backend:
+    """An SD3-family pipeline from a hub id or a folder (``opts``: ``placement``'s, then
+    ``from_pretrained``'s); ``index``: the source's ``model_index.json`` when the caller has read
+    it already."""
     from diffusers import StableDiffusion3Pipeline
 
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    where, kw = placement(opts)
     if index is None:
         index = model_index(source, kw.get("revision"))
     # A folder saved without T5 says so in its model_index.json; read it before any weights load.
     no_t5 = not drop_t5 and lacks_t5(index)
     extra = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 or no_t5 else {}
-    try:
+
+    def build():
         folder = source if os.path.isdir(os.path.expanduser(source)) else _download(source, extra, kw)
         # The heavy modules go straight to their dtype and device, one tensor at a time; diffusers
         # loads only what is left (tokenizers, scheduler).
         # The index read above is the folder's own; only when it could not be read is the folder asked.
         folder_index = index if index is not None else model_index(folder)
-        modules = _load_modules(folder, folder_index, dev, dt, offload_text_encoders, skip=set(extra))
-        pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dt, **extra, **modules, **kw)
-    except (OSError, ValueError) as err:
-        raise ModelError(load_error_message(source, err)) from err
-    backend = from_pipeline(
-        pipe,
-        name=source,
-        device=dev,
-        dtype=dt,
-        offload_text_encoders=offload_text_encoders,
-        max_sequence_length=max_sequence_length,
-    )
+        modules = _load_modules(
+            folder, folder_index, where.device, where.dtype, where.offload_text_encoders, skip=set(extra)
+        )
+        return StableDiffusion3Pipeline.from_pretrained(folder, dtype=where.dtype, **extra, **modules, **kw)
+
+    backend = _as_backend(source, where, build)
     if no_t5:
         backend.info["no_t5"] = f"{source} has no T5 text encoder (its model_index.json lists none)"
     return backend

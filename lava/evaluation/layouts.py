@@ -115,17 +115,24 @@ def list_context(root: Path, split: str) -> tuple[Path, Pairs]:
     return _list_pascal("context", root, split)
 
 
-def list_coco_object(root: Path, split: str) -> tuple[Path, Pairs]:
-    layout = LAYOUTS["coco_object"]
-    sub = _split_dir(
-        split,
-        {"val": "val2017", "val2017": "val2017", "train": "train2017", "train2017": "train2017"},
-        "coco_object",
-    )
-    base = _find_base(root, ("", "coco_object", "coco_stuff164k", "coco"), f"images/{sub}", layout)
+def _jpg_images(
+    name: str, root: Path, split: str, splits: dict[str, str], candidates: Sequence[str]
+) -> tuple[Path, str, list[Path]]:
+    """``(base, split folder, images)`` of a layout of ``base/images/<split folder>/*.jpg``
+    (``splits``: the split names it accepts, each to its folder)."""
+    layout = LAYOUTS[name]
+    sub = _split_dir(split, splits, name)
+    base = _find_base(root, candidates, f"images/{sub}", layout)
     images = sorted((base / "images" / sub).glob("*.jpg"))
     if not images:
         raise DatasetError(f"no .jpg images in {base / 'images' / sub}; expected layout: {layout}")
+    return base, sub, images
+
+
+def list_coco_object(root: Path, split: str) -> tuple[Path, Pairs]:
+    splits = {"val": "val2017", "val2017": "val2017", "train": "train2017", "train2017": "train2017"}
+    candidates = ("", "coco_object", "coco_stuff164k", "coco")
+    base, sub, images = _jpg_images("coco_object", root, split, splits, candidates)
     labels = base / "annotations" / sub
     pairs = [(p.stem, p, labels / f"{p.stem}_instanceTrainIds.png") for p in images]
 
@@ -139,23 +146,16 @@ def list_coco_object(root: Path, split: str) -> tuple[Path, Pairs]:
             )
         return ""
 
-    check_all_exist(pairs, layout, hint)
+    check_all_exist(pairs, LAYOUTS["coco_object"], hint)
     return base, pairs
 
 
 def list_ade20k(root: Path, split: str) -> tuple[Path, Pairs]:
-    layout = LAYOUTS["ade20k"]
-    sub = _split_dir(
-        split,
-        {"val": "validation", "validation": "validation", "train": "training", "training": "training"},
-        "ade20k",
-    )
-    base = _find_base(root, ("", "ADEChallengeData2016", "ade/ADEChallengeData2016"), f"images/{sub}", layout)
-    images = sorted((base / "images" / sub).glob("*.jpg"))
-    if not images:
-        raise DatasetError(f"no .jpg images in {base / 'images' / sub}; expected layout: {layout}")
+    splits = {"val": "validation", "validation": "validation", "train": "training", "training": "training"}
+    candidates = ("", "ADEChallengeData2016", "ade/ADEChallengeData2016")
+    base, sub, images = _jpg_images("ade20k", root, split, splits, candidates)
     pairs = [(p.stem, p, base / "annotations" / sub / f"{p.stem}.png") for p in images]
-    check_all_exist(pairs, layout, no_hint)
+    check_all_exist(pairs, LAYOUTS["ade20k"], no_hint)
     return base, pairs
 
 
