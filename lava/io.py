@@ -7,7 +7,6 @@ all of them appear, or none does.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import tempfile
@@ -17,26 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import OutputError
-
-_REASONS = {
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.EROFS: "the file system is read-only",
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EISDIR: "a folder of that name is in the way",
-    errno.ENOTDIR: "a file is in the way where a folder should be",
-    errno.EEXIST: "a file of that name is in the way",
-    errno.ENAMETOOLONG: "the file name is too long",
-}
-
-
-def describe_os_error(err: OSError) -> str:
-    """Why ``err`` happened, in words (``"the file system is read-only"``), without ``[Errno N]``."""
-    if err.errno in _REASONS:
-        return _REASONS[err.errno]
-    return (err.strerror or str(err) or type(err).__name__).lower()
+from .errors import OutputError, describe_os_error
 
 
 def _temp_beside(path: Path) -> Path:

@@ -11,7 +11,7 @@ Nothing here imports torch: ``lava --help`` builds its parser from this module.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -96,6 +96,18 @@ def resolution(text: str) -> int | str | None:
     return value
 
 
+def refine_order_error(names: Sequence[str]) -> str | None:
+    """Why the refine steps ``names`` cannot run in that order, or ``None``: propagation works on
+    the token grid, which PAMR leaves, so no ``propagate`` may follow a ``pamr``."""
+    names = list(names)
+    if "pamr" in names and "propagate" in names[names.index("pamr") :]:
+        return (
+            f"refine chain {','.join(names)!r}: 'propagate' must come before "
+            "'pamr' (propagation works on the token grid, PAMR leaves it)"
+        )
+    return None
+
+
 def refine_chain(text: str) -> str:
     """A refinement or a comma-separated chain of them (``propagate,pamr``), or ``none``."""
     if text.strip() == NO_REFINE:
@@ -107,13 +119,10 @@ def refine_chain(text: str) -> str:
             f"unknown refinement {unknown[0]!r}: expected one of {', '.join(REFINE_METHODS)}, or a "
             "comma-separated chain such as propagate,pamr"
         )
-    from .errors import LavaError
-    from .stages.refine import refine_name  # the chain's rules (order) live with the steps
-
-    try:
-        return refine_name(",".join(steps))
-    except LavaError as err:
-        raise ValueError(str(err)) from None
+    error = refine_order_error(steps)
+    if error is not None:
+        raise ValueError(error)
+    return ",".join(steps)
 
 
 # ---- the declarations ----------------------------------------------------------------------------

@@ -48,22 +48,22 @@ another dtype, offloading, tiling, dropping T5, a lower resolution — with its 
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import re
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
+from typing import NamedTuple
 
 import torch
 
+from .backends.wrap import place, text_dtype
 from .errors import LavaError
+from .model_spec import HEAVY, TEXT_ENCODERS, ModelSpec, spec_for, spec_from_folder, spec_from_pipeline
 
 TRANSFORMER_FACTOR = 12
 VAE_FACTOR = 5
 # 0.5 GiB after imports (a --dry-run process) + 0.4 GiB that full-size runs hold beyond the modelled
 # terms (allocator slack after loading, tokenizers, images): docs/benchmarks.md, full-size table.
 CPU_BASE_BYTES = int(0.9 * 2**30)
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-HEAVY = ("transformer", "vae", *TEXT_ENCODERS)
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -87,169 +87,6 @@ def fmt_bytes(n: float, digits: int = 2) -> str:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-# ---- what the planner knows about a model ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model's sizes, from configs: no weights needed.
-
-    ``params``: module name → number of floating-point elements (parameters and buffers) for the
-    modules present; ``largest``: the largest single tensor's elements; the rest is geometry.
-    """
-
-    params: dict[str, int]
-    heads: int
-    head_dim: int
-    patch_size: int
-    joint_dim: int
-    vae_scale: int = 8
-    vae_channels: int = 128
-    vae_sample_size: int | None = None
-    clip_len: int = 77
-    t5_len: int = 256
-    largest: int = 0
-
-    @property
-    def has_t5(self) -> bool:
-        return "text_encoder_3" in self.params
-
-    @property
-    def grid_unit(self) -> int:
-        return self.vae_scale * self.patch_size
-
-
-_TRANSFORMER_KEYS = ("num_attention_heads", "attention_head_dim", "patch_size", "joint_attention_dim")
-
-
-def _spec(
-    params: dict[str, int], largest: int, transformer: dict, vae: dict | None, *, clip_len: int, t5_len: int
-) -> ModelSpec:
-    """The ``ModelSpec`` of the counted modules and the transformer's and VAE's configs (as dicts;
-    ``vae`` None without a VAE: 3-channel images, no downscaling)."""
-    return ModelSpec(
-        params=params,
-        heads=int(transformer["num_attention_heads"]),
-        head_dim=int(transformer["attention_head_dim"]),
-        patch_size=int(transformer["patch_size"]),
-        joint_dim=int(transformer["joint_attention_dim"]),
-        vae_scale=2 ** (len(vae["block_out_channels"]) - 1) if vae else 1,
-        vae_channels=int(vae["block_out_channels"][0]) if vae else 3,
-        vae_sample_size=_int_or_none(vae.get("sample_size")) if vae else None,
-        clip_len=clip_len,
-        t5_len=t5_len,
-        largest=largest,
-    )
-
-
-def spec_from_pipeline(pipe, max_sequence_length: int = 256) -> ModelSpec:
-    """The spec of an already-built pipeline (any object with its attributes; missing parts count 0)."""
-    params, largest = {}, 0
-    for name in HEAVY:
-        module = getattr(pipe, name, None)
-        if module is None or not hasattr(module, "parameters"):
-            continue
-        tensors = [*module.parameters(), *getattr(module, "buffers", lambda: ())()]
-        params[name] = sum(t.numel() for t in tensors if t.is_floating_point())
-        largest = max([largest, *(t.numel() for t in tensors)])
-    cfg = pipe.transformer.config
-    transformer = {key: getattr(cfg, key) for key in _TRANSFORMER_KEYS}
-    vcfg = getattr(getattr(pipe, "vae", None), "config", None)
-    vae = None
-    if vcfg is not None:
-        vae = {
-            "block_out_channels": vcfg.block_out_channels,
-            "sample_size": getattr(vcfg, "sample_size", None),
-        }
-    tokenizer = getattr(pipe, "tokenizer", None)
-    clip_len = int(getattr(tokenizer, "model_max_length", 77))
-    return _spec(params, largest, transformer, vae, clip_len=clip_len, t5_len=max_sequence_length)
-
-
-def _int_or_none(value) -> int | None:
-    if isinstance(value, (list, tuple)):
-        value = max(value) if value else None
-    return None if value is None else int(value)
-
-
-def spec_from_folder(folder: str, *, drop_t5: bool = False, max_sequence_length: int = 256) -> ModelSpec:
-    """The spec of a pipeline folder (``save_pretrained`` layout) from its JSON files and the headers
-    of its safetensors files: nothing heavy is read. Components ``model_index.json`` lists as null
-    are absent; without safetensors a module is built without storage to count its parameters."""
-    from .backends import lacks_t5, model_index
-    from .backends.loading import module_class, stored_tensors
-    from .errors import ModelError
-
-    index = model_index(folder)
-    if not isinstance(index, dict):
-        raise ModelError(
-            f"{folder} has no readable model_index.json: expected a folder saved with save_pretrained()"
-        )
-    skip_t5 = drop_t5 or lacks_t5(index)
-    params, largest = {}, 0
-    for name in HEAVY:
-        entry = index.get(name)
-        if (name == "text_encoder_3" and skip_t5) or not isinstance(entry, (list, tuple)) or entry[0] is None:
-            continue
-        tensors = stored_tensors(os.path.join(folder, name))
-        if tensors:
-            sizes = [_numel(shape) for dt, shape in tensors.values() if dt.is_floating_point]
-        else:  # no safetensors: count a module built without storage
-            sizes = _meta_sizes(module_class(index, name), os.path.join(folder, name))
-        params[name] = sum(sizes)
-        largest = max([largest, *sizes])
-
-    def config(name: str, file: str = "config.json") -> dict:
-        with open(os.path.join(folder, name, file)) as fh:
-            return json.load(fh)
-
-    t = config("transformer")
-    vae = config("vae") if "vae" in params else None
-    has_tok = os.path.isfile(os.path.join(folder, "tokenizer", "tokenizer_config.json"))
-    tok = config("tokenizer", "tokenizer_config.json") if has_tok else {}
-    return _spec(
-        params, largest, t, vae, clip_len=int(tok.get("model_max_length", 77)), t5_len=max_sequence_length
-    )
-
-
-def spec_for(source: str, *, drop_t5: bool = False, max_sequence_length: int = 256):
-    """``(ModelSpec, transformer config)`` of a local folder, or of a hub id from its JSON files alone
-    (downloaded once into the Hugging Face cache, weights not fetched)."""
-    from diffusers.configuration_utils import FrozenDict
-
-    from .backends import load_error_message
-    from .errors import ModelError
-
-    folder = os.path.expanduser(source)
-    if not os.path.isdir(folder):
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.model"])
-        except Exception as err:  # the hub's own errors, explained as load_backend explains them
-            raise ModelError(load_error_message(source, err)) from err
-    spec = spec_from_folder(folder, drop_t5=drop_t5, max_sequence_length=max_sequence_length)
-    with open(os.path.join(folder, "transformer", "config.json")) as fh:
-        return spec, FrozenDict(json.load(fh))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _meta_sizes(cls, folder: str) -> list[int]:
-    from accelerate import init_empty_weights
-
-    from .backends.loading import _empty
-
-    with init_empty_weights(include_buffers=True):
-        module = _empty(cls, folder)
-    return [t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
 
 
 # ---- the plan ----------------------------------------------------------------------------------------
@@ -375,13 +212,10 @@ def estimate_memory(
 
     ``model`` is a ``ModelSpec`` or a ``StableDiffusion3Pipeline`` (only sizes are read).
     """
-    from .backends import text_dtype
-
     spec = model if isinstance(model, ModelSpec) else spec_from_pipeline(model)
     dev = torch.device(device)
     devname = "cpu" if dev.type == "cpu" else str(dev if dev.index is not None else torch.device("cuda", 0))
     e = torch.empty((), dtype=dtype).element_size()
-    has_t5 = spec.has_t5 and not drop_t5
     text_dev = torch.device("cpu") if offload_text_encoders or dev.type == "cpu" else dev
     text_devname = "cpu" if text_dev.type == "cpu" else devname
     tdt = text_dtype(text_dev, dtype)
@@ -389,26 +223,13 @@ def estimate_memory(
 
     placement: dict[str, tuple[str, str]] = {}
     for name in HEAVY:
-        if name not in spec.params or (name == "text_encoder_3" and not has_t5):
+        if name not in spec.params or (name == "text_encoder_3" and not (spec.has_t5 and not drop_t5)):
             continue
         text = name in TEXT_ENCODERS
         placement[name] = (text_devname if text else devname, dtype_name(tdt if text else dtype))
     weight_of = {n: spec.params[n] * (te if n in TEXT_ENCODERS else e) for n in placement}
-
-    width = spec.heads * spec.head_dim
-    n_img = (size[0] // spec.grid_unit) * (size[1] // spec.grid_unit)
     t = text_tokens if text_tokens is not None else spec.clip_len + spec.t5_len
-    transformer = batch * (n_img + t) * width * e * TRANSFORMER_FACTOR
-    kept = spec.heads if heads_kept else 1
-    slices = batch * n_img * columns * 4 * (captured_layers * kept + spec.heads)
-    tile = spec.vae_sample_size
-    tiles = bool(vae_tiling and tile and "vae" in spec.params and max(size) > tile)
-    h, w = (min(size[0], tile), min(size[1], tile)) if tiles else size
-    if "vae" in spec.params:
-        vae_act = batch * h * w * spec.vae_channels * e * VAE_FACTOR
-    else:
-        vae_act = batch * size[0] * size[1] * 3 * e
-    text_act = batch * t * max(spec.joint_dim, 1) * te * TRANSFORMER_FACTOR
+    act = activations(spec, size, e, te, t, batch, captured_layers, columns, heads_kept, vae_tiling)
     # One tensor at a time: read as stored (at most 4 bytes an element) and converted, on the CPU;
     # a CUDA device sees only the converted one.
     loading = {devname: spec.largest * e, "cpu": spec.largest * (4 + e)}
@@ -418,27 +239,68 @@ def estimate_memory(
         weights = {n: (placement[n][1], weight_of[n]) for n in placement if placement[n][0] == mem}
         phases = {"loading": loading[mem] if weights else 0}
         if text_devname == mem:
-            phases["text"] = text_act
+            phases["text"] = act.text
         if devname == mem:
-            phases["VAE"] = vae_act
-            phases["transformer + slices"] = transformer + slices
+            phases["VAE"] = act.vae
+            phases["transformer + slices"] = act.transformer + act.slices
         memories.append(Memory(mem, CPU_BASE_BYTES if mem == "cpu" else 0, weights, phases))
     return MemoryPlan(
         size=tuple(size),
         device=devname,
         dtype=dtype_name(dtype),
         memories=tuple(memories),
-        transformer_activations=int(transformer),
-        vae_activations=int(vae_act),
-        slices=int(slices),
+        transformer_activations=int(act.transformer),
+        vae_activations=int(act.vae),
+        slices=int(act.slices),
         weights=sum(weight_of[n] for n in placement if placement[n][0] == devname),
         offload_text_encoders=offload_text_encoders,
         drop_t5=drop_t5 and spec.has_t5,
         vae_tiling=vae_tiling,
-        vae_tiles=tiles,
+        vae_tiles=act.tiles,
         placement=placement,
-        tokens=(n_img, t, batch),
+        tokens=(act.image_tokens, t, batch),
     )
+
+
+class Activations(NamedTuple):
+    """The activation terms of the peak formula (module docstring), in bytes."""
+
+    image_tokens: int
+    transformer: int
+    slices: int
+    vae: int
+    text: int
+    tiles: bool  # whether the VAE encode tiles at this size
+
+
+def activations(
+    spec: ModelSpec,
+    size: tuple[int, int],
+    e: int,
+    te: int,
+    text_tokens: int,
+    batch: int,
+    captured_layers: int,
+    columns: int,
+    heads_kept: bool,
+    vae_tiling: bool,
+) -> Activations:
+    """The transformer pass (with the slices kept), the VAE encode and the text encoders, for
+    ``batch`` images of ``size``; ``e``/``te``: bytes per element of the compute and text dtypes."""
+    width = spec.heads * spec.head_dim
+    n_img = (size[0] // spec.grid_unit) * (size[1] // spec.grid_unit)
+    transformer = batch * (n_img + text_tokens) * width * e * TRANSFORMER_FACTOR
+    kept = spec.heads if heads_kept else 1
+    slices = batch * n_img * columns * 4 * (captured_layers * kept + spec.heads)
+    tile = spec.vae_sample_size
+    tiles = bool(vae_tiling and tile and "vae" in spec.params and max(size) > tile)
+    h, w = (min(size[0], tile), min(size[1], tile)) if tiles else size
+    if "vae" in spec.params:
+        vae = batch * h * w * spec.vae_channels * e * VAE_FACTOR
+    else:
+        vae = batch * size[0] * size[1] * 3 * e
+    text = batch * text_tokens * max(spec.joint_dim, 1) * te * TRANSFORMER_FACTOR
+    return Activations(n_img, transformer, slices, vae, text, tiles)
 
 
 def plan_memory(model, size: tuple[int, int], budget: int, **kw) -> MemoryPlan:
@@ -528,10 +390,6 @@ def propose(spec: ModelSpec, size: tuple[int, int], budget: int, **kw) -> tuple[
 
 def apply_plan(backend, plan: MemoryPlan, *, device, dtype):
     """A backend placed on ``device`` as ``plan`` says (its modules are reused, not copied)."""
-    from dataclasses import replace as dc_replace
-
-    from .backends import place
-
     pipe = backend.pipe
     if plan.drop_t5:
         pipe.text_encoder_3 = None
@@ -552,6 +410,7 @@ __all__ = [
     "parse_bytes",
     "plan_memory",
     "propose",
+    "spec_for",
     "spec_from_folder",
     "spec_from_pipeline",
 ]

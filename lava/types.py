@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-from .options import SOURCES
+from .options import IMAGE_TO_TEXT, JOINT, SOURCES
 
 
 @dataclass(frozen=True)
@@ -177,8 +177,8 @@ class CapturePlan:
 
     layers: tuple[int, ...]
     columns: tuple[int, ...] | None = None
-    direction: str = "image_to_text"
-    softmax: str = "joint"
+    direction: str = IMAGE_TO_TEXT
+    softmax: str = JOINT
     heads: str = "mean"
     impl: str = "auto"
     early_exit: bool = True

@@ -258,11 +258,12 @@ def test_library_chatter_only_with_verbose(tmp_path):
     assert "prompt 1:" in res.stderr
 
 
-def test_quiet_libraries_switches_levels_and_tokenizer_warnings():
+def test_library_output_switches_levels_and_tokenizer_warnings():
+    # What `lava` sets for the command it runs (`lava.cli.main`), --verbose or not.
     code = (
         "import sys\n"
-        "from lava.cli.common import quiet_libraries\n"
-        "quiet_libraries(sys.argv[1] == 'v')\n"
+        "from lava.backends.loading import set_library_output\n"
+        "set_library_output(sys.argv[1] == 'v')\n"
         "from lava.backends.tiny import build_tokenizers\n"
         "build_tokenizers()[0]('word ' * 500)\n"
     )
@@ -410,7 +411,7 @@ def test_folder_in_the_way_of_an_output_file(img_path, tmp_path, capsys):
 def test_read_only_output_folder_in_plain_words(img_path, tmp_path, monkeypatch, capsys):
     import errno
 
-    import lava.cli.common as common
+    import lava.cli.output as output
 
     out = tmp_path / "out"
     out.mkdir()
@@ -418,7 +419,7 @@ def test_read_only_output_folder_in_plain_words(img_path, tmp_path, monkeypatch,
     def read_only(*a, dir=None, **kw):
         raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / ".room_labels.png.x1y2.tmp.png"))
 
-    monkeypatch.setattr(common.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(output.tempfile, "TemporaryFile", read_only)
     assert (
         main(["segment", str(img_path), "--classes", "cat", "--model", "nope-model", "--out", str(out)]) == 1
     )

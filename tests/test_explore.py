@@ -340,7 +340,7 @@ def test_old_result_folders_are_removed(tmp_path):
     import os
     import time
 
-    from lava.explore.app import fresh_folder
+    from lava.explore.handlers import fresh_folder
 
     old = tmp_path / "old"
     old.mkdir()

@@ -167,12 +167,12 @@ def test_two_process_gloo_equals_one_process_for_maskclip(folder, tmp_path):
 
 
 def test_method_lists_agree():
-    from lava.cli import common
+    from lava.cli import args
     from lava.evaluation import runner
     from lava.methods import DEFAULT_MODELS, METHODS
 
-    assert common.METHODS == runner.METHODS == METHODS
-    assert common.METHOD_MODELS == DEFAULT_MODELS
+    assert args.METHODS == runner.METHODS == METHODS
+    assert args.METHOD_MODELS == DEFAULT_MODELS
 
 
 def test_documented_comparison_commands_parse():

@@ -12,7 +12,7 @@ from eval_fixtures import recompute_miou, shapes_folder
 
 import lava
 from lava.cli import main
-from lava.cli.common import explicit_options
+from lava.cli.preset import explicit_options
 from lava.options import OPTIONS
 from lava.presets import EVAL_OPTIONS, LOAD_OPTIONS, PRESETS, SEG4DIFF, Preset, seg4diff_timestep
 from lava.stages.noise import input_size
@@ -169,7 +169,7 @@ def test_stretched_resolution_ignores_the_aspect_ratio(tiny):
     assert input_size(tiny, (16, 24), "32x32") == (32, 32)
     assert input_size(tiny, (16, 24), "64x32") == (32, 64)  # W x H
     assert input_size(tiny, (16, 24), 32) == (20, 32)  # a number keeps the aspect ratio
-    from lava.cli.common import resolution
+    from lava.cli.args import resolution
 
     assert resolution("1024X768") == "1024x768" and resolution("native") is None
 

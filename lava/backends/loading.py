@@ -15,7 +15,6 @@ falls back to the class's own ``from_pretrained``.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import os
 import re
@@ -110,7 +109,7 @@ def load_module(cls, folder: str | Path, *, dtype: torch.dtype, device: torch.de
         return _from_pretrained(cls, folder, dtype, device)
     with init_empty_weights():
         # Storage-less, so the cast is free; a transformers config may carry its saved dtype.
-        module = _empty(cls, folder).to(dtype)
+        module = empty_module(cls, folder).to(dtype)
     expected = set(module.state_dict())
     stored = set(stored_tensors(folder))
     if not expected <= stored:
@@ -129,7 +128,9 @@ def load_module(cls, folder: str | Path, *, dtype: torch.dtype, device: torch.de
     return module.eval().requires_grad_(False)
 
 
-def _empty(cls, folder: Path):
+def empty_module(cls, folder: str | Path):
+    """``cls`` built from the config in ``folder`` (diffusers or transformers), its weights not
+    filled: under ``init_empty_weights`` it holds no storage."""
     if hasattr(cls, "load_config") and hasattr(cls, "from_config"):  # diffusers
         return cls.from_config(cls.load_config(folder))
     from transformers import AutoConfig
@@ -155,10 +156,6 @@ def module_class(index: dict, name: str):
 
 # Python warnings raised from inside these packages are theirs to report, not lava's.
 CHATTY_MODULES = r"(diffusers|transformers|huggingface_hub|accelerate|tokenizers)(\.|$)"
-
-# What ``load_backend(verbose=None)`` does: quiet, unless the caller's context says otherwise
-# (``lava --verbose`` sets it for the command it runs).
-VERBOSE_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("lava_verbose_loading", default=False)
 
 
 def set_library_output(verbose: bool) -> Callable[[], None]:

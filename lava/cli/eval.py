@@ -5,16 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (
-    add_dataset_options,
-    add_model_options,
-    add_option,
-    add_reading_options,
-    dry_run,
-    eval_setup,
-    note,
-    prompt_printer,
-)
+from .args import add_dataset_options, add_model_options, add_option, add_reading_options
+from .evalsetup import eval_setup, prompt_printer
+from .loading import dry_run
+from .output import note
 
 EPILOG = """\
 examples:

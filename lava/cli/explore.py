@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ..errors import LavaError
-from .common import add_model_options, add_verbose_option, dry_run, load_backend_for, note
+from .args import add_model_options, add_verbose_option
+from .loading import dry_run, load_backend_for
+from .output import note
 
 EPILOG = """\
 examples:

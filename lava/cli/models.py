@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_verbose_option
+from .args import add_verbose_option
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -6,19 +6,18 @@ import argparse
 from pathlib import Path
 
 from ..errors import LavaError
-from .common import (
+from .args import (
     LAYERS_HELP,
     add_dataset_options,
     add_model_options,
     add_reading_options,
-    dry_run,
-    eval_setup,
     float_list,
     int_list,
-    note,
-    prompt_printer,
     views,
 )
+from .evalsetup import eval_setup, prompt_printer
+from .loading import dry_run
+from .output import note
 
 EPILOG = """\
 example:

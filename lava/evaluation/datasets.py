@@ -20,40 +20,24 @@ from typing import overload
 import numpy as np
 from PIL import Image
 
-from lava.errors import LavaError
 from lava.evaluation import classnames as cn
+from lava.evaluation.layouts import (
+    LAYOUTS,
+    DatasetError,
+    Pairs,
+    check_all_exist,
+    ids_from_split_file,
+    list_ade20k,
+    list_cityscapes,
+    list_coco_object,
+    list_context,
+    list_voc,
+    no_hint,
+)
 
 IGNORE_INDEX = 255
 # A folder dataset of more classes than ids 0..254 stores 16-bit label PNGs (as lava writes them):
 WIDE_IGNORE_INDEX = 65535
-
-_Pairs = list[tuple[str, Path, Path]]  # (sample id, image path, label path)
-
-LAYOUTS: dict[str, str] = {
-    "voc": "ROOT/JPEGImages/<id>.jpg, ROOT/SegmentationClass/<id>.png (palette PNG of ids 0..20, "
-    "255 = ignore), ids in ROOT/ImageSets/Segmentation/<split>.txt; ROOT may be VOCdevkit/VOC2012, "
-    "VOCdevkit/ or its parent",
-    "context": "ROOT/JPEGImages/<id>.jpg, ROOT/SegmentationClassContext/<id>.png (mmseg's converted "
-    "labels: 0 = background, 1..59 = classes), ids in ROOT/ImageSets/SegmentationContext/<split>.txt; "
-    "ROOT may be VOCdevkit/VOC2010, VOCdevkit/ or its parent",
-    "coco_object": "ROOT/images/val2017/<id>.jpg, ROOT/annotations/val2017/<id>_instanceTrainIds.png "
-    "(GroupViT's convert_coco_object.py output: 0 = background, 1..80 = things); ROOT is the "
-    "COCO-Stuff-164k root, or a folder holding it as coco_object/, coco_stuff164k/ or coco/",
-    "ade20k": "ROOT/images/validation/<id>.jpg, ROOT/annotations/validation/<id>.png (0 = other, "
-    "1..150 = classes); ROOT is ADEChallengeData2016 or a folder holding it (directly or as ade/...)",
-    "folder": "ROOT/classes.txt (one class name per line, in label-id order; a class named "
-    "'background' is scored as background), ROOT/images/<id>.png|.jpg, ROOT/labels/<id>.png (class "
-    "ids, 255 = ignore; with more than 255 classes 16-bit PNGs, 65535 = ignore); optional "
-    "ROOT/<split>.txt lists the ids (required when a split is named), else "
-    "every image is used",
-    "cityscapes": "ROOT/leftImg8bit/val/<city>/<id>_leftImg8bit.png, "
-    "ROOT/gtFine/val/<city>/<id>_gtFine_labelTrainIds.png (train ids 0..18, 255 = ignore); ROOT is the "
-    "Cityscapes root or a folder holding it as cityscapes/",
-}
-
-
-class DatasetError(LavaError):
-    """A dataset is missing, incomplete, unreadable or not in the expected layout (a ValueError)."""
 
 
 @dataclass(frozen=True)
@@ -258,168 +242,13 @@ def _reduce_zero_table(num_classes: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Locating files
-
-
-def _find_base(root: Path, candidates: Sequence[str], marker: str, layout: str) -> Path:
-    """The first ``root/candidate`` that contains ``marker``, so users may point at any level."""
-    if not root.exists():
-        raise DatasetError(f"dataset root does not exist: {root}")
-    for candidate in candidates:
-        base = root / candidate if candidate else root
-        if (base / marker).is_dir():
-            return base
-    tried = ", ".join(str((root / c if c else root) / marker) for c in candidates)
-    raise DatasetError(
-        f"no {marker}/ folder found under {root} (looked for {tried}); expected layout: {layout}"
-    )
-
-
-def _ids_from_split_file(split_file: Path, layout: str) -> list[str]:
-    if not split_file.is_file():
-        available = sorted(p.stem for p in split_file.parent.glob("*.txt"))
-        raise DatasetError(
-            f"split file is missing: {split_file} (splits present: {available or 'none'}); "
-            f"expected layout: {layout}"
-        )
-    ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise DatasetError(f"split file lists no ids: {split_file}")
-    return ids
-
-
-def _check_all_exist(pairs: _Pairs, layout: str, hint: Callable[[Path], str]) -> None:
-    # Checked up front so a long evaluation cannot die (or silently shrink) half-way through.
-    for kind, index in (("image", 1), ("label", 2)):
-        missing = [pair[index] for pair in pairs if not pair[index].is_file()]
-        if missing:
-            extra = hint(missing[0]) if kind == "label" else ""
-            raise DatasetError(
-                f"{kind} file is missing: {missing[0]} ({len(missing)} of {len(pairs)} {kind}s missing)"
-                f"{extra}; expected layout: {layout}"
-            )
-
-
-def _no_hint(_: Path) -> str:
-    return ""
-
-
-def _split_dir(split: str, aliases: dict[str, str], dataset: str) -> str:
-    if split not in aliases:
-        raise DatasetError(f"{dataset}: unknown split {split!r}; expected one of {sorted(aliases)}")
-    return aliases[split]
-
-
-def _list_pascal(
-    root: Path, split: str, *, year_dir: str, image_sets: str, label_dir: str, layout: str
-) -> tuple[Path, _Pairs]:
-    base = _find_base(root, ("", year_dir, f"VOCdevkit/{year_dir}"), f"ImageSets/{image_sets}", layout)
-    ids = _ids_from_split_file(base / "ImageSets" / image_sets / f"{split}.txt", layout)
-    pairs = [(i, base / "JPEGImages" / f"{i}.jpg", base / label_dir / f"{i}.png") for i in ids]
-    _check_all_exist(pairs, layout, _no_hint)
-    return base, pairs
-
-
-def _list_voc(root: Path, split: str) -> tuple[Path, _Pairs]:
-    return _list_pascal(
-        root,
-        split,
-        year_dir="VOC2012",
-        image_sets="Segmentation",
-        label_dir="SegmentationClass",
-        layout=LAYOUTS["voc"],
-    )
-
-
-def _list_context(root: Path, split: str) -> tuple[Path, _Pairs]:
-    return _list_pascal(
-        root,
-        split,
-        year_dir="VOC2010",
-        image_sets="SegmentationContext",
-        label_dir="SegmentationClassContext",
-        layout=LAYOUTS["context"],
-    )
-
-
-def _list_coco_object(root: Path, split: str) -> tuple[Path, _Pairs]:
-    layout = LAYOUTS["coco_object"]
-    sub = _split_dir(
-        split,
-        {"val": "val2017", "val2017": "val2017", "train": "train2017", "train2017": "train2017"},
-        "coco_object",
-    )
-    base = _find_base(root, ("", "coco_object", "coco_stuff164k", "coco"), f"images/{sub}", layout)
-    images = sorted((base / "images" / sub).glob("*.jpg"))
-    if not images:
-        raise DatasetError(f"no .jpg images in {base / 'images' / sub}; expected layout: {layout}")
-    labels = base / "annotations" / sub
-    pairs = [(p.stem, p, labels / f"{p.stem}_instanceTrainIds.png") for p in images]
-
-    def hint(missing: Path) -> str:
-        stem = missing.name.removesuffix("_instanceTrainIds.png")
-        stuff_labels = (missing.parent / f"{stem}_labelTrainIds.png", missing.parent / f"{stem}.png")
-        if any(p.is_file() for p in stuff_labels):
-            return (
-                " (COCO-Stuff labels are present: convert them to COCO-Object with GroupViT's "
-                "convert_dataset/convert_coco_object.py)"
-            )
-        return ""
-
-    _check_all_exist(pairs, layout, hint)
-    return base, pairs
-
-
-def _list_ade20k(root: Path, split: str) -> tuple[Path, _Pairs]:
-    layout = LAYOUTS["ade20k"]
-    sub = _split_dir(
-        split,
-        {"val": "validation", "validation": "validation", "train": "training", "training": "training"},
-        "ade20k",
-    )
-    base = _find_base(root, ("", "ADEChallengeData2016", "ade/ADEChallengeData2016"), f"images/{sub}", layout)
-    images = sorted((base / "images" / sub).glob("*.jpg"))
-    if not images:
-        raise DatasetError(f"no .jpg images in {base / 'images' / sub}; expected layout: {layout}")
-    pairs = [(p.stem, p, base / "annotations" / sub / f"{p.stem}.png") for p in images]
-    _check_all_exist(pairs, layout, _no_hint)
-    return base, pairs
-
-
-def _list_cityscapes(root: Path, split: str) -> tuple[Path, _Pairs]:
-    layout = LAYOUTS["cityscapes"]
-    base = _find_base(root, ("", "cityscapes"), f"leftImg8bit/{split}", layout)
-    images = sorted((base / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
-    if not images:
-        raise DatasetError(
-            f"no <city>/*_leftImg8bit.png images in {base / 'leftImg8bit' / split}; expected layout: {layout}"
-        )
-    pairs: _Pairs = []
-    for path in images:
-        stem = path.name.removesuffix("_leftImg8bit.png")
-        label = base / "gtFine" / split / path.parent.name / f"{stem}_gtFine_labelTrainIds.png"
-        pairs.append((stem, path, label))
-
-    def hint(missing: Path) -> str:
-        if missing.with_name(missing.name.replace("labelTrainIds", "labelIds")).is_file():
-            return (
-                " (only *_gtFine_labelIds.png found: create train-id labels with cityscapesScripts' "
-                "createTrainIdLabelImgs or mmseg's tools/dataset_converters/cityscapes.py)"
-            )
-        return ""
-
-    _check_all_exist(pairs, layout, hint)
-    return base, pairs
-
-
-# ---------------------------------------------------------------------------------------------
 # Registry
 
 
 @dataclass(frozen=True)
 class _Spec:
     info: DatasetInfo
-    lister: Callable[[Path, str], tuple[Path, _Pairs]]
+    lister: Callable[[Path, str], tuple[Path, Pairs]]
     raw_to_label: np.ndarray = field(repr=False, compare=False)
 
 
@@ -428,23 +257,23 @@ def _info(name: str, classes: tuple[str, ...], background: int | None) -> Datase
 
 
 _SPECS: dict[str, _Spec] = {
-    "voc21": _Spec(_info("voc21", cn.VOC21_CLASSES, 0), _list_voc, _identity_table(21)),
+    "voc21": _Spec(_info("voc21", cn.VOC21_CLASSES, 0), list_voc, _identity_table(21)),
     # VOC20 scores the 20 objects only: background pixels are ignored, ids shift down by one.
-    "voc20": _Spec(_info("voc20", cn.VOC20_CLASSES, None), _list_voc, _reduce_zero_table(20)),
-    "context59": _Spec(_info("context59", cn.CONTEXT59_CLASSES, None), _list_context, _reduce_zero_table(59)),
-    "context60": _Spec(_info("context60", cn.CONTEXT60_CLASSES, 0), _list_context, _identity_table(60)),
+    "voc20": _Spec(_info("voc20", cn.VOC20_CLASSES, None), list_voc, _reduce_zero_table(20)),
+    "context59": _Spec(_info("context59", cn.CONTEXT59_CLASSES, None), list_context, _reduce_zero_table(59)),
+    "context60": _Spec(_info("context60", cn.CONTEXT60_CLASSES, 0), list_context, _identity_table(60)),
     "coco_object": _Spec(
-        _info("coco_object", cn.COCO_OBJECT_CLASSES, 0), _list_coco_object, _identity_table(81)
+        _info("coco_object", cn.COCO_OBJECT_CLASSES, 0), list_coco_object, _identity_table(81)
     ),
     # COCO-Object without background (Seg4Diff's coco_2017_test_object_wo_bg): the 80 things only,
     # background pixels ignored, ids shift down by one (as voc20 is to voc21).
     "coco_object80": _Spec(
-        _info("coco_object80", cn.COCO_OBJECT_CLASSES[1:], None), _list_coco_object, _reduce_zero_table(80)
+        _info("coco_object80", cn.COCO_OBJECT_CLASSES[1:], None), list_coco_object, _reduce_zero_table(80)
     ),
     # ADE20K's 0 is "other objects", never scored (mmseg fixes reduce_zero_label=True).
-    "ade20k": _Spec(_info("ade20k", cn.ADE20K_CLASSES, None), _list_ade20k, _reduce_zero_table(150)),
+    "ade20k": _Spec(_info("ade20k", cn.ADE20K_CLASSES, None), list_ade20k, _reduce_zero_table(150)),
     "cityscapes": _Spec(
-        _info("cityscapes", cn.CITYSCAPES_CLASSES, None), _list_cityscapes, _identity_table(19)
+        _info("cityscapes", cn.CITYSCAPES_CLASSES, None), list_cityscapes, _identity_table(19)
     ),
 }
 _ALIASES = {"voc": "voc21", "ade": "ade20k", "ade150": "ade20k", "coco-object": "coco_object"}
@@ -496,7 +325,7 @@ def _load_folder(root: Path, split: str | None) -> SegmentationDataset:
     ignore = IGNORE_INDEX if len(classes) <= IGNORE_INDEX else WIDE_IGNORE_INDEX
     split_file = root / f"{split or 'val'}.txt"
     if split_file.is_file():
-        ids = _ids_from_split_file(split_file, layout)
+        ids = ids_from_split_file(split_file, layout)
     elif split is not None:
         # Asked for by name: falling back to every image would evaluate on the wrong images.
         present = sorted(p.stem for p in root.glob("*.txt") if p.name != "classes.txt")
@@ -508,12 +337,12 @@ def _load_folder(root: Path, split: str | None) -> SegmentationDataset:
         ids = sorted(p.stem for p in (root / "labels").glob("*.png"))
         if not ids:
             raise DatasetError(f"no label PNGs in {root / 'labels'}; expected layout: {layout}")
-    pairs: _Pairs = []
+    pairs: Pairs = []
     for sid in ids:
         found = [root / "images" / f"{sid}{ext}" for ext in (".png", ".jpg", ".jpeg")]
         image = next((p for p in found if p.is_file()), found[0])
         pairs.append((sid, image, root / "labels" / f"{sid}.png"))
-    _check_all_exist(pairs, layout, _no_hint)
+    check_all_exist(pairs, layout, no_hint)
     background = classes.index("background") if "background" in classes else None
     info = DatasetInfo(f"folder:{root.name}", classes, cn.prompt_names(classes), ignore, background)
     table = _identity_table(len(classes), ignore)

@@ -113,6 +113,35 @@ def sweep_table(
     return times, labels, grid
 
 
+def view_name(settings: EvalSettings, view: tuple[str, str], short: bool = False) -> str:
+    """How a sweep's table and summary name an attention view (``image_to_text/joint``)."""
+    if settings.recipe.reading.source == "concept":
+        return "concept view"
+    return f"{view[0]}/{view[1]}" if short else f"{view[0]}, softmax over {view[1]} keys"
+
+
+def sweep_markdown(panels, best: Cell, mious: dict[str, float], settings: EvalSettings, heading: str) -> str:
+    """``sweep.md``: ``heading``, one timestep × blocks table of mIoU per view (``panels``:
+    ``(view, timesteps, block labels, grid)``), and the best cell."""
+    md = [heading]
+    for view, times, labels, grid in panels:
+        md += [
+            "",
+            f"**{view_name(settings, view)}**" if settings.method == "lava" else f"**{settings.method}**",
+            "",
+            "| timestep \\ blocks | " + " | ".join(labels) + " |",
+            "|---:|" + "---:|" * len(labels),
+        ]
+        for t, row in zip(times, grid):
+            md.append(f"| {t:g} | " + " | ".join("–" if math.isnan(v) else f"{v:.3f}" for v in row) + " |")
+    md += [
+        "",
+        f"Best: {view_name(settings, best.view, short=True)}, timestep {best.timestep:g}, "
+        f"blocks {list(best.layers)}, mIoU {mious[best.key]:.3f}",
+    ]
+    return "\n".join(md) + "\n"
+
+
 def write_sweep(
     out: Path,
     info: DatasetInfo,
@@ -129,12 +158,6 @@ def write_sweep(
     """
     mious = {c.key: matrices[c.key].compute(info.classes).miou for c in cells}
     views = list(dict.fromkeys(c.view for c in cells))
-
-    def view_name(view: tuple[str, str], short: bool = False) -> str:
-        if settings.recipe.reading.source == "concept":
-            return "concept view"
-        return f"{view[0]}/{view[1]}" if short else f"{view[0]}, softmax over {view[1]} keys"
-
     best = max(cells, key=lambda c: -1.0 if math.isnan(mious[c.key]) else mious[c.key])
     proto = protocol_line(info, settings, views)
 
@@ -147,26 +170,9 @@ def write_sweep(
         )
     io.atomic_write(out / "sweep.csv", lambda p: p.write_text(buf.getvalue()))
 
-    md = [f"mIoU on {info.name}, {num_images} images; {proto}."]
-    panels = []
-    for view in views:
-        times, labels, grid = sweep_table([c for c in cells if c.view == view], mious)
-        panels.append((view, times, labels, grid))
-        md += [
-            "",
-            f"**{view_name(view)}**" if settings.method == "lava" else f"**{settings.method}**",
-            "",
-            "| timestep \\ blocks | " + " | ".join(labels) + " |",
-            "|---:|" + "---:|" * len(labels),
-        ]
-        for t, row in zip(times, grid):
-            md.append(f"| {t:g} | " + " | ".join("–" if math.isnan(v) else f"{v:.3f}" for v in row) + " |")
-    md += [
-        "",
-        f"Best: {view_name(best.view, short=True)}, timestep {best.timestep:g}, blocks {list(best.layers)}, "
-        f"mIoU {mious[best.key]:.3f}",
-    ]
-    io.atomic_write(out / "sweep.md", lambda p: p.write_text("\n".join(md) + "\n"))
+    panels = [(view, *sweep_table([c for c in cells if c.view == view], mious)) for view in views]
+    md = sweep_markdown(panels, best, mious, settings, f"mIoU on {info.name}, {num_images} images; {proto}.")
+    io.atomic_write(out / "sweep.md", lambda p: p.write_text(md))
 
     summary = {
         "dataset": info.name,

@@ -338,28 +338,9 @@ def run(
     """
     info = dataset.info
     rank, world = distributed.rank_and_world()
-    journal = Journal(out, config, rank)
-    done = journal.load(info.num_classes)
-    if journal.unrecorded and on_note is not None:
-        on_note(
-            f"resuming {len(done)} image(s) from a journal written by an older lava, which does not record "
-            f"{', '.join(journal.unrecorded)}: those are assumed unchanged (use a new --out to be sure)"
-        )
-    journal.start()
-    distributed.barrier()
-
+    journal, done = _open_journal(out, config, rank, info.num_classes, on_note)
     threshold = settings.background_mode(info) == "threshold"
-    base = settings.recipe
-    if prompt_batch is not None:  # memory, not results: not part of the recorded settings
-        base = base.replace(prompt_batch=prompt_batch)
-    if not threshold:
-        base = dataclasses.replace(base, mask=dataclasses.replace(base.mask, background_threshold=None))
-    recipes = [
-        base.replace(
-            timesteps=cell.timesteps, layers=cell.layers, direction=cell.direction, softmax=cell.softmax
-        )
-        for cell in cells
-    ]
+    base, recipes = cell_recipes(settings, cells, threshold, prompt_batch)
 
     new = {c.key: ConfusionMatrix(info.num_classes, info.ignore_index) for c in cells}
     todo = [i for i in range(len(dataset)) if dataset[i].id not in done][rank::world]
@@ -396,3 +377,38 @@ def run(
         totals[cell.key] = ConfusionMatrix(info.num_classes, info.ignore_index).add_counts(counts)
     num_new = int(distributed.all_reduce_sum(torch.tensor([len(todo)]))[0])
     return RunResult(cells=list(cells), matrices=totals, num_images=num_new + len(done), resumed=len(done))
+
+
+def _open_journal(out: Path, config: dict, rank: int, num_classes: int, on_note) -> tuple[Journal, dict]:
+    """This rank's journal in ``out``, started, and the results it (and the other ranks') already
+    hold, ``{image id: {cell key: counts}}``; every rank has read them before any writes."""
+    journal = Journal(out, config, rank)
+    done = journal.load(num_classes)
+    if journal.unrecorded and on_note is not None:
+        on_note(
+            f"resuming {len(done)} image(s) from a journal written by an older lava, which does not record "
+            f"{', '.join(journal.unrecorded)}: those are assumed unchanged (use a new --out to be sure)"
+        )
+    journal.start()
+    distributed.barrier()
+    return journal, done
+
+
+def cell_recipes(
+    settings: EvalSettings, cells: Sequence[Cell], threshold: bool, prompt_batch: int | None = None
+) -> tuple[Recipe, list[Recipe]]:
+    """``(base, one recipe per cell)``: the run's recipe (no background threshold unless the
+    dataset's background is a threshold; ``prompt_batch`` changes memory, not results, so it is not
+    part of the recorded settings), with each cell's timesteps, blocks and view."""
+    base = settings.recipe
+    if prompt_batch is not None:
+        base = base.replace(prompt_batch=prompt_batch)
+    if not threshold:
+        base = dataclasses.replace(base, mask=dataclasses.replace(base.mask, background_threshold=None))
+    recipes = [
+        base.replace(
+            timesteps=cell.timesteps, layers=cell.layers, direction=cell.direction, softmax=cell.softmax
+        )
+        for cell in cells
+    ]
+    return base, recipes

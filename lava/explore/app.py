@@ -19,20 +19,13 @@ import shutil
 import signal
 import socket
 import tempfile
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
-from ..errors import LavaError
+from ..errors import LavaError, describe_os_error
 from ..options import DIRECTIONS, IMAGE_TO_TEXT, JOINT, SOFTMAX_DOMAINS, TOKEN_PARTS
-from .render import grid_image, heat_gallery, write_downloads
-from .session import (
-    BACKGROUNDS,
-    Explorer,
-    error_message,
-    parse_blocks,
-    parse_timesteps,
-    settings_from_ui,
-)
+from .handlers import api_handler, example_handler, grid_handler, segment_handler, sigma_handlers
+from .session import BACKGROUNDS, Explorer
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
 INSTALL_HINT = 'pip install -e ".[explore]" in a clone of lava, or pip install "lava-seg[explore]"'
@@ -62,55 +55,12 @@ def copy_examples(folder: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
-RESULT_AGE_S = 3600  # result folders older than this are removed as new ones are made
-
-
-def fresh_folder(results_dir: Path, max_age: float = RESULT_AGE_S) -> Path:
-    """A new folder for one request's files; folders of requests older than ``max_age`` seconds are
-    removed first, so a long-running server does not fill the disk."""
-    now = time.time()
-    for old in results_dir.iterdir():
-        try:
-            if now - old.stat().st_mtime > max_age:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:  # removed by a concurrent request
-            pass
-    return Path(tempfile.mkdtemp(dir=results_dir))
-
-
-def _describe(result, sigma: float, seconds: float) -> str:
-    s = result.settings
-    r = s.recipe.reading
-    ran = (
-        f"{result.forwards} model forward in {seconds:.2f} s"
-        if result.forwards
-        else f"maps from this session's cache, no model run ({seconds:.2f} s)"
-    )
-    blocks = ", ".join(map(str, s.layers))
-    mean = " (mean)" if len(s.layers) > 1 else ""
-    threshold = s.recipe.mask.background_threshold
-    bg = {"threshold": f"background below {threshold:g}", "none": "no background"}.get(
-        s.background, "background named as a class"
-    )
-    return (
-        f"**{len(s.classes)} classes** · t = {s.timestep:g} (σ {sigma:.3f}) · blocks {blocks}{mean} · "
-        f"{r.source}{'' if r.source == 'concept' else f' {r.direction}/{r.softmax}'} · {bg} · {ran}"
-    )
-
-
 def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results_dir: Path):
     """The ``gr.Blocks`` app over ``explorer``; ``results_dir`` (inside the app folder) receives
     each request's download files."""
     gr = require_gradio()
     backend = explorer.backend
-    d = backend.defaults
-    n_time = backend.num_train_timesteps
-    block_names = [str(i) for i in backend.joint_blocks]
     results_dir.mkdir(parents=True, exist_ok=True)
-
-    def progress_of(progress):
-        return lambda fraction, message: progress(fraction, desc=message)
-
     with gr.Blocks(title=f"lava explore — {backend.name}", delete_cache=(3600, 3600)) as app:
         cache = gr.State(None)
         gr.Markdown(
@@ -119,348 +69,257 @@ def build_app(explorer: Explorer, examples: dict[str, tuple[Path, str]], results
         )
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
-                image = gr.Image(
-                    label="image",
-                    type="filepath",
-                    image_mode=None,  # keep the file as sent: lava's own loader converts it
-                    sources=["upload", "clipboard"],
-                    format="png",
-                    height=260,
-                    elem_id="image",
-                )
-                example = gr.Dropdown(
-                    choices=list(examples),
-                    value=None,
-                    label="or a shipped example",
-                    elem_id="example",
-                )
-                classes = gr.Textbox(
-                    label="classes (comma-separated; Enter runs)",
-                    placeholder="red square, blue triangle, yellow circle",
-                    elem_id="classes",
-                )
-                with gr.Row():
-                    timestep = gr.Slider(
-                        0, n_time - 1, value=d.timestep, step=1, label="timestep", elem_id="timestep", scale=3
-                    )
-                    sigma = gr.Number(
-                        value=round(backend.sigma_for_timestep(d.timestep), 4),
-                        label="σ (Enter runs)",
-                        step=0.001,  # no bounds here: lava checks σ and says what is wrong
-                        elem_id="sigma",
-                        scale=1,
-                    )
-                blocks = gr.CheckboxGroup(
-                    block_names,
-                    value=[str(i) for i in d.layers],
-                    label="blocks (the mean of the selected)",
-                    elem_id="blocks",
-                )
-                run = gr.Button("Segment", variant="primary", elem_id="run")
-                status = gr.Markdown(
-                    "Upload an image or pick an example, name the classes, press Segment.", elem_id="status"
-                )
-                with gr.Accordion("how the attention is read", open=False):
-                    source = gr.Radio(["attention", "concept"], value="attention", label="source")
-                    direction = gr.Radio(list(DIRECTIONS), value=IMAGE_TO_TEXT, label="direction")
-                    softmax = gr.Radio(list(SOFTMAX_DOMAINS), value=JOINT, label="softmax domain")
-                    tokens = gr.Radio(list(TOKEN_PARTS), value="all", label="class tokens")
-                    normalize = gr.Dropdown(
-                        ["default", "minmax", "global", "classes", "none"],
-                        value="default",
-                        label=f"normalisation (default: {d.normalize})",
-                    )
-                    refine = gr.Radio(
-                        ["default", "none", "pamr"],
-                        value="default",
-                        label=f"refine (default: {d.refine or 'none'})",
-                    )
-                    seed = gr.Number(value=0, precision=0, label="noise seed")
-                with gr.Accordion("background", open=True):
-                    background = gr.Radio(
-                        list(BACKGROUNDS),
-                        value="threshold" if d.background_threshold is not None else "none",
-                        label="background",
-                        info="threshold: weak pixels are background · none: every pixel gets a class · "
-                        "class: name 'background' in the prompt",
-                    )
-                    threshold = gr.Slider(
-                        0, 1, value=d.background_threshold or 0.0, step=0.01, label="background threshold"
-                    )
-                    presence = gr.Slider(
-                        0,
-                        1,
-                        value=d.min_presence or 0.0,
-                        step=0.01,
-                        label="min presence (0: every class competes)",
-                    )
+                inputs = input_panel(gr, backend, examples)
+                options = options_panel(gr, backend)
             with gr.Column(scale=2):
                 with gr.Tab("segmentation"):
-                    with gr.Row():
-                        overlay = gr.Image(
-                            label="overlay", format="png", interactive=False, elem_id="overlay"
-                        )
-                        labels = gr.Image(
-                            label="label map", format="png", interactive=False, elem_id="labels"
-                        )
-                    heatmaps = gr.Gallery(
-                        label="one heatmap per class",
-                        columns=4,
-                        format="png",
-                        height="auto",
-                        elem_id="heatmaps",
-                    )
-                    downloads = gr.File(
-                        label="downloads", file_count="multiple", interactive=False, elem_id="downloads"
-                    )
+                    results = segmentation_tab(gr)
                 with gr.Tab("timestep × block grid"):
-                    with gr.Row():
-                        grid_class = gr.Dropdown(
-                            [], label="class", allow_custom_value=True, elem_id="grid_class"
-                        )
-                        grid_times = gr.Textbox(
-                            value=",".join(str(t) for t in _spread(n_time)),
-                            label="timesteps",
-                            elem_id="grid_times",
-                        )
-                    grid_blocks = gr.CheckboxGroup(
-                        block_names, value=block_names, label="blocks", elem_id="grid_blocks"
-                    )
-                    grid_run = gr.Button("Compute grid (one forward per timestep)", elem_id="grid_run")
-                    grid_status = gr.Markdown("", elem_id="grid_status")
-                    grid = gr.Image(
-                        label="class map: timestep × block", format="png", interactive=False, elem_id="grid"
-                    )
-
-        # the API endpoint: hidden widgets, model defaults (what `lava segment` does with no options)
-        with gr.Row(visible=False):
-            api_image = gr.Image(type="filepath", image_mode=None, format="png")
-            api_classes = gr.Textbox()
-            api_overlay = gr.Image(format="png")
-            api_labels = gr.Image(format="png")
-            api_button = gr.Button()
-
-        reading = [
-            image,
-            classes,
-            timestep,
-            blocks,
-            source,
-            direction,
-            softmax,
-            tokens,
-            seed,
-            normalize,
-            background,
-            threshold,
-            presence,
-            refine,
-        ]
-
-        # Named parameters, in the order of ``reading``: they are the API's parameter names.
-        def segment_ui(
-            image,
-            classes,
-            timestep,
-            blocks,
-            source,
-            direction,
-            softmax,
-            tokens,
-            seed,
-            normalize,
-            background,
-            background_threshold,
-            min_presence,
-            refine,
-            session,
-            progress=gr.Progress(),  # noqa: B008 (how Gradio hands a handler its progress bar)
-        ):
-            """Segment with every reading and mask option of the page; returns the status line, the
-            overlay, the label map, one heatmap per class and the download files."""
-            session = session or explorer.new_cache()
-            start = time.perf_counter()
-            try:
-                settings = settings_from_ui(
-                    backend,
-                    classes=classes,
-                    timestep=timestep,
-                    blocks=blocks,
-                    source=source,
-                    direction=direction,
-                    softmax=softmax,
-                    tokens=tokens,
-                    seed=seed,
-                    normalize=normalize,
-                    background=background,
-                    background_threshold=background_threshold,
-                    min_presence=min_presence,
-                    refine=refine,
-                )
-                result = explorer.run(session, image, settings, progress_of(progress))
-                files = write_downloads(fresh_folder(results_dir), result, Path(image).stem or "image")
-            except Exception as err:  # shown in the page; the server keeps serving
-                return (f"**error:** {error_message(err)}", *[gr.skip()] * 5, session)
-            names = list(settings.classes)
-            seconds = time.perf_counter() - start
-            return (
-                _describe(result, backend.sigma_for_timestep(settings.timestep), seconds),
-                str(files[1]),
-                str(files[0]),
-                heat_gallery(result),
-                [str(f) for f in files],
-                gr.Dropdown(choices=names, value=names[0]),
-                session,
-            )
-
-        def grid_ui(
-            image,
-            classes,
-            timestep,
-            blocks,
-            source,
-            direction,
-            softmax,
-            tokens,
-            seed,
-            normalize,
-            background,
-            background_threshold,
-            min_presence,
-            refine,
-            grid_class,
-            grid_timesteps,
-            grid_blocks,
-            session,
-            progress=gr.Progress(),  # noqa: B008
-        ):
-            """One class's map at each timestep × block (and their mean): one forward per timestep."""
-            session = session or explorer.new_cache()
-            start = time.perf_counter()
-            try:
-                settings = settings_from_ui(
-                    backend,
-                    classes=classes,
-                    timestep=timestep,
-                    blocks=blocks,
-                    source=source,
-                    direction=direction,
-                    softmax=softmax,
-                    tokens=tokens,
-                    seed=seed,
-                    normalize=normalize,
-                    background=background,
-                    background_threshold=background_threshold,
-                    min_presence=min_presence,
-                    refine=refine,
-                )
-                chosen = grid_class or settings.classes[0]
-                if not grid_blocks:
-                    raise LavaError("no block ticked for the grid: tick at least one")
-                layers = parse_blocks(backend, grid_blocks)
-                times = parse_timesteps(backend, grid_timesteps)
-                result = explorer.grid(session, image, settings, chosen, times, layers, progress_of(progress))
-                picture = grid_image(result)
-            except Exception as err:
-                return f"**error:** {error_message(err)}", gr.skip(), session
-            note = (
-                f"{len(result.timesteps)} timesteps × {len(result.columns)} columns for {chosen!r}: "
-                f"{result.forwards} model forward(s), {time.perf_counter() - start:.2f} s"
-            )
-            return note, picture, session
-
-        def segment_api(image_path, classes_text):
-            """Segment an image into comma-separated classes with the model's defaults: returns the
-            overlay (with a legend) and the label map (palette PNG, pixel value i = i-th class;
-            16-bit grayscale beyond 256 labels)."""
-            try:
-                settings = explorer.default_settings(classes_text)
-                result = explorer.run(explorer.new_cache(), image_path, settings)
-                files = write_downloads(fresh_folder(results_dir), result, "api")
-            except Exception as err:
-                raise gr.Error(error_message(err), print_exception=False) from None
-            return str(files[1]), str(files[0])
-
-        def load_example(name):
-            if name not in examples:
-                return gr.skip(), gr.skip()
-            path, names = examples[name]
-            return str(path), names
-
-        def sigma_to_t(s):
-            try:
-                return backend.timestep_for_sigma(float(s))
-            except (LavaError, TypeError, ValueError):
-                return gr.skip()
-
-        def t_to_sigma(t):
-            return round(backend.sigma_for_timestep(float(t)), 4)
-
-        def segment_at_sigma(
-            sigma_value,
-            image,
-            classes,
-            timestep,
-            *rest,
-            progress=gr.Progress(),  # noqa: B008
-        ):
-            """Run at the timestep of ``sigma_value`` (lava's message when it is out of range) and
-            move the slider there."""
-            try:
-                if sigma_value is None:
-                    raise LavaError("σ is empty: enter a noise level in [0, 1)")
-                t = backend.timestep_for_sigma(float(sigma_value))
-                backend.check_timestep(t)
-            except (LavaError, TypeError, ValueError) as err:
-                return (f"**error:** {error_message(err)}", *[gr.skip()] * 6, gr.skip())
-            return (*segment_ui(image, classes, t, *rest, progress=progress), t)
-
-        outputs = [status, overlay, labels, heatmaps, downloads, grid_class, cache]
-        model = dict(concurrency_id="model", concurrency_limit=1, trigger_mode="always_last")
-        run.click(segment_ui, [*reading, cache], outputs, api_name="explore", **model)
-        for trigger in (
-            classes.submit,
-            timestep.release,
-            threshold.release,
-            presence.release,
-            blocks.input,
-            source.input,
-            direction.input,
-            softmax.input,
-            tokens.input,
-            normalize.input,
-            background.input,
-            refine.input,
-        ):
-            trigger(segment_ui, [*reading, cache], outputs, api_visibility="private", **model)
-        example.select(load_example, example, [image, classes], api_visibility="private", queue=False).then(
-            segment_ui, [*reading, cache], outputs, api_visibility="private", **model
-        )
-        sigma.submit(
-            segment_at_sigma,
-            [sigma, *reading, cache],
-            [*outputs, timestep],
-            api_visibility="private",
-            **model,
-        )
-        timestep.input(t_to_sigma, timestep, sigma, api_visibility="private", queue=False)
-        sigma.input(sigma_to_t, sigma, timestep, api_visibility="private", queue=False)
-        grid_run.click(
-            grid_ui,
-            [*reading, grid_class, grid_times, grid_blocks, cache],
-            [grid_status, grid, cache],
-            api_name="grid",
-            **model,
-        )
-        api_button.click(
-            segment_api,
-            [api_image, api_classes],
-            [api_overlay, api_labels],
-            api_name="segment",
-            concurrency_id="model",
-            concurrency_limit=1,
-        )
+                    grid = grid_tab(gr, backend)
+        page = SimpleNamespace(**vars(inputs), **vars(options), **vars(results), **vars(grid), cache=cache)
+        wire(gr, page, explorer, examples, results_dir)
     return app
+
+
+def input_panel(gr, backend, examples: dict[str, tuple[Path, str]]) -> SimpleNamespace:
+    """The image, the class names, the timestep (and its σ), the blocks, the Segment button and
+    the status line."""
+    d = backend.defaults
+    n_time = backend.num_train_timesteps
+    block_names = [str(i) for i in backend.joint_blocks]
+    image = gr.Image(
+        label="image",
+        type="filepath",
+        image_mode=None,  # keep the file as sent: lava's own loader converts it
+        sources=["upload", "clipboard"],
+        format="png",
+        height=260,
+        elem_id="image",
+    )
+    example = gr.Dropdown(
+        choices=list(examples),
+        value=None,
+        label="or a shipped example",
+        elem_id="example",
+    )
+    classes = gr.Textbox(
+        label="classes (comma-separated; Enter runs)",
+        placeholder="red square, blue triangle, yellow circle",
+        elem_id="classes",
+    )
+    with gr.Row():
+        timestep = gr.Slider(
+            0, n_time - 1, value=d.timestep, step=1, label="timestep", elem_id="timestep", scale=3
+        )
+        sigma = gr.Number(
+            value=round(backend.sigma_for_timestep(d.timestep), 4),
+            label="σ (Enter runs)",
+            step=0.001,  # no bounds here: lava checks σ and says what is wrong
+            elem_id="sigma",
+            scale=1,
+        )
+    blocks = gr.CheckboxGroup(
+        block_names,
+        value=[str(i) for i in d.layers],
+        label="blocks (the mean of the selected)",
+        elem_id="blocks",
+    )
+    run = gr.Button("Segment", variant="primary", elem_id="run")
+    status = gr.Markdown(
+        "Upload an image or pick an example, name the classes, press Segment.", elem_id="status"
+    )
+    return SimpleNamespace(
+        image=image,
+        example=example,
+        classes=classes,
+        timestep=timestep,
+        sigma=sigma,
+        blocks=blocks,
+        run=run,
+        status=status,
+    )
+
+
+def options_panel(gr, backend) -> SimpleNamespace:
+    """How the attention is read (source, view, tokens, normalisation, refinement, seed) and the
+    background settings; every value starts at the model's default."""
+    d = backend.defaults
+    with gr.Accordion("how the attention is read", open=False):
+        source = gr.Radio(["attention", "concept"], value="attention", label="source")
+        direction = gr.Radio(list(DIRECTIONS), value=IMAGE_TO_TEXT, label="direction")
+        softmax = gr.Radio(list(SOFTMAX_DOMAINS), value=JOINT, label="softmax domain")
+        tokens = gr.Radio(list(TOKEN_PARTS), value="all", label="class tokens")
+        normalize = gr.Dropdown(
+            ["default", "minmax", "global", "classes", "none"],
+            value="default",
+            label=f"normalisation (default: {d.normalize})",
+        )
+        refine = gr.Radio(
+            ["default", "none", "pamr"],
+            value="default",
+            label=f"refine (default: {d.refine or 'none'})",
+        )
+        seed = gr.Number(value=0, precision=0, label="noise seed")
+    with gr.Accordion("background", open=True):
+        background = gr.Radio(
+            list(BACKGROUNDS),
+            value="threshold" if d.background_threshold is not None else "none",
+            label="background",
+            info="threshold: weak pixels are background · none: every pixel gets a class · "
+            "class: name 'background' in the prompt",
+        )
+        threshold = gr.Slider(
+            0, 1, value=d.background_threshold or 0.0, step=0.01, label="background threshold"
+        )
+        presence = gr.Slider(
+            0,
+            1,
+            value=d.min_presence or 0.0,
+            step=0.01,
+            label="min presence (0: every class competes)",
+        )
+    return SimpleNamespace(
+        source=source,
+        direction=direction,
+        softmax=softmax,
+        tokens=tokens,
+        normalize=normalize,
+        refine=refine,
+        seed=seed,
+        background=background,
+        threshold=threshold,
+        presence=presence,
+    )
+
+
+def segmentation_tab(gr) -> SimpleNamespace:
+    """The overlay, the label map, one heatmap per class and the download files."""
+    with gr.Row():
+        overlay = gr.Image(label="overlay", format="png", interactive=False, elem_id="overlay")
+        labels = gr.Image(label="label map", format="png", interactive=False, elem_id="labels")
+    heatmaps = gr.Gallery(
+        label="one heatmap per class",
+        columns=4,
+        format="png",
+        height="auto",
+        elem_id="heatmaps",
+    )
+    downloads = gr.File(label="downloads", file_count="multiple", interactive=False, elem_id="downloads")
+    return SimpleNamespace(overlay=overlay, labels=labels, heatmaps=heatmaps, downloads=downloads)
+
+
+def grid_tab(gr, backend) -> SimpleNamespace:
+    """One class's map at each timestep × block, computed on request."""
+    n_time = backend.num_train_timesteps
+    block_names = [str(i) for i in backend.joint_blocks]
+    with gr.Row():
+        grid_class = gr.Dropdown([], label="class", allow_custom_value=True, elem_id="grid_class")
+        grid_times = gr.Textbox(
+            value=",".join(str(t) for t in _spread(n_time)),
+            label="timesteps",
+            elem_id="grid_times",
+        )
+    grid_blocks = gr.CheckboxGroup(block_names, value=block_names, label="blocks", elem_id="grid_blocks")
+    grid_run = gr.Button("Compute grid (one forward per timestep)", elem_id="grid_run")
+    grid_status = gr.Markdown("", elem_id="grid_status")
+    grid = gr.Image(label="class map: timestep × block", format="png", interactive=False, elem_id="grid")
+    return SimpleNamespace(
+        grid_class=grid_class,
+        grid_times=grid_times,
+        grid_blocks=grid_blocks,
+        grid_run=grid_run,
+        grid_status=grid_status,
+        grid=grid,
+    )
+
+
+def wire(gr, page: SimpleNamespace, explorer: Explorer, examples, results_dir: Path) -> None:
+    """Connect the widgets of ``page`` to the handlers (``handlers.py``) and add the hidden
+    ``/segment`` API endpoint. Every model call shares one queue slot."""
+    reading = [
+        page.image,
+        page.classes,
+        page.timestep,
+        page.blocks,
+        page.source,
+        page.direction,
+        page.softmax,
+        page.tokens,
+        page.seed,
+        page.normalize,
+        page.background,
+        page.threshold,
+        page.presence,
+        page.refine,
+    ]
+    segment_ui = segment_handler(gr, explorer, results_dir)
+    sigma_to_t, t_to_sigma, segment_at_sigma = sigma_handlers(gr, explorer, segment_ui)
+    grid_ui = grid_handler(gr, explorer)
+    load_example = example_handler(gr, examples)
+    outputs = [
+        page.status,
+        page.overlay,
+        page.labels,
+        page.heatmaps,
+        page.downloads,
+        page.grid_class,
+        page.cache,
+    ]
+    model = dict(concurrency_id="model", concurrency_limit=1, trigger_mode="always_last")
+    page.run.click(segment_ui, [*reading, page.cache], outputs, api_name="explore", **model)
+    for trigger in (
+        page.classes.submit,
+        page.timestep.release,
+        page.threshold.release,
+        page.presence.release,
+        page.blocks.input,
+        page.source.input,
+        page.direction.input,
+        page.softmax.input,
+        page.tokens.input,
+        page.normalize.input,
+        page.background.input,
+        page.refine.input,
+    ):
+        trigger(segment_ui, [*reading, page.cache], outputs, api_visibility="private", **model)
+    page.example.select(
+        load_example, page.example, [page.image, page.classes], api_visibility="private", queue=False
+    ).then(segment_ui, [*reading, page.cache], outputs, api_visibility="private", **model)
+    page.sigma.submit(
+        segment_at_sigma,
+        [page.sigma, *reading, page.cache],
+        [*outputs, page.timestep],
+        api_visibility="private",
+        **model,
+    )
+    page.timestep.input(t_to_sigma, page.timestep, page.sigma, api_visibility="private", queue=False)
+    page.sigma.input(sigma_to_t, page.sigma, page.timestep, api_visibility="private", queue=False)
+    page.grid_run.click(
+        grid_ui,
+        [*reading, page.grid_class, page.grid_times, page.grid_blocks, page.cache],
+        [page.grid_status, page.grid, page.cache],
+        api_name="grid",
+        **model,
+    )
+    api_endpoint(gr, explorer, results_dir)
+
+
+def api_endpoint(gr, explorer: Explorer, results_dir: Path) -> None:
+    """``/segment``: hidden widgets, the model's defaults (what ``lava segment`` does with no options)."""
+    with gr.Row(visible=False):
+        api_image = gr.Image(type="filepath", image_mode=None, format="png")
+        api_classes = gr.Textbox()
+        api_overlay = gr.Image(format="png")
+        api_labels = gr.Image(format="png")
+        api_button = gr.Button()
+    api_button.click(
+        api_handler(gr, explorer, results_dir),
+        [api_image, api_classes],
+        [api_overlay, api_labels],
+        api_name="segment",
+        concurrency_id="model",
+        concurrency_limit=1,
+    )
 
 
 def _spread(n_time: int, count: int = 5) -> list[int]:
@@ -470,7 +329,6 @@ def _spread(n_time: int, count: int = 5) -> list[int]:
 
 def check_port(host: str, port: int) -> None:
     """Refuse at once (before the model loads) an address the server could not listen on."""
-    from ..io import describe_os_error
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:

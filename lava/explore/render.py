@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..results import write_set
 from ..stages.mask import upsample
 from .session import Grid, Result
 
@@ -89,8 +90,6 @@ def write_downloads(folder: str | os.PathLike, result: Result, stem: str = "lava
     ``<stem>_labels.png`` (pixel value i = i-th class: palette PNG, 16-bit beyond 256 labels),
     ``<stem>_overlay.png``, ``<stem>_classes.txt`` and ``<stem>_scores.npz`` (``scores``
     ``[C, H, W]``, ``classes``)."""
-    from ..cli.segment import write_set
-
     folder = Path(folder)
     kinds = (("labels", ".png"), ("overlay", ".png"), ("classes", ".txt"), ("scores", ".npz"))
     files = {kind: folder / f"{stem}_{kind}{ext}" for kind, ext in kinds}

@@ -30,6 +30,7 @@ from ..backends import Backend
 from ..compose import ForwardKey, capture_forwards, forward_key, maps_from_slices, propagates, segmentation
 from ..config import Recipe, recipe
 from ..errors import ImageError, LavaError
+from ..errors import error_message as os_message
 from ..images import load_image
 from ..options import IMAGE_TO_TEXT, JOINT
 from ..stages.aggregate import aggregate
@@ -440,8 +441,6 @@ def error_message(err: BaseException) -> str:
     if isinstance(err, (LavaError, ValueError)):
         return str(err)
     if isinstance(err, OSError):
-        from ..cli.common import error_message as os_message
-
         return os_message(err)
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return "out of device memory: try a smaller image or fewer blocks"

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..options import IMPLEMENTATIONS
+from ..options import IMAGE_TO_TEXT, IMPLEMENTATIONS, JOINT
 from .reference import naive_attention, naive_slice
 from .spec import DIRECTIONS, HEAD_REDUCTIONS, SOFTMAX_DOMAINS, SliceSpec
 from .torch_slice import torch_attention_slice
@@ -118,8 +118,8 @@ def attention_slice(
     text_start: int,
     text_len: int,
     columns: Sequence[int] | torch.Tensor | None = None,
-    direction: str = "image_to_text",
-    softmax: str = "joint",
+    direction: str = IMAGE_TO_TEXT,
+    softmax: str = JOINT,
     heads: str = "mean",
     impl: str = "auto",
 ) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..options import CROSS, IMAGE_TO_TEXT
 from .spec import SliceSpec
 
 
@@ -49,9 +50,9 @@ def naive_slice(q: torch.Tensor, k: torch.Tensor, spec: SliceSpec) -> torch.Tens
     txt = spec.text_index(q.device)
     cols = spec.column_index(q.device)
 
-    if spec.direction == "image_to_text":
+    if spec.direction == IMAGE_TO_TEXT:
         rows = scores[:, :, img, :]  # image queries over all keys
-        if spec.softmax == "cross":
+        if spec.softmax == CROSS:
             rows = rows[:, :, :, txt]  # keep only text keys, then columns are relative
             probs = torch.softmax(rows, dim=-1)[:, :, :, cols]
         else:
@@ -59,7 +60,7 @@ def naive_slice(q: torch.Tensor, k: torch.Tensor, spec: SliceSpec) -> torch.Tens
         out = probs  # [B, H, N_img, K]
     else:
         rows = scores[:, :, txt[cols], :]  # wanted text queries over all keys
-        if spec.softmax == "cross":
+        if spec.softmax == CROSS:
             probs = torch.softmax(rows[:, :, :, img], dim=-1)
         else:
             probs = torch.softmax(rows, dim=-1)[:, :, :, img]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..options import DIRECTIONS, HEAD_REDUCTIONS, SOFTMAX_DOMAINS
+from ..options import DIRECTIONS, HEAD_REDUCTIONS, IMAGE_TO_TEXT, JOINT, SOFTMAX_DOMAINS
 
 __all__ = ["DIRECTIONS", "HEAD_REDUCTIONS", "SOFTMAX_DOMAINS", "SliceSpec"]
 
@@ -24,8 +24,8 @@ class SliceSpec:
     text_start: int
     text_len: int
     columns: tuple[int, ...] | None = None
-    direction: str = "image_to_text"
-    softmax: str = "joint"
+    direction: str = IMAGE_TO_TEXT
+    softmax: str = JOINT
     heads: str = "mean"
 
     def __post_init__(self) -> None:
@@ -54,8 +54,8 @@ class SliceSpec:
         text_start: int,
         text_len: int,
         columns: Sequence[int] | torch.Tensor | None = None,
-        direction: str = "image_to_text",
-        softmax: str = "joint",
+        direction: str = IMAGE_TO_TEXT,
+        softmax: str = JOINT,
         heads: str = "mean",
     ) -> SliceSpec:
         cols = None if columns is None else tuple(int(c) for c in torch.as_tensor(columns).flatten().tolist())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..options import IMAGE_TO_TEXT, JOINT
 from .spec import SliceSpec
 
 # Bytes of fp32 scores materialised at once by the chunked paths; the rows per chunk follow from
@@ -137,9 +138,9 @@ def torch_attention_slice(
 
     out, lse_all = sdpa_with_lse(q, k, v) if v is not None else (None, None)
 
-    if spec.direction == "image_to_text":
+    if spec.direction == IMAGE_TO_TEXT:
         q_img = spec.image_rows(q)
-        if spec.softmax == "joint":
+        if spec.softmax == JOINT:
             lse = (
                 spec.image_rows(lse_all[..., None])[..., 0]
                 if lse_all is not None
@@ -151,9 +152,9 @@ def torch_attention_slice(
 
     # text→image: only K query rows, so their scores over all keys are small ([K, N]).
     q_txt = q[:, :, cols, :]
-    if spec.softmax == "joint" and lse_all is not None:
+    if spec.softmax == JOINT and lse_all is not None:
         lse = lse_all[:, :, cols]
     else:
-        lse = chunked_lse(q_txt, k if spec.softmax == "joint" else spec.image_rows(k), chunk_bytes)
+        lse = chunked_lse(q_txt, k if spec.softmax == JOINT else spec.image_rows(k), chunk_bytes)
     # Treat image keys as the "columns" of K text rows, then transpose to [.., N_img, K].
     return out, _rows_at_columns(q_txt, spec.image_rows(k), lse, spec.heads, chunk_bytes, transpose=True)

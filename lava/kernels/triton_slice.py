@@ -28,6 +28,7 @@ import os
 
 import torch
 
+from ..options import CROSS, IMAGE_TO_TEXT
 from .spec import SliceSpec
 
 try:
@@ -313,8 +314,8 @@ def triton_attention_slice(
     cols = spec.column_index(device).to(torch.int32).contiguous()
     lse = torch.empty((batch, heads, n), device=device, dtype=torch.float32)
     out = torch.empty_like(q) if need_output else None
-    image_to_text = spec.direction == "image_to_text"
-    if spec.softmax == "cross":
+    image_to_text = spec.direction == IMAGE_TO_TEXT
+    if spec.softmax == CROSS:
         dom = 1 if image_to_text else 2
         lse_dom = torch.empty_like(lse)
     else:

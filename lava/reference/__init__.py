@@ -13,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..backends.base import Backend, VariantDefaults
+from ..backends.base import Backend, VariantDefaults, resolve_device, resolve_dtype
+from ..backends.pretrained import load_sd3
+from ..backends.wrap import from_pipeline
+from ..errors import ModelError
 
 __all__ = ["BACKGROUND_THRESHOLD", "REFERENCE_DEFAULTS", "load_reference_backend"]
 
@@ -60,9 +63,6 @@ def load_reference_backend(
     T5 slots are always zeros). ``path`` loads weights from another folder written by
     ``python -m scripts.train --out PATH``.
     """
-    from ..backends import _load_sd3, from_pipeline
-    from ..backends.base import resolve_device, resolve_dtype
-    from ..errors import ModelError
     from .model import ASSET_DIR, load_pipeline, read_config
 
     if kw:
@@ -75,7 +75,7 @@ def load_reference_backend(
     # A model trained at another size (``--resolution``) reads images at its own size.
     defaults = dataclasses.replace(REFERENCE_DEFAULTS, resolution=config.resolution)
     if (folder / "model_index.json").is_file():  # a stock SD3 folder: loaded like any other
-        backend = _load_sd3(
+        backend = load_sd3(
             str(folder),
             device=dev,
             dtype=dt,

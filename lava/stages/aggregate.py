@@ -70,6 +70,26 @@ def class_scores(
     return torch.stack(per_class, dim=1)
 
 
+def beats_filler(
+    scores: torch.Tensor, slices: AttentionSlices, prompt: PromptEncoding, layers: Sequence[int]
+) -> torch.Tensor:
+    """``[B, C]``: the ``"null"`` presence rule (``lava.stages.presence.null_presence``) from class
+    scores ``[B, C, N_img]`` already computed (``class_scores``): 1 where a class beats the mean of
+    its prompt row's non-class keys somewhere, else 0."""
+    named, t = set(prompt.columns()), prompt.text_len
+    rows = range(prompt.num_prompts)
+    rest = {row: [k for k in range(row * t, (row + 1) * t) if k not in named] for row in rows}
+    missing = [k for keys in rest.values() for k in keys if k not in slices.columns]
+    if missing:
+        raise LavaError(
+            f"null_presence needs the prompt's non-class text keys (e.g. {missing[:3]}) in the capture: "
+            "pass columns=text_keys(prompt) to lava.capture"
+        )
+    filler = {row: keys_mean(slices, keys, layers) for row, keys in rest.items()}  # [B, N_img] each
+    base = torch.stack([filler[prompt.row(c)] for c in prompt.classes], dim=1)  # [B, C, N_img]
+    return ((scores - base).amax(-1) > 0).float()
+
+
 def mean_heatmaps(runs: Sequence[Heatmaps]) -> Heatmaps:
     """The ensemble of several ``Heatmaps`` of the same images and classes (e.g. several timesteps
     or noise seeds): scores ``[B, C, h, w]`` and presence ``[B, C]`` averaged, each run with the
@@ -136,8 +156,6 @@ def aggregate(
         scores = class_scores(run, prompt, layers, config.tokens)
         per_run.append(scores.softmax(dim=1) if run.source == "concept" else scores)
         if config.presence == "null" and run.source != "concept":
-            from .presence import beats_filler
-
             nulls.append(beats_filler(scores, run, prompt, layers))
     scores = torch.stack(per_run).mean(0)
     scores = rearrange(scores, "b c (h w) -> b c h w", h=grid[0], w=grid[1])

@@ -31,7 +31,15 @@ from einops import rearrange
 from ..backends.family import SD3, family_of, sd3_text_qkv
 from ..errors import LavaError
 from ..types import CapturePlan
-from .capture import CaptureStore, block_inputs, keys_of_rows, pick_keys, restore, row_gather, stop_forward
+from .processors import (
+    CaptureStore,
+    block_inputs,
+    keys_of_rows,
+    pick_keys,
+    restore,
+    row_gather,
+    stop_forward,
+)
 
 
 class ConceptStream:

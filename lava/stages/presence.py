@@ -26,6 +26,7 @@ import torch
 from ..backends.base import Backend
 from ..errors import LavaError
 from ..types import AttentionSlices, Heatmaps, NoisyLatents, PromptEncoding
+from .aggregate import beats_filler, class_scores
 from .capture import batch_inputs
 from .prompts import build_prompt
 
@@ -51,30 +52,8 @@ def null_presence(
     tokens draw no more than the prompt's filler does anywhere, however its map looks after
     min-max. Measured on lava-shapes in docs/open-vocabulary.md.
     """
-    from .aggregate import class_scores
-
     layers = tuple(layers) if layers is not None else slices.layers
     return beats_filler(class_scores(slices, prompt, layers, tokens), slices, prompt, layers)
-
-
-def beats_filler(
-    scores: torch.Tensor, slices: AttentionSlices, prompt: PromptEncoding, layers: Sequence[int]
-) -> torch.Tensor:
-    """``null_presence`` from class scores ``[B, C, N_img]`` already computed (``class_scores``)."""
-    from .aggregate import keys_mean
-
-    named, t = set(prompt.columns()), prompt.text_len
-    rows = range(prompt.num_prompts)
-    rest = {row: [k for k in range(row * t, (row + 1) * t) if k not in named] for row in rows}
-    missing = [k for keys in rest.values() for k in keys if k not in slices.columns]
-    if missing:
-        raise LavaError(
-            f"null_presence needs the prompt's non-class text keys (e.g. {missing[:3]}) in the capture: "
-            "pass columns=text_keys(prompt) to lava.capture"
-        )
-    filler = {row: keys_mean(slices, keys, layers) for row, keys in rest.items()}  # [B, N_img] each
-    base = torch.stack([filler[prompt.row(c)] for c in prompt.classes], dim=1)  # [B, C, N_img]
-    return ((scores - base).amax(-1) > 0).float()
 
 
 def ablated_texts(prompt: PromptEncoding) -> list[str]:

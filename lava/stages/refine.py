@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import LavaError
-from ..options import NO_REFINE, REFINE_METHODS  # NO_REFINE turns a model's default refinement off
+from ..options import NO_REFINE, REFINE_METHODS, refine_order_error  # NO_REFINE: the model's off
 from ..types import AttentionSlices, Heatmaps
 from .aggregate import normalize_scores
 from .propagate import propagate
@@ -213,12 +213,9 @@ def refine_steps(method: RefineSpec) -> tuple[RefineStep, ...]:
                 "comma-separated chain of them, e.g. 'propagate,pamr') or None"
             )
         steps.append(_STEPS[name]())
-    for i, step in enumerate(steps):
-        if isinstance(step, Propagate) and any(isinstance(s, PAMR) for s in steps[:i]):
-            raise LavaError(
-                f"refine chain {','.join(s.name for s in steps)!r}: 'propagate' must come before "
-                "'pamr' (propagation works on the token grid, PAMR leaves it)"
-            )
+    error = refine_order_error([s.name for s in steps])
+    if error is not None:
+        raise LavaError(error)
     return tuple(steps)
 
 

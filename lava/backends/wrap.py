@@ -1,0 +1,123 @@
+"""An already-loaded pipeline as a ``Backend``: its modules placed on a device and dtype, its
+family, variant and defaults read from the transformer."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+from . import flux, sd3
+from .base import Backend, VariantDefaults, resolve_device, resolve_dtype
+from .family import FLUX, family_of
+from .sd3 import DEFAULTS, detect_variant
+
+
+def _place(pipe, device: torch.device, dtype: torch.dtype, offload_text_encoders: bool) -> torch.device:
+    """Move modules; text encoders stay on CPU when offloaded. Returns the text device."""
+    text_device = torch.device("cpu") if offload_text_encoders else device
+
+    def move(module, dev: torch.device, dt: torch.dtype) -> None:
+        # Casting only when needed keeps diffusers' fp32-module bookkeeping out of the way.
+        if module.dtype != dt:
+            module.to(dtype=dt)
+        module.to(dev)
+
+    move(pipe.transformer, device, dtype)
+    if pipe.vae is not None:
+        move(pipe.vae, device, dtype)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            move(module, text_device, text_dtype(text_device, dtype))
+    return text_device
+
+
+def text_dtype(text_device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype text encoders run in: CPU matmuls in half precision are slow or unsupported, so on
+    the CPU (offloaded, or everything on the CPU) they stay float32."""
+    return torch.float32 if text_device.type == "cpu" else dtype
+
+
+def from_pipeline(
+    pipe: Any,
+    *,
+    name: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    offload_text_encoders: bool = False,
+    max_sequence_length: int | None = None,
+    defaults: VariantDefaults | None = None,
+    guidance: float | None = None,
+) -> Backend:
+    """Wrap an already-loaded ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (its modules are
+    used, not copied).
+
+    ``device``/``dtype`` default to where the transformer already is. ``max_sequence_length``
+    (T5 tokens) defaults to 256 for SD3, 512 for FLUX.1-dev and 256 for schnell; ``guidance``
+    (guidance-distilled Flux only) to 3.5, Seg4Diff's value.
+    """
+    for part in ("transformer", "scheduler", "tokenizer", "text_encoder", "encode_prompt"):
+        if not hasattr(pipe, part) or getattr(pipe, part) is None:
+            raise ModelError(
+                f"expected a StableDiffusion3Pipeline- or FluxPipeline-like object with .{part}, "
+                f"got {type(pipe).__name__}"
+            )
+    family = family_of(pipe.transformer)
+    if family is FLUX and getattr(pipe, "text_encoder_2", None) is None:
+        raise ModelError(
+            "a Flux pipeline needs its T5 encoder (text_encoder_2): Flux's text sequence is T5 only"
+        )
+    param = next(pipe.transformer.parameters())
+    dev = resolve_device(device) if device is not None else param.device
+    dt = resolve_dtype(dtype, dev) if dtype is not None else param.dtype
+    text_device = _place(pipe, dev, dt, offload_text_encoders)
+    hint = name or str(getattr(pipe, "name_or_path", "") or pipe.transformer.config.get("_name_or_path", ""))
+    if family is FLUX:
+        variant = flux.detect_variant(pipe.transformer.config, hint)
+        table, seq_len = flux.DEFAULTS, flux.MAX_SEQUENCE_LENGTH[variant]
+        if guidance is None and pipe.transformer.config.get("guidance_embeds"):
+            guidance = flux.SEG4DIFF_FLUX_GUIDANCE
+    else:
+        variant = detect_variant(pipe.transformer.config, hint)
+        table, seq_len = DEFAULTS, 256
+        if defaults is None and variant in sd3.BLOCKS:  # a model of another size reads as its family
+            vae = getattr(pipe, "vae", None)
+            factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+            native = pipe.transformer.config.sample_size * factor
+            defaults = sd3.fitted_defaults(variant, pipe.transformer.config, native)
+    if guidance is not None and not pipe.transformer.config.get("guidance_embeds"):
+        raise ModelError(f"guidance={guidance} given, but {variant} has no guidance embedding")
+    return Backend(
+        name=name or variant,
+        variant=variant,
+        pipe=pipe,
+        defaults=defaults or table[variant],
+        device=dev,
+        dtype=dt,
+        text_device=text_device,
+        max_sequence_length=max_sequence_length or seq_len,
+        family=family,
+        guidance=guidance,
+    )
+
+
+def place(
+    backend: Backend,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    offload_text_encoders: bool | None = None,
+) -> Backend:
+    """The same backend (same modules, name, defaults) moved to another device/dtype/offload."""
+    dev = resolve_device(device) if device is not None else backend.device
+    dt = resolve_dtype(dtype, dev) if dtype is not None else backend.dtype
+    offload = (
+        backend.text_device != backend.device if offload_text_encoders is None else offload_text_encoders
+    )
+    text_device = _place(backend.pipe, dev, dt, offload)
+    return dataclasses.replace(
+        backend, device=dev, dtype=dt, text_device=text_device, info=dict(backend.info)
+    )

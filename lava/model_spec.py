@@ -1,0 +1,167 @@
+"""What the memory planner knows about a model: its sizes (``ModelSpec``), read from its configs
+and the headers of its safetensors files, or from an already-built pipeline. No weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from .backends.loading import empty_module, module_class, stored_tensors
+from .backends.pretrained import lacks_t5, load_error_message, model_index
+from .errors import ModelError
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+HEAVY = ("transformer", "vae", *TEXT_ENCODERS)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's sizes, from configs: no weights needed.
+
+    ``params``: module name → number of floating-point elements (parameters and buffers) for the
+    modules present; ``largest``: the largest single tensor's elements; the rest is geometry.
+    """
+
+    params: dict[str, int]
+    heads: int
+    head_dim: int
+    patch_size: int
+    joint_dim: int
+    vae_scale: int = 8
+    vae_channels: int = 128
+    vae_sample_size: int | None = None
+    clip_len: int = 77
+    t5_len: int = 256
+    largest: int = 0
+
+    @property
+    def has_t5(self) -> bool:
+        return "text_encoder_3" in self.params
+
+    @property
+    def grid_unit(self) -> int:
+        return self.vae_scale * self.patch_size
+
+
+_TRANSFORMER_KEYS = ("num_attention_heads", "attention_head_dim", "patch_size", "joint_attention_dim")
+
+
+def _spec(
+    params: dict[str, int], largest: int, transformer: dict, vae: dict | None, *, clip_len: int, t5_len: int
+) -> ModelSpec:
+    """The ``ModelSpec`` of the counted modules and the transformer's and VAE's configs (as dicts;
+    ``vae`` None without a VAE: 3-channel images, no downscaling)."""
+    return ModelSpec(
+        params=params,
+        heads=int(transformer["num_attention_heads"]),
+        head_dim=int(transformer["attention_head_dim"]),
+        patch_size=int(transformer["patch_size"]),
+        joint_dim=int(transformer["joint_attention_dim"]),
+        vae_scale=2 ** (len(vae["block_out_channels"]) - 1) if vae else 1,
+        vae_channels=int(vae["block_out_channels"][0]) if vae else 3,
+        vae_sample_size=_int_or_none(vae.get("sample_size")) if vae else None,
+        clip_len=clip_len,
+        t5_len=t5_len,
+        largest=largest,
+    )
+
+
+def spec_from_pipeline(pipe, max_sequence_length: int = 256) -> ModelSpec:
+    """The spec of an already-built pipeline (any object with its attributes; missing parts count 0)."""
+    params, largest = {}, 0
+    for name in HEAVY:
+        module = getattr(pipe, name, None)
+        if module is None or not hasattr(module, "parameters"):
+            continue
+        tensors = [*module.parameters(), *getattr(module, "buffers", lambda: ())()]
+        params[name] = sum(t.numel() for t in tensors if t.is_floating_point())
+        largest = max([largest, *(t.numel() for t in tensors)])
+    cfg = pipe.transformer.config
+    transformer = {key: getattr(cfg, key) for key in _TRANSFORMER_KEYS}
+    vcfg = getattr(getattr(pipe, "vae", None), "config", None)
+    vae = None
+    if vcfg is not None:
+        vae = {
+            "block_out_channels": vcfg.block_out_channels,
+            "sample_size": getattr(vcfg, "sample_size", None),
+        }
+    tokenizer = getattr(pipe, "tokenizer", None)
+    clip_len = int(getattr(tokenizer, "model_max_length", 77))
+    return _spec(params, largest, transformer, vae, clip_len=clip_len, t5_len=max_sequence_length)
+
+
+def _int_or_none(value) -> int | None:
+    if isinstance(value, (list, tuple)):
+        value = max(value) if value else None
+    return None if value is None else int(value)
+
+
+def spec_from_folder(folder: str, *, drop_t5: bool = False, max_sequence_length: int = 256) -> ModelSpec:
+    """The spec of a pipeline folder (``save_pretrained`` layout) from its JSON files and the headers
+    of its safetensors files: nothing heavy is read. Components ``model_index.json`` lists as null
+    are absent; without safetensors a module is built without storage to count its parameters."""
+    index = model_index(folder)
+    if not isinstance(index, dict):
+        raise ModelError(
+            f"{folder} has no readable model_index.json: expected a folder saved with save_pretrained()"
+        )
+    skip_t5 = drop_t5 or lacks_t5(index)
+    params, largest = {}, 0
+    for name in HEAVY:
+        entry = index.get(name)
+        if (name == "text_encoder_3" and skip_t5) or not isinstance(entry, (list, tuple)) or entry[0] is None:
+            continue
+        tensors = stored_tensors(os.path.join(folder, name))
+        if tensors:
+            sizes = [_numel(shape) for dt, shape in tensors.values() if dt.is_floating_point]
+        else:  # no safetensors: count a module built without storage
+            sizes = _meta_sizes(module_class(index, name), os.path.join(folder, name))
+        params[name] = sum(sizes)
+        largest = max([largest, *sizes])
+
+    def config(name: str, file: str = "config.json") -> dict:
+        with open(os.path.join(folder, name, file)) as fh:
+            return json.load(fh)
+
+    t = config("transformer")
+    vae = config("vae") if "vae" in params else None
+    has_tok = os.path.isfile(os.path.join(folder, "tokenizer", "tokenizer_config.json"))
+    tok = config("tokenizer", "tokenizer_config.json") if has_tok else {}
+    return _spec(
+        params, largest, t, vae, clip_len=int(tok.get("model_max_length", 77)), t5_len=max_sequence_length
+    )
+
+
+def spec_for(source: str, *, drop_t5: bool = False, max_sequence_length: int = 256):
+    """``(ModelSpec, transformer config)`` of a local folder, or of a hub id from its JSON files alone
+    (downloaded once into the Hugging Face cache, weights not fetched)."""
+    from diffusers.configuration_utils import FrozenDict
+
+    folder = os.path.expanduser(source)
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.model"])
+        except Exception as err:  # the hub's own errors, explained as load_backend explains them
+            raise ModelError(load_error_message(source, err)) from err
+    spec = spec_from_folder(folder, drop_t5=drop_t5, max_sequence_length=max_sequence_length)
+    with open(os.path.join(folder, "transformer", "config.json")) as fh:
+        return spec, FrozenDict(json.load(fh))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _meta_sizes(cls, folder: str) -> list[int]:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        module = empty_module(cls, folder)
+    return [t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
