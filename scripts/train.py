@@ -64,6 +64,10 @@ class TrainConfig:
     shape_head: float = 0.0
     shape_block: int = 1
     shape_sigma: float = 0.6
+    # Share of samples whose caption is dropped (empty prompt, as classifier-free guidance trains
+    # too); with the shape head, only these samples train it, so the image tokens must see shape
+    # rather than read it from the caption's words.
+    shape_drop: float = 0.0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -200,6 +204,7 @@ def command_line(out: str, cfg: TrainConfig, model_config: ReferenceConfig) -> s
         )
         + ("" if cfg.bf16 else " --no-bf16")
         + (f" --vae {cfg.vae}" if cfg.vae else "")
+        + (f" --shape-drop {cfg.shape_drop:g}" if cfg.shape_drop > 0 else "")
         + (
             f" --shape-head {cfg.shape_head:g} --shape-block {cfg.shape_block}"
             f" --shape-sigma {cfg.shape_sigma:g}"
@@ -295,6 +300,9 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         pixels, captions, scenes, refs = training_batch(step, cfg, model_config.resolution)
+        dropped = np.random.default_rng([cfg.seed, step, 1]).random(len(captions)) < cfg.shape_drop
+        captions = ["" if d else c for c, d in zip(captions, dropped)]
+        refs = [[] if d else r for r, d in zip(refs, dropped)]
         loss, sigma = flow_matching_loss(pipe, model_config, encode(pixels), captions, gen, cfg)
         if store is not None:
             if step == 0:
@@ -307,7 +315,10 @@ def train(
             ground_avg = ground.item() if ground_avg is None else 0.98 * ground_avg + 0.02 * ground.item()
             loss = loss + cfg.grounding * ground
         if head is not None:
-            shape = head.loss(shape_labels(scenes, model_config.grid), sigma < cfg.shape_sigma)
+            seen = sigma < cfg.shape_sigma
+            if cfg.shape_drop > 0:  # only where no caption could tell the shape
+                seen &= torch.from_numpy(dropped)
+            shape = head.loss(shape_labels(scenes, model_config.grid), seen)
             shape_avg = shape.item() if shape_avg is None else 0.98 * shape_avg + 0.02 * shape.item()
             loss = loss + cfg.shape_head * shape
         opt.zero_grad(set_to_none=True)
@@ -385,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--shape-block", type=int, default=d.shape_block, help="block the shape head reads")
     p.add_argument("--shape-sigma", type=float, default=d.shape_sigma, help="shape loss only below this σ")
+    p.add_argument("--shape-drop", type=float, default=d.shape_drop, help="share of captions dropped")
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     a = p.parse_args(argv)
     cfg = TrainConfig(
@@ -403,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         shape_head=a.shape_head,
         shape_block=a.shape_block,
         shape_sigma=a.shape_sigma,
+        shape_drop=a.shape_drop,
     )
     model_config = ReferenceConfig(
         num_layers=a.num_layers,
