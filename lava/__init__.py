@@ -64,6 +64,8 @@ _EXPORTS = {
     "segmentation": "compose",
     "split_classes": "stages.prompts",
     "to_mask": "stages.mask",
+    "trace": "tracing",
+    "Trace": "tracing",
 }
 
 __all__ = [
@@ -85,6 +87,7 @@ __all__ = [
     "Reading",
     "Recipe",
     "Segmentation",
+    "Trace",
     "aggregate",
     "capture",
     "capturing",
@@ -105,6 +108,7 @@ __all__ = [
     "segmentation",
     "split_classes",
     "to_mask",
+    "trace",
 ]
 
 
@@ -126,6 +130,7 @@ if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ p
     from .stages.prompts import encode_prompt, split_classes
     from .stages.propagate import propagate
     from .stages.refine import PAMR, Propagate, refine
+    from .tracing import Trace, trace
     from .types import (
         AggregateConfig,
         AttentionSlices,

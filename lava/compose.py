@@ -203,12 +203,12 @@ def _segmenter_heatmaps(segmenter, images, prompt: ClassList, recipes: Sequence[
             for image in images
         ]
         for j, i in enumerate(members):
-            runs[i].append(_stack([heats[j] for heats in per_image]))
+            runs[i].append(stack_heatmaps([heats[j] for heats in per_image]))
     return [finish_maps(runs[i], rec, images) for i, rec in enumerate(recipes)]
 
 
-def _stack(heats: Sequence[Heatmaps]) -> Heatmaps:
-    """Single-image heatmaps of one grid as one batch."""
+def stack_heatmaps(heats: Sequence[Heatmaps]) -> Heatmaps:
+    """Heatmaps of the same classes on one grid, joined into one batch in the order given."""
     import dataclasses
 
     import torch

@@ -27,10 +27,13 @@ ROOT = Path(__file__).resolve().parents[1] / "lava"
 # Layers that must not depend on the ones above them:
 # cli/explore -> evaluation -> pipeline/compose/config -> stages -> backends/kernels/types/options.
 LOW = ("lava.stages", "lava.backends", "lava.kernels", "lava.types", "lava.options", "lava.errors")
-HIGH = ("lava.cli", "lava.explore", "lava.evaluation", "lava.pipeline")
+HIGH = ("lava.cli", "lava.explore", "lava.evaluation", "lava.pipeline", "lava.tracing")
 RULES = [
     (LOW, HIGH),
-    (("lava.pipeline", "lava.compose", "lava.config"), ("lava.cli", "lava.explore", "lava.evaluation")),
+    (
+        ("lava.pipeline", "lava.compose", "lava.config", "lava.tracing"),
+        ("lava.cli", "lava.explore", "lava.evaluation"),
+    ),
     (("lava.evaluation",), ("lava.cli", "lava.explore")),
 ]
 

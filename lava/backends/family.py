@@ -141,6 +141,21 @@ class SD3Family:
         """The model's output as ``[B, C, h, w]`` latents (SD3 already returns them so)."""
         return sample
 
+    # ---- a pipeline's own calls (lava.trace) ----------------------------------------------------
+    t5_prompt_arg = "prompt_3"  # the encode_prompt argument whose text T5 reads (default: ``prompt``)
+
+    def prompt_outputs(self, result) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeds [P, T, D], pooled [P, Dp])`` of the conditional prompt from the pipeline's own
+        ``encode_prompt`` return value (``embeds, negative, pooled, negative pooled``)."""
+        return result[0], result[2]
+
+    def call_info(self, transformer, inputs: dict) -> tuple[tuple[int, int], float]:
+        """``(image-token grid, timestep in lava's σ·1000 units)`` of one transformer call, from its
+        keyword arguments: latents ``[B, C, h, w]``, the timestep as the model takes it."""
+        h, w = inputs["hidden_states"].shape[-2:]
+        p = self.patch_size(transformer)
+        return (h // p, w // p), float(inputs["timestep"].flatten()[0])
+
 
 class FluxFamily:
     """FLUX.1 (``FluxTransformer2DModel``): double-stream blocks, then single-stream blocks.
@@ -259,6 +274,21 @@ class FluxFamily:
     def output_latents(self, sample: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Packed ``[B, N_img, 4·C]`` model output back to ``[B, C, 2·gh, 2·gw]`` latents."""
         return rearrange(sample, "b (h w) (c p q) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=2, q=2)
+
+    # ---- a pipeline's own calls (lava.trace) ----------------------------------------------------
+    t5_prompt_arg = "prompt_2"
+
+    def prompt_outputs(self, result) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeds, pooled)`` from ``FluxPipeline.encode_prompt``'s ``(embeds, pooled, text_ids)``."""
+        return result[0], result[1]
+
+    def call_info(self, transformer, inputs: dict) -> tuple[tuple[int, int], float]:
+        """The grid from the image position ids (row, column in channels 1 and 2), and the timestep
+        the pipeline passed as ``t / 1000`` back in lava's units."""
+        ids = inputs["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids  # diffusers' deprecated batched ids
+        grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+        return grid, float(inputs["timestep"].flatten()[0]) * 1000
 
 
 SD3 = SD3Family()

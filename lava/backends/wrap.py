@@ -51,11 +51,15 @@ def from_pipeline(
     max_sequence_length: int | None = None,
     defaults: VariantDefaults | None = None,
     guidance: float | None = None,
+    move: bool = True,
 ) -> Backend:
     """Wrap an already-loaded ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (its modules are
     used, not copied).
 
-    ``device``/``dtype`` default to where the transformer already is. ``max_sequence_length``
+    ``device``/``dtype`` default to where the transformer already is; the VAE and text encoders are
+    moved there (text encoders on the CPU stay float32). ``move=False`` leaves every module where
+    and as it is (``lava.trace`` wraps the user's pipeline so: its images must not change), and
+    ``device``/``dtype``/``offload_text_encoders`` must then be left out. ``max_sequence_length``
     (T5 tokens) defaults to 256 for SD3, 512 for FLUX.1-dev and 256 for schnell; ``guidance``
     (guidance-distilled Flux only) to 3.5, Seg4Diff's value.
     """
@@ -71,9 +75,16 @@ def from_pipeline(
             "a Flux pipeline needs its T5 encoder (text_encoder_2): Flux's text sequence is T5 only"
         )
     param = next(pipe.transformer.parameters())
-    dev = resolve_device(device) if device is not None else param.device
-    dt = resolve_dtype(dtype, dev) if dtype is not None else param.dtype
-    text_device = _place(pipe, dev, dt, offload_text_encoders)
+    if move:
+        dev = resolve_device(device) if device is not None else param.device
+        dt = resolve_dtype(dtype, dev) if dtype is not None else param.dtype
+        text_device = _place(pipe, dev, dt, offload_text_encoders)
+    else:
+        if device is not None or dtype is not None or offload_text_encoders:
+            raise ModelError("move=False keeps the modules where they are: give no device, dtype or offload")
+        dev, dt = param.device, param.dtype
+        encoder = getattr(pipe, "text_encoder", None)
+        text_device = next(encoder.parameters()).device if encoder is not None else dev
     hint = name or str(getattr(pipe, "name_or_path", "") or pipe.transformer.config.get("_name_or_path", ""))
     if family is FLUX:
         variant = flux.detect_variant(pipe.transformer.config, hint)

@@ -241,3 +241,71 @@ def encode_prompt(
         template=template,
         separator=separator,
     )
+
+
+# ---- words of a free prompt (lava.trace) ------------------------------------------------------------
+
+
+def prompt_words(text: str) -> list[str]:
+    """The words of a prompt, in order and without repeats (what an error lists)."""
+    import re
+
+    return list(dict.fromkeys(re.findall(r"\w+(?:['-]\w+)*", text)))
+
+
+def word_ranges(text: str, word: str) -> list[tuple[int, int]]:
+    """Character ranges ``[start, end)`` of every whole-word, case-insensitive occurrence of
+    ``word`` (one word or several, e.g. ``"traffic light"``) in ``text``."""
+    import re
+
+    pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, word.split())) + r"(?!\w)"
+    return [m.span() for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+
+
+def word_spans(
+    backend: Backend,
+    words: Sequence[str],
+    clip_text: str,
+    t5_text: str,
+    max_sequence_length: int,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """``(clip_spans, t5_spans)``: the text positions of each of ``words`` in a prompt the pipeline
+    encoded itself, every occurrence, as ``encode_prompt`` lays them out.
+
+    CLIP positions come from ``clip_text`` (SD3's ``prompt``; Flux has none) and are kept inside
+    the CLIP window (``clip_len - 2`` content tokens after the start token); T5 positions come from
+    ``t5_text`` (SD3's ``prompt_3``, Flux's ``prompt_2``; by default the prompt itself), offset by
+    ``clip_len`` and kept inside ``max_sequence_length - 1`` tokens (the last is the end token). So
+    a word past CLIP's 77 tokens still has its T5 positions. A word that is not in the prompt, or
+    whose tokens all lie past both windows, raises ``ClassNameError`` naming the prompt's words.
+    """
+    clip_len = backend.clip_len
+    texts = {"clip": clip_text if clip_len else None, "t5": t5_text if backend.has_t5 else None}
+    clip_spans: dict[str, tuple[int, ...]] = {}
+    t5_spans: dict[str, tuple[int, ...]] = {}
+    for word in words:
+        found = {part: word_ranges(text, word) for part, text in texts.items() if text is not None}
+        if not any(found.values()):
+            text = clip_text if clip_len else t5_text
+            listed = ", ".join(prompt_words(text))
+            raise ClassNameError(f"{word!r} is not a word of the prompt {text!r}; its words are: {listed}")
+        clip: tuple[int, ...] = ()
+        if found.get("clip"):
+            clip = _positions(backend.pipe.tokenizer, clip_text, found["clip"], clip_len - 1)
+        t5: tuple[int, ...] = ()
+        if found.get("t5"):
+            local = _positions(backend.t5_tokenizer, t5_text, found["t5"], max_sequence_length - 1)
+            t5 = tuple(clip_len + p for p in local)
+        if not clip and not t5:
+            raise ClassNameError(
+                f"{word!r} lies past the text the model read (CLIP's {max(clip_len - 2, 0)} and T5's "
+                f"{max_sequence_length - 1} content tokens): move it forward or raise max_sequence_length"
+            )
+        clip_spans[word], t5_spans[word] = clip, t5
+    return clip_spans, t5_spans
+
+
+def _positions(tokenizer, text: str, ranges: Sequence[tuple[int, int]], limit: int) -> tuple[int, ...]:
+    """Sorted token positions (special tokens counted) overlapping any of ``ranges``, below ``limit``."""
+    spans = token_spans(tokenizer, text, {i: r for i, r in enumerate(ranges)})
+    return tuple(sorted({p for pos in spans.values() for p in pos if p < limit}))

@@ -1,0 +1,536 @@
+"""``lava.trace``: where each word of the prompt goes while a diffusers pipeline generates.
+
+DAAM's shape for MM-DiT pipelines: a context manager around an ordinary ``pipe(...)`` call of a
+``StableDiffusion3Pipeline`` (or its Img2Img / Inpaint pipeline), a ``FluxPipeline`` (or Flux
+Img2Img)::
+
+    with lava.trace(pipe, layers=[9]) as tr:
+        out = pipe("a cat on a red sofa", num_inference_steps=28)
+    heat = tr.heatmaps(["cat", "sofa"])                 # lava.Heatmaps over the generated images
+    seg = tr.segment(["cat", "sofa"], images=out.images)  # lava.Segmentation
+
+For the duration of the block the pipeline's ``encode_prompt`` is wrapped (to learn the prompt
+text and its conditional embeddings) and the transformer gets two hooks; on the denoising steps
+traced, lava's own capture processors (``lava.stages.capture.capturing``, the family adapters of
+``lava.backends.family``) sit on the traced blocks for that one transformer call. Everything is
+put back when the block ends, also on error. Nothing of the model changes: the capture computes
+the model's attention output with the same fused kernel (``impl="torch"``), so the images are
+bit-identical with and without the trace.
+
+What is kept: for each traced block, the running sum over the traced steps of the image→text
+probabilities (softmax over all joint keys, as the model attends; heads averaged) of every image
+of the batch at the captured text keys: ``[B, 1, N_img, K]`` float32 per block, the same after
+2 steps or 50 (no ``N×N``, nothing per step). ``K`` is the prompt's whole text sequence, or only
+the tokens of ``words`` when they are given up front.
+
+The maps then go through lava's one composition: ``heatmaps`` builds ``AttentionSlices`` (the
+means over steps) and calls ``lava.stages.aggregate.aggregate``; ``segment`` goes through
+``lava.compose.maps_from_slices`` and ``lava.compose.segmentation`` with a ``lava.config.recipe``,
+so the model's own normalisation, presence rule, refinement and mask settings apply.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+
+from .backends.base import Backend
+from .compose import maps_from_slices, segmentation, stack_heatmaps
+from .config import recipe as make_recipe
+from .errors import ClassNameError, LavaError
+from .images import load_images
+from .options import IMAGE_TO_TEXT, IMPLEMENTATIONS, JOINT, OPTIONS, PROMPT, READING
+from .stages.aggregate import aggregate
+from .stages.capture import capturing
+from .stages.prompts import parse_classes, word_spans
+from .stages.refine import Propagate
+from .types import AttentionSlices, CapturePlan, Heatmaps, PromptEncoding, Segmentation
+
+__all__ = ["Trace", "trace"]
+
+# The reading options a trace takes; the others (timestep, seed, resolution, ...) are what the
+# pipeline call itself decided.
+_TRACE_READING = ("layers",)
+
+
+def trace(
+    pipe: Any,
+    *,
+    words: str | Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    steps: Iterable[int] | None = None,
+    impl: str = "torch",
+) -> Trace:
+    """A context manager that records, during one ``pipe(...)`` call inside it, each prompt token's
+    image→text attention map at ``layers`` averaged over the denoising ``steps``.
+
+    Args:
+        pipe: a diffusers ``StableDiffusion3Pipeline`` (Img2Img, Inpaint) or ``FluxPipeline``
+            (Img2Img), or a lava ``Backend`` (its ``pipe`` is traced, its defaults used). The
+            pipeline's modules are neither moved nor cast (``lava.from_pipeline(pipe, move=False)``).
+        words: the words to keep maps for (a list, or one comma-separated string): only their
+            tokens are captured, and a word not in the prompt fails as soon as the pipeline has
+            encoded it. ``None`` (default) keeps every text token, so any word of the prompt can
+            be read afterwards (``K`` = the whole text sequence per block, still no ``N×N``).
+            The model's ``"null"`` presence rule reads every token, so such a model keeps them all.
+        layers: transformer blocks to trace (default: the model's, ``lava models``; negative
+            counts from the end; Flux numbers double-stream blocks first, then single-stream).
+        steps: denoising steps to trace, counted from 0 over the steps the call runs (an
+            Img2Img call runs fewer); default every step.
+        impl: attention-slice implementation. ``"torch"`` (default) takes the attention output from
+            the fused kernel the model itself calls, so images are bit-identical with and without
+            the trace; ``"triton"``/``"naive"`` compute it otherwise (equal up to rounding).
+
+    Classifier-free guidance: the maps are those of the **conditional** half only (the rows that
+    carry the prompt); SD3's unconditional batch half, Flux's ``true_cfg_scale`` negative call and
+    SD3.5's skip-layer-guidance calls are not traced. Every image of the batch gets its own maps
+    (several prompts, ``num_images_per_prompt``). One pipeline call per ``with`` block.
+    """
+    backend = pipe if isinstance(pipe, Backend) else _wrap(pipe)
+    return Trace(backend, words=words, layers=layers, steps=steps, impl=impl)
+
+
+def _wrap(pipe: Any) -> Backend:
+    from .backends.wrap import from_pipeline
+
+    return from_pipeline(pipe, move=False)
+
+
+class Trace:
+    """What ``lava.trace`` returns: the context manager, and the maps once the call has run.
+
+    After (or inside) the block: ``heatmaps(words)`` → ``Heatmaps`` ``[B, C, h, w]`` over the
+    generated images, ``segment(words)`` → ``Segmentation``; ``maps()`` the raw means per block;
+    ``steps``/``timesteps`` what was traced; ``prompts`` the prompt of each generated image;
+    ``nbytes`` the memory the running sums hold.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        words: str | Sequence[str] | None,
+        layers: Sequence[int] | None,
+        steps: Iterable[int] | None,
+        impl: str,
+    ):
+        self.backend = backend
+        self.layers = backend.check_layers(layers if layers is not None else backend.defaults.layers)
+        self.words = None if words is None else parse_classes(words)
+        self.step_filter = None if steps is None else frozenset(_check_steps(steps))
+        if impl not in IMPLEMENTATIONS:
+            raise LavaError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        self.impl = impl
+        self._entered = False
+        self._undo: ExitStack | None = None
+        self._capture: ExitStack | None = None
+        self._store = None
+        self._pending: tuple[int, int, float] | None = None
+        # filled by the pipeline's encode_prompt
+        self._cond: torch.Tensor | None = None
+        self._cond_cache: torch.Tensor | None = None
+        self._embeds: torch.Tensor | None = None
+        self._pooled: torch.Tensor | None = None
+        self._clip_texts: tuple[str, ...] | None = None
+        self._t5_texts: tuple[str, ...] | None = None
+        self.images_per_prompt = 1
+        self.max_sequence_length = backend.max_sequence_length
+        self.text_len: int | None = None
+        self.columns: tuple[int, ...] = ()
+        # filled by the denoising loop
+        self._started = False
+        self._step = -1
+        self._last_t: float | None = None
+        self._sums: dict[int, torch.Tensor] = {}
+        self._count = 0
+        self.grid: tuple[int, int] | None = None
+        self.steps: list[int] = []
+        self.timesteps: list[float] = []
+
+    # ---- installing and removing ---------------------------------------------------------------
+    def __enter__(self) -> Trace:
+        if self._entered:
+            raise LavaError("a lava.trace records one pipeline call: open a new one for the next call")
+        pipe = self.backend.pipe
+        if getattr(vars(pipe).get("encode_prompt"), "_lava_trace", False):
+            raise LavaError("this pipeline is already being traced: lava.trace blocks cannot be nested")
+        self._entered = True
+        undo = ExitStack()
+        try:
+            original = pipe.encode_prompt
+            own = "encode_prompt" in vars(pipe)
+            pipe.encode_prompt = self._encoder(original)
+            undo.callback(_put_back, pipe, "encode_prompt", original if own else None)
+            transformer = self.backend.transformer
+            undo.callback(transformer.register_forward_pre_hook(self._before, with_kwargs=True).remove)
+            undo.callback(transformer.register_forward_hook(self._after).remove)
+            undo.callback(self._end_capture)
+        except BaseException:
+            undo.close()
+            raise
+        self._undo = undo
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._undo is not None:
+            self._undo.close()
+            self._undo = None
+        self._cond = self._cond_cache = None
+        return False
+
+    def _end_capture(self) -> None:
+        """Take the capture processors out (the originals back), if a traced call has them in."""
+        stack, self._capture, self._store, self._pending = self._capture, None, None, None
+        if stack is not None:
+            stack.close()
+
+    # ---- the prompt ----------------------------------------------------------------------------
+    def _encoder(self, original):
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def encode_prompt(*args, **kwargs):
+            if self._started:
+                raise LavaError(
+                    "lava.trace records one pipeline call: encode_prompt ran again after denoising "
+                    "started; open a new `with lava.trace(pipe)` for each call"
+                )
+            result = original(*args, **kwargs)
+            if self._cond is None:  # the first call encodes the prompt (Flux's second, the negative one)
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                self._record_prompt(bound.arguments, result)
+            return result
+
+        encode_prompt._lava_trace = True
+        return encode_prompt
+
+    def _record_prompt(self, arguments: dict, result) -> None:
+        family = self.backend.family
+        embeds, pooled = family.prompt_outputs(result)
+        n = int(arguments.get("num_images_per_prompt") or 1)
+        self.images_per_prompt = n
+        self.max_sequence_length = int(arguments.get("max_sequence_length") or self.max_sequence_length)
+        self.text_len = int(embeds.shape[1])
+        self._cond = embeds
+        # one row per prompt (the pipeline repeats each prompt's row n times, prompt-major)
+        self._embeds, self._pooled = embeds[::n].detach(), pooled[::n].detach()
+        clip = _texts(arguments.get("prompt"))
+        t5 = _texts(arguments.get(family.t5_prompt_arg)) or clip
+        if clip is not None and t5 is not None and len(t5) != len(clip):
+            t5 = t5 * len(clip) if len(t5) == 1 else None
+        self._clip_texts, self._t5_texts = clip, t5
+        every_key = self.words is None or self.backend.defaults.presence == "null"
+        if every_key:
+            self.columns = tuple(range(self.text_len))
+        else:
+            prompts = [self.encoding(self.words, p) for p in range(self.num_prompts)]
+            self.columns = tuple(sorted({k for prompt in prompts for k in prompt.columns()}))
+
+    @property
+    def num_prompts(self) -> int:
+        """Prompts the pipeline encoded (each gives ``images_per_prompt`` images)."""
+        if self._embeds is None:
+            raise LavaError("nothing traced yet: call the pipeline inside `with lava.trace(pipe) as tr:`")
+        return int(self._embeds.shape[0])
+
+    @property
+    def num_images(self) -> int:
+        return self.num_prompts * self.images_per_prompt
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """The prompt of each generated image, in the pipeline's output order."""
+        if self._clip_texts is None:
+            raise LavaError("the pipeline was called with prompt_embeds: lava.trace has no prompt text")
+        return tuple(t for t in self._clip_texts for _ in range(self.images_per_prompt))
+
+    def encoding(self, words: str | Sequence[str], prompt_index: int = 0) -> PromptEncoding:
+        """A ``PromptEncoding`` of prompt ``prompt_index`` whose classes are ``words`` at the token
+        positions they occupy in it (every occurrence; see ``lava.stages.prompts.word_spans``)."""
+        names = parse_classes(words)
+        n = self.num_prompts
+        if not 0 <= prompt_index < n:
+            raise LavaError(f"prompt {prompt_index} does not exist: the pipeline encoded {n} prompt(s)")
+        if self._clip_texts is None or self._t5_texts is None:
+            raise LavaError(
+                "the pipeline was called with prompt_embeds, not a prompt: lava.trace needs the "
+                "prompt text to find the words"
+            )
+        clip_text, t5_text = self._clip_texts[prompt_index], self._t5_texts[prompt_index]
+        clip_spans, t5_spans = word_spans(self.backend, names, clip_text, t5_text, self.max_sequence_length)
+        return PromptEncoding(
+            classes=names,
+            texts=(clip_text,),
+            embeds=self._embeds[prompt_index : prompt_index + 1],
+            pooled=self._pooled[prompt_index : prompt_index + 1],
+            clip_spans=clip_spans,
+            t5_spans=t5_spans,
+            clip_len=self.backend.clip_len,
+            text_len=int(self.text_len),
+        )
+
+    # ---- the denoising loop --------------------------------------------------------------------
+    def _before(self, transformer, args: tuple, kwargs: dict) -> None:
+        """Transformer pre-hook: count the step; on a traced step with the conditional rows in
+        this call, put the capture processors in for this call."""
+        if self._cond is None:
+            return  # not a pipeline call that encoded a prompt (or encoded only embeddings)
+        self._started = True
+        inputs = _call_arguments(transformer, args, kwargs)
+        if inputs.get("skip_layers") is not None:
+            return  # SD3.5 skip-layer guidance: a second pass that leaves blocks out
+        grid, t = self.backend.family.call_info(transformer, inputs)
+        if self._last_t is None or t != self._last_t:
+            self._step += 1
+            self._last_t = t
+        if self.step_filter is not None and self._step not in self.step_filter:
+            return
+        offset = self._conditional_rows(inputs.get("encoder_hidden_states"))
+        if offset is None:
+            return  # Flux's negative-prompt call under true_cfg_scale
+        if self.grid is not None and grid != self.grid:
+            raise LavaError(f"the image-token grid changed during the call: {self.grid} then {grid}")
+        self.grid = grid
+        plan = CapturePlan(
+            layers=self.layers,
+            columns=self.columns,
+            direction=IMAGE_TO_TEXT,
+            softmax=JOINT,
+            heads="mean",
+            impl=self.impl,
+            early_exit=False,
+        )
+        stack = ExitStack()
+        self._store = stack.enter_context(capturing(transformer, plan))
+        self._capture, self._pending = stack, (offset, self._step, t)
+
+    def _after(self, transformer, args: tuple, output) -> None:
+        """Transformer forward hook: add this call's conditional slices to the running sums."""
+        if self._store is None or self._pending is None:
+            return
+        offset, step, t = self._pending
+        rows = int(self._cond.shape[0])
+        try:
+            for block in self.layers:
+                part = self._store[block][offset : offset + rows]
+                if block in self._sums:
+                    self._sums[block].add_(part)
+                else:
+                    self._sums[block] = part.clone()
+        finally:
+            self._end_capture()
+        self._count += 1
+        self.steps.append(step)
+        self.timesteps.append(t)
+
+    def _conditional_rows(self, context: torch.Tensor | None) -> int | None:
+        """Where the conditional prompt rows sit in this call's batch: the offset of the block of
+        rows equal to the prompt's own embeddings (SD3 under CFG: the second half), or ``None``."""
+        cond = self._cond
+        rows = int(cond.shape[0])
+        if context is None or context.shape[1:] != cond.shape[1:] or context.shape[0] % rows:
+            return None
+        cached = self._cond_cache
+        if cached is None or cached.device != context.device or cached.dtype != context.dtype:
+            cached = self._cond_cache = cond.to(context.device, context.dtype)
+        for offset in reversed(range(0, context.shape[0], rows)):
+            if torch.equal(context[offset : offset + rows], cached):
+                return offset
+        return None
+
+    # ---- results -------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the running sums (the same after any number of steps)."""
+        return sum(t.numel() * t.element_size() for t in self._sums.values())
+
+    def maps(self) -> dict[int, torch.Tensor]:
+        """``{block: [B, 1, N_img, K]}`` float32: each image's image→text joint-softmax
+        probabilities at text keys ``columns`` (positions in its prompt's text sequence), heads
+        averaged, the mean over the traced steps."""
+        if not self._count:
+            raise LavaError(
+                "no denoising step was traced: call the pipeline inside the `with lava.trace(pipe)` "
+                f"block (steps asked: {sorted(self.step_filter) if self.step_filter else 'all'})"
+            )
+        return {block: s / self._count for block, s in self._sums.items()}
+
+    def slices(self, prompt_index: int = 0, images: Sequence[int] | None = None) -> AttentionSlices:
+        """The images of prompt ``prompt_index`` (or ``images`` of them, counted within it) as
+        ``AttentionSlices``: the step means, with the model's defaults as ``lava.capture`` sets
+        them; ``timestep``/``sigma`` are the mean over the traced steps."""
+        n = self.images_per_prompt
+        local = list(range(n)) if images is None else list(images)
+        rows = torch.tensor([prompt_index * n + i for i in local])
+        maps = {b: m.index_select(0, rows.to(m.device)) for b, m in self.maps().items()}
+        t = sum(self.timesteps) / len(self.timesteps)
+        size = (self.grid[0] * self.backend.grid_unit, self.grid[1] * self.backend.grid_unit)
+        return AttentionSlices(
+            maps=maps,
+            columns=self.columns,
+            grid=self.grid,
+            direction=IMAGE_TO_TEXT,
+            softmax=JOINT,
+            heads="mean",
+            timestep=t,
+            sigma=t / self.backend.num_train_timesteps,
+            image_sizes=(size,) * len(local),
+            source="attention",
+            defaults=self.backend.defaults,
+        )
+
+    def heatmaps(
+        self, words: str | Sequence[str] | None = None, *, indices: Sequence[int] | None = None, **options
+    ) -> Heatmaps:
+        """``Heatmaps`` ``[B, C, h, w]`` of ``words`` (default: the trace's) over the generated
+        images (or those at ``indices``), through ``lava.stages.aggregate.aggregate``.
+
+        ``options``: ``layers`` (among the traced blocks; default all of them) and the aggregate
+        options (``tokens``, ``normalize``, ``presence``), defaulted from the model as
+        ``lava.segment`` does. Each word must be in the prompt of every image asked for.
+        """
+        names, rec = self._recipe(words, options)
+        heats = []
+        for p, local in self._groups(indices):
+            prompt = self._prompt_for(names, p)
+            heats.append(aggregate(self.slices(p, local), prompt, rec.aggregate, layers=rec.reading.layers))
+        return stack_heatmaps(heats)
+
+    def segment(
+        self,
+        words: str | Sequence[str] | None = None,
+        *,
+        images: Sequence[Any] | None = None,
+        indices: Sequence[int] | None = None,
+        **options,
+    ) -> Segmentation:
+        """A ``Segmentation`` of the generated images (or those at ``indices``) into ``words``:
+        ``lava.compose.maps_from_slices`` and ``lava.compose.segmentation`` with the recipe of
+        ``options`` (``layers`` among the traced blocks, and the aggregate, refinement and mask
+        options of ``lava.segment``; the model's own where not given).
+
+        ``images``: the generated images (``out.images``, one per image asked for), for
+        ``Segmentation.overlay`` and for refinements that read the pixels (``pamr``).
+        Propagation is refused: it needs one forward's attention, a trace averages many.
+        """
+        names, rec = self._recipe(words, options)
+        if any(isinstance(step, Propagate) for step in rec.refine):
+            raise LavaError(
+                "refine 'propagate' reads one forward's image-to-image attention; a trace averages many "
+                "steps: use refine='pamr' or 'none'"
+            )
+        groups = self._groups(indices)
+        count = sum(len(local) for _, local in groups)
+        pil = [] if images is None else load_images(list(images))
+        if pil and len(pil) != count:
+            raise LavaError(f"got {len(pil)} images for {count} generated image(s)")
+        if rec.refine and not pil:
+            raise LavaError(
+                f"refine {rec.refine_label!r} reads the image: pass images=out.images (or refine='none')"
+            )
+        heats, start = [], 0
+        for p, local in groups:
+            part = pil[start : start + len(local)]
+            start += len(local)
+            prompt = self._prompt_for(names, p)
+            heats.append(maps_from_slices([self.slices(p, local)], prompt, rec, part))
+        heat = stack_heatmaps(heats)
+        if pil:
+            want = [(h, w) for h, w in heat.image_sizes]
+            got = [(im.height, im.width) for im in pil]
+            if got != want:
+                raise LavaError(f"images of sizes {got} given for generated images of sizes {want} (H, W)")
+        return segmentation(heat, rec, pil)
+
+    def _recipe(self, words, options: dict):
+        names = parse_classes(words) if words is not None else self.words
+        if names is None:
+            raise LavaError("name the words to read: tr.heatmaps(['cat', 'sofa']) or trace(pipe, words=...)")
+        targets = {n: OPTIONS[n].target for n in options if n in OPTIONS}
+        fixed = [n for n, t in targets.items() if t == PROMPT or (t == READING and n not in _TRACE_READING)]
+        if fixed:
+            raise LavaError(
+                f"{', '.join(fixed)} cannot be chosen after a trace: the pipeline call decided them "
+                "(a trace reads layers and the aggregate, refinement and mask options)"
+            )
+        layers = options.pop("layers", None)
+        layers = self.layers if layers is None else self.backend.check_layers(layers)
+        untraced = [b for b in layers if b not in self.layers]
+        if untraced:
+            raise LavaError(f"blocks {untraced} were not traced; traced: {list(self.layers)}")
+        rec = make_recipe(self.backend, classes=names, layers=layers, **options)
+        if rec.aggregate.presence == "null" and len(self.columns) != self.text_len:
+            raise LavaError(
+                "the 'null' presence rule compares the words with every other token: trace with words=None"
+            )
+        return names, rec
+
+    def _prompt_for(self, names: tuple[str, ...], prompt_index: int) -> PromptEncoding:
+        try:
+            prompt = self.encoding(names, prompt_index)
+        except ClassNameError as err:
+            if self.num_prompts == 1:
+                raise
+            n = self.images_per_prompt
+            others = [i for i in range(self.num_images) if i // n != prompt_index]
+            raise ClassNameError(f"{err} (read the other images alone: indices={others})") from None
+        missing = [k for k in prompt.columns() if k not in set(self.columns)]
+        if missing:
+            raise LavaError(
+                f"the trace kept only the tokens of {list(self.words or ())}: open it with words=None "
+                f"or name {', '.join(names)} in lava.trace(pipe, words=...)"
+            )
+        return prompt
+
+    def _groups(self, indices: Sequence[int] | None) -> list[tuple[int, list[int]]]:
+        """``[(prompt index, [image index within that prompt, ...]), ...]`` in image order."""
+        total, n = self.num_images, self.images_per_prompt
+        chosen = list(range(total)) if indices is None else [int(i) for i in indices]
+        bad = [i for i in chosen if not 0 <= i < total]
+        if bad or not chosen:
+            raise LavaError(f"image indices {bad or chosen} are out of range: the call made {total} image(s)")
+        groups: list[tuple[int, list[int]]] = []
+        for i in chosen:
+            p = i // n
+            if groups and groups[-1][0] == p:
+                groups[-1][1].append(i % n)
+            else:
+                groups.append((p, [i % n]))
+        return groups
+
+
+def _check_steps(steps: Iterable[int]) -> list[int]:
+    out = [int(s) for s in steps]
+    if not out or any(s < 0 for s in out):
+        raise LavaError(f"steps must be step indices 0, 1, ... counted from the first step, got {out}")
+    return out
+
+
+def _texts(value) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _call_arguments(module, args: tuple, kwargs: dict) -> dict:
+    """A transformer call's arguments by name (the pipelines pass keywords; positions are bound
+    to the model class's ``forward``, which an offloading wrapper may hide)."""
+    if not args:
+        return kwargs
+    bound = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs)
+    return dict(bound.arguments)
+
+
+def _put_back(obj, name: str, value) -> None:
+    """Restore an attribute wrapped on an instance: delete it (the class's method shows again), or
+    set the instance's own earlier value."""
+    if value is None:
+        vars(obj).pop(name, None)
+    else:
+        setattr(obj, name, value)
