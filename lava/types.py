@@ -361,6 +361,32 @@ class Segmentation:
         labels, scores = _readonly(self.labels[index]), _readonly(self.scores[index])
         return SegmentationArrays(labels=labels, scores=scores, classes=self.classes)
 
+    @property
+    def has_background(self) -> bool:
+        """Whether label 0 is the ``"background"`` a background threshold added (then ``classes``
+        has one entry more than ``scores`` has maps)."""
+        return bool(self.scores) and len(self.classes) == self.scores[0].shape[0] + 1
+
+    def to_coco(
+        self, file_names: Sequence[str] | None = None, image_ids: Sequence[int] | None = None
+    ) -> dict:
+        """The label maps as a COCO dataset dict (``json.dump`` it): one category per class (ids
+        ``1 … C`` in class order; a threshold's background label is none), one annotation per
+        class present in an image, its pixels as compressed RLE (``lava.coco``; what
+        ``pycocotools`` reads), with ``area`` and ``bbox``. ``file_names`` default to
+        ``image_0.png`` …, ``image_ids`` to ``1 … B``."""
+        from .coco import CocoBuilder
+
+        n = len(self.labels)
+        names = list(file_names) if file_names is not None else [f"image_{i}.png" for i in range(n)]
+        ids = list(image_ids) if image_ids is not None else list(range(1, n + 1))
+        if len(names) != n or len(ids) != n:
+            raise ValueError(f"got {len(names)} file names and {len(ids)} image ids for {n} label maps")
+        coco = CocoBuilder(self.classes, background=self.has_background)
+        for labels, name, image_id in zip(self.labels, names, ids):
+            coco.add(labels, name, image_id)
+        return coco.dataset()
+
     def label_image(self, index: int = 0) -> Image.Image:
         """The label map as a PNG-ready image whose pixel value i is class i: a palette image
         (colour i = class i) for up to 256 classes, else 16-bit grayscale (mode ``"I;16"``)."""

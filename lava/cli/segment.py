@@ -28,6 +28,12 @@ for each IMAGE, --out receives:
 Each image's files are written as soon as it is done, all together: an interrupted run leaves
 whole sets for the images finished and nothing of the others.
 
+With --format coco, --out receives one file for the whole run instead:
+  coco.json           COCO instance annotations: one category per class (ids 1..C in --classes
+                      order), one annotation per class present in an image with its pixels as
+                      compressed RLE (pycocotools reads it), area and bbox; images by file name.
+                      Written when the last image is done (an interrupted run writes none).
+
 background: with --background-threshold, weak pixels are labelled "background" (label 0). A class
 named "background" in --classes is refused together with --background-threshold; it replaces a
 threshold that is only the model's default.
@@ -36,6 +42,9 @@ With no --model, lava uses lava-shapes: a small SD3-architecture model trained b
 synthetic scenes of coloured circles, squares and triangles; it runs offline but knows no photos.
 For real photos pass --model sd3-medium (or a hub id / local folder).
 """
+
+FORMATS = ("png", "coco")
+COCO_FILE = "coco.json"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -59,6 +68,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_option(p, "background_threshold")
     p.add_argument("--save-scores", action="store_true", help="also write per-class scores as .npz")
     p.add_argument("--heatmaps", action="store_true", help="also write a per-class heatmap figure (PNG)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="png",
+        help="png: a set of files per image (default); coco: one COCO json with RLE masks for the run",
+    )
     add_model_options(p)
     add_reading_options(p)
     return p
@@ -101,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     # Refused before the model loads: one label id per class, plus 0 for background unless it is off.
     check_label_count(len(classes) + (args.background_threshold != 0), "labels (the classes and background)")
     check_source(args)
+    coco = args.format == "coco"
+    if coco and (args.save_scores or args.heatmaps):
+        raise ValueError("--save-scores and --heatmaps write per-image files: use them with --format png")
     stems = output_names(args.images)
     # Every input is checked (opened, header read) before the model loads; pixels are read one
     # image at a time later, so memory does not grow with the number of images.
@@ -108,18 +126,40 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(args, sizes=sizes)
     out = Path(args.out)
-    sets = [output_files(out, stem, args) for stem in stems]
-    check_output_folder(out, [path for files in sets for path in files.values()])
+    sets = [] if coco else [output_files(out, stem, args) for stem in stems]
+    check_output_folder(out, [out / COCO_FILE] if coco else [p for files in sets for p in files.values()])
     backend = load_backend_for(args, sizes=sizes, announce_plan=False)
     plan = recipe(backend, classes=classes, **option_values(args))
     note(run_summary(backend, plan, sizes) if args.method == "lava" else method_summary(backend))
     if args.verbose and args.method == "lava":
         describe_reading(backend, classes, plan)
     results = segment_iter(args.images, classes, backend=backend, recipe=plan, progress=len(args.images) > 1)
+    if coco:
+        return write_coco(out / COCO_FILE, results, args.images)
     for i, seg in results:
         write_set(sets[i], seg, classes)
         del seg  # hold nothing of this image while the next one runs
         print(f"{args.images[i]} -> {sets[i]['labels']}", flush=True)
+    return 0
+
+
+def write_coco(path: Path, results, images: Sequence[str]) -> int:
+    """Collect each image's label map as COCO annotations (image ids 1…N in the order given, file
+    names as given without their folders) and write one json when the last is done."""
+    import json
+
+    from ..coco import CocoBuilder
+    from ..io import atomic_write
+
+    builder = None
+    for i, seg in results:
+        if builder is None:
+            builder = CocoBuilder(seg.classes, background=seg.has_background)
+        builder.add(seg.labels[0], Path(images[i]).name, image_id=i + 1)
+        del seg
+    data = json.dumps(builder.dataset(description="lava segment"))
+    atomic_write(path, lambda tmp: tmp.write_text(data))
+    print(f"{len(images)} image(s) -> {path}", flush=True)
     return 0
 
 
