@@ -1,32 +1,19 @@
 """``lava.trace``: where each word of the prompt goes while a diffusers pipeline generates.
 
-DAAM's shape for MM-DiT pipelines: a context manager around an ordinary ``pipe(...)`` call of a
-``StableDiffusion3Pipeline`` (or its Img2Img / Inpaint pipeline), a ``FluxPipeline`` (or Flux
-Img2Img)::
-
-    with lava.trace(pipe, layers=[9]) as tr:
-        out = pipe("a cat on a red sofa", num_inference_steps=28)
-    heat = tr.heatmaps(["cat", "sofa"])                 # lava.Heatmaps over the generated images
-    seg = tr.segment(["cat", "sofa"], images=out.images)  # lava.Segmentation
-
-For the duration of the block the pipeline's ``encode_prompt`` is wrapped (to learn the prompt
-text and its conditional embeddings) and the transformer gets two hooks; on the denoising steps
-traced, lava's own capture processors (``lava.stages.capture.capturing``, the family adapters of
-``lava.backends.family``) sit on the traced blocks for that one transformer call. Everything is
-put back when the block ends, also on error. Nothing of the model changes: the capture computes
-the model's attention output with the same fused kernel (``impl="torch"``), so the images are
+A context manager around one ordinary ``pipe(...)`` call (DAAM's shape; docs/trace.md). While it
+is open, the pipeline's ``encode_prompt`` is wrapped (to learn the prompt text and its conditional
+embeddings) and the transformer has two hooks; on each traced step lava's own capture processors
+(``lava.stages.capture.capturing`` with the family adapters) sit on the traced blocks for that one
+transformer call. Everything is put back when the block ends, also on error; with ``impl="torch"``
+the attention output comes from the fused kernel the model calls itself, so the images are
 bit-identical with and without the trace.
 
-What is kept: for each traced block, the running sum over the traced steps of the image→text
-probabilities (softmax over all joint keys, as the model attends; heads averaged) of every image
-of the batch at the captured text keys: ``[B, 1, N_img, K]`` float32 per block, the same after
-2 steps or 50 (no ``N×N``, nothing per step). ``K`` is the prompt's whole text sequence, or only
-the tokens of ``words`` when they are given up front.
-
-The maps then go through lava's one composition: ``heatmaps`` builds ``AttentionSlices`` (the
-means over steps) and calls ``lava.stages.aggregate.aggregate``; ``segment`` goes through
-``lava.compose.maps_from_slices`` and ``lava.compose.segmentation`` with a ``lava.config.recipe``,
-so the model's own normalisation, presence rule, refinement and mask settings apply.
+Kept per traced block: the running sum over the traced steps of every image's image→text
+probabilities (softmax over all joint keys; heads averaged) at the captured text keys,
+``[B, 1, N_img, K]`` float32, the same after 2 steps or 50 (no ``N×N``, nothing per step). The step
+means go through lava's one composition: ``AttentionSlices`` → ``stages.aggregate.aggregate``
+(``heatmaps``), or ``compose.maps_from_slices`` and ``compose.segmentation`` with a
+``config.recipe`` (``segment``).
 """
 
 from __future__ import annotations
@@ -40,6 +27,7 @@ from typing import Any
 import torch
 
 from .backends.base import Backend
+from .backends.wrap import from_pipeline
 from .compose import maps_from_slices, segmentation, stack_heatmaps
 from .config import recipe as make_recipe
 from .errors import ClassNameError, LavaError
@@ -53,9 +41,7 @@ from .types import AttentionSlices, CapturePlan, Heatmaps, PromptEncoding, Segme
 
 __all__ = ["Trace", "trace"]
 
-# The reading options a trace takes; the others (timestep, seed, resolution, ...) are what the
-# pipeline call itself decided.
-_TRACE_READING = ("layers",)
+_TRACE_READING = ("layers",)  # the other reading options (timestep, seed, ...) the pipeline decided
 
 
 def trace(
@@ -82,23 +68,16 @@ def trace(
             counts from the end; Flux numbers double-stream blocks first, then single-stream).
         steps: denoising steps to trace, counted from 0 over the steps the call runs (an
             Img2Img call runs fewer); default every step.
-        impl: attention-slice implementation. ``"torch"`` (default) takes the attention output from
-            the fused kernel the model itself calls, so images are bit-identical with and without
-            the trace; ``"triton"``/``"naive"`` compute it otherwise (equal up to rounding).
+        impl: ``"torch"`` (default): the attention output from the fused kernel the model calls
+            itself (images bit-identical); ``"triton"``/``"naive"``: equal up to rounding.
 
     Classifier-free guidance: the maps are those of the **conditional** half only (the rows that
     carry the prompt); SD3's unconditional batch half, Flux's ``true_cfg_scale`` negative call and
     SD3.5's skip-layer-guidance calls are not traced. Every image of the batch gets its own maps
     (several prompts, ``num_images_per_prompt``). One pipeline call per ``with`` block.
     """
-    backend = pipe if isinstance(pipe, Backend) else _wrap(pipe)
+    backend = pipe if isinstance(pipe, Backend) else from_pipeline(pipe, move=False)
     return Trace(backend, words=words, layers=layers, steps=steps, impl=impl)
-
-
-def _wrap(pipe: Any) -> Backend:
-    from .backends.wrap import from_pipeline
-
-    return from_pipeline(pipe, move=False)
 
 
 class Trace:
@@ -126,16 +105,14 @@ class Trace:
         if impl not in IMPLEMENTATIONS:
             raise LavaError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
         self.impl = impl
-        self._entered = False
+        self._entered, self._started = False, False
         self._undo: ExitStack | None = None
-        self._capture: ExitStack | None = None
-        self._store = None
-        self._pending: tuple[int, int, float] | None = None
+        self._capture: ExitStack | None = None  # the capture processors of the call running now
+        self._store, self._pending = None, None
         # filled by the pipeline's encode_prompt
-        self._cond: torch.Tensor | None = None
+        self._cond: torch.Tensor | None = None  # the conditional embeddings, while the call runs
         self._cond_cache: torch.Tensor | None = None
-        self._embeds: torch.Tensor | None = None
-        self._pooled: torch.Tensor | None = None
+        self._embeds = self._pooled = None  # one row per prompt
         self._clip_texts: tuple[str, ...] | None = None
         self._t5_texts: tuple[str, ...] | None = None
         self.images_per_prompt = 1
@@ -143,9 +120,7 @@ class Trace:
         self.text_len: int | None = None
         self.columns: tuple[int, ...] = ()
         # filled by the denoising loop
-        self._started = False
-        self._step = -1
-        self._last_t: float | None = None
+        self._step, self._last_t = -1, None
         self._sums: dict[int, torch.Tensor] = {}
         self._count = 0
         self.grid: tuple[int, int] | None = None
@@ -183,8 +158,7 @@ class Trace:
         self._cond = self._cond_cache = None
         return False
 
-    def _end_capture(self) -> None:
-        """Take the capture processors out (the originals back), if a traced call has them in."""
+    def _end_capture(self) -> None:  # the processors of a traced call out, the originals back
         stack, self._capture, self._store, self._pending = self._capture, None, None, None
         if stack is not None:
             stack.close()
@@ -219,7 +193,7 @@ class Trace:
         self.text_len = int(embeds.shape[1])
         self._cond = embeds
         # one row per prompt (the pipeline repeats each prompt's row n times, prompt-major)
-        self._embeds, self._pooled = embeds[::n].detach(), pooled[::n].detach()
+        self._embeds, self._pooled = embeds[::n].clone(), pooled[::n].clone()
         clip = _texts(arguments.get("prompt"))
         t5 = _texts(arguments.get(family.t5_prompt_arg)) or clip
         if clip is not None and t5 is not None and len(t5) != len(clip):
@@ -426,27 +400,21 @@ class Trace:
                 "steps: use refine='pamr' or 'none'"
             )
         groups = self._groups(indices)
-        count = sum(len(local) for _, local in groups)
         pil = [] if images is None else load_images(list(images))
-        if pil and len(pil) != count:
-            raise LavaError(f"got {len(pil)} images for {count} generated image(s)")
+        size = (self.grid[0] * self.backend.grid_unit, self.grid[1] * self.backend.grid_unit)
+        count = sum(len(local) for _, local in groups)
+        if pil and [(im.height, im.width) for im in pil] != [size] * count:
+            got = [(im.height, im.width) for im in pil]
+            raise LavaError(f"images of sizes (H, W) {got} given for {count} generated image(s) of {size}")
         if rec.refine and not pil:
             raise LavaError(
-                f"refine {rec.refine_label!r} reads the image: pass images=out.images (or refine='none')"
+                f"refine {rec.refine_label!r} reads the image: pass images=out.images or refine='none'"
             )
         heats, start = [], 0
         for p, local in groups:
-            part = pil[start : start + len(local)]
-            start += len(local)
-            prompt = self._prompt_for(names, p)
-            heats.append(maps_from_slices([self.slices(p, local)], prompt, rec, part))
-        heat = stack_heatmaps(heats)
-        if pil:
-            want = [(h, w) for h, w in heat.image_sizes]
-            got = [(im.height, im.width) for im in pil]
-            if got != want:
-                raise LavaError(f"images of sizes {got} given for generated images of sizes {want} (H, W)")
-        return segmentation(heat, rec, pil)
+            part, start = pil[start : start + len(local)], start + len(local)
+            heats.append(maps_from_slices([self.slices(p, local)], self._prompt_for(names, p), rec, part))
+        return segmentation(stack_heatmaps(heats), rec, pil)
 
     def _recipe(self, words, options: dict):
         names = parse_classes(words) if words is not None else self.words
@@ -480,8 +448,7 @@ class Trace:
             n = self.images_per_prompt
             others = [i for i in range(self.num_images) if i // n != prompt_index]
             raise ClassNameError(f"{err} (read the other images alone: indices={others})") from None
-        missing = [k for k in prompt.columns() if k not in set(self.columns)]
-        if missing:
+        if not set(prompt.columns()) <= set(self.columns):
             raise LavaError(
                 f"the trace kept only the tokens of {list(self.words or ())}: open it with words=None "
                 f"or name {', '.join(names)} in lava.trace(pipe, words=...)"
@@ -528,9 +495,5 @@ def _call_arguments(module, args: tuple, kwargs: dict) -> dict:
 
 
 def _put_back(obj, name: str, value) -> None:
-    """Restore an attribute wrapped on an instance: delete it (the class's method shows again), or
-    set the instance's own earlier value."""
-    if value is None:
-        vars(obj).pop(name, None)
-    else:
-        setattr(obj, name, value)
+    """Undo an instance attribute: drop it (the class's method shows again), or set the earlier one."""
+    vars(obj).pop(name, None) if value is None else setattr(obj, name, value)

@@ -35,7 +35,7 @@ def generate(pipe, prompt=PROMPTS[0], steps: int = 2, **kw):
     return out.images
 
 
-def record_qk(backend, monkeypatch, call):
+def record_qk(backend, monkeypatch, call, every_block: bool = True):
     """``(images, calls)``: ``call()``'s output, and the ``(q, k)`` ``[B, H, N, D]`` that every
     attention inside each transformer call used, ``calls[c][block]``, in execution order."""
     calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -67,7 +67,7 @@ def record_qk(backend, monkeypatch, call):
     finally:
         for h in hooks:
             h.remove()
-    assert all(len(c) == backend.num_blocks for c in calls)
+    assert not every_block or all(len(c) == backend.num_blocks for c in calls)
     return images, calls
 
 
@@ -152,6 +152,19 @@ def test_chosen_steps_only(tiny, monkeypatch):
         generate(tiny.pipe, steps=3, **kw)
     assert tr.steps == [0, 2] and len(tr.timesteps) == 2 and tr.timesteps[0] > tr.timesteps[1]
     assert_matches_reference(tr, tiny, calls, [0, 2], [0])
+
+
+def test_skip_layer_guidance_pass_is_not_traced(tiny, monkeypatch):
+    # SD3.5's skip-layer guidance: a second call per step on the conditional rows with blocks left out
+    kw = dict(guidance_scale=4.0, skip_guidance_layers=[2], skip_layer_guidance_start=0.0)
+    kw |= dict(skip_layer_guidance_stop=1.0)
+    _, calls = record_qk(tiny, monkeypatch, lambda: generate(tiny.pipe, steps=3, **kw), every_block=False)
+    main = [i for i, c in enumerate(calls) if len(c) == tiny.num_blocks]
+    assert len(calls) == 5 and main == [0, 1, 3]  # steps 1 and 2 have a skip-layer call after the main one
+    with lava.trace(tiny, layers=[1, 3]) as tr:
+        generate(tiny.pipe, steps=3, **kw)
+    assert tr.steps == [0, 1, 2]
+    assert_matches_reference(tr, tiny, calls, main, [1])
 
 
 def test_img2img_pipeline(tiny):
