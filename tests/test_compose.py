@@ -41,8 +41,10 @@ def test_stages_take_the_models_defaults(shapes):
     prompt = lava.encode_prompt(shapes, CLASSES)
     slices = lava.capture(shapes, lava.noise(shapes, image), prompt)
     assert slices.layers == tuple(d.layers) and slices.defaults == d
-    # lava-shapes judges presence against the filler tokens: the capture keeps them by default
-    assert slices.columns == prompt.text_keys()
+    # the capture keeps the text keys the model's presence rule reads (the filler keys too for "null")
+    assert slices.columns == prompt.keys_for(d.presence)
+    nulls = lava.capture(shapes, lava.noise(shapes, image), prompt, columns=prompt.keys_for("null"))
+    assert nulls.columns == prompt.text_keys()
     heat = lava.aggregate(slices, prompt)
     assert heat.normalize == d.normalize and heat.defaults == d
     seg = lava.to_mask(heat)
