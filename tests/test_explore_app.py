@@ -226,7 +226,16 @@ def test_explore_endpoint_reuses_the_sessions_maps(server, tmp_path):
     assert "1 model forward" in status and len(gallery) == 3 and len(files) == 4
     status, _, labels, *_ = client.predict(**explore_args(background_threshold=0.7), api_name="/explore")
     assert "no model run" in status
-    seg = lava.segment(SCENE, CLASSES, backend=backend, background_threshold=0.7, refine="none")
+    seg = lava.segment(
+        SCENE,
+        CLASSES,
+        backend=backend,
+        timestep=50,
+        layers=[0],
+        background_threshold=0.7,
+        min_presence=0.3,
+        refine="none",
+    )
     assert np.array_equal(labels_of(labels), seg.labels[0].numpy())
     status, *_ = client.predict(**explore_args(timestep=500, blocks=["1", "3"]), api_name="/explore")
     assert "1 model forward" in status
