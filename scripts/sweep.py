@@ -44,9 +44,10 @@ def prompt_classes(names: Sequence[str], background: Background) -> tuple[str, .
 
 
 def to_global(labels: torch.Tensor, classes: Sequence[str], vocab: str) -> np.ndarray:
-    """Per-prompt label ids → ids of ``class_names(vocab)`` (background, named or not, is 0)."""
+    """Per-prompt label ids → ids of ``class_names(vocab)`` (background, named or not, is 0; a name
+    outside the vocabulary, such as measure's unseen words, also maps to 0: no class of it)."""
     ids = class_names(vocab)
-    lut = np.array([ids.index(c) for c in classes], dtype=np.uint8)
+    lut = np.array([ids.index(c) if c in ids else 0 for c in classes], dtype=np.uint8)
     return lut[labels.numpy()]
 
 
