@@ -15,9 +15,11 @@ aggregate; refinement, the mean over runs and the mask stage are the same code.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from PIL import Image
 
 from .config import PromptConfig, Recipe
@@ -27,7 +29,7 @@ from .stages.capture import capture_views
 from .stages.mask import to_mask
 from .stages.noise import noise
 from .stages.prompts import encode_prompt
-from .stages.refine import Propagate, refine
+from .stages.refine import refine, split_refine
 from .types import AttentionSlices, Heatmaps, PromptEncoding, Segmentation
 
 
@@ -84,13 +86,7 @@ def forward_key(recipe: Recipe, timestep: float | None, seed: int, segmenter: bo
 
 def propagates(recipe: Recipe) -> bool:
     """Whether the recipe's refinement starts with propagation (it needs each run's image q/k)."""
-    return bool(recipe.refine) and isinstance(recipe.refine[0], Propagate)
-
-
-def _split(recipe: Recipe) -> tuple[tuple, tuple]:
-    """``(propagation steps, the rest)``: propagation uses each run's own attention."""
-    n = next((i for i, s in enumerate(recipe.refine) if not isinstance(s, Propagate)), len(recipe.refine))
-    return recipe.refine[:n], recipe.refine[n:]
+    return bool(split_refine(recipe.refine)[0])
 
 
 def capture_forwards(
@@ -140,7 +136,7 @@ def maps_from_slices(
 ) -> Heatmaps:
     """One recipe's class maps from its runs' captures: each run aggregated (and propagated by its
     own attention), the runs averaged, then the rest of the refinement chain on the images."""
-    per_run, _ = _split(recipe)
+    per_run, _ = split_refine(recipe.refine)  # propagation uses each run's own attention
     layers = recipe.reading.layers
     heats = []
     for slices in runs:
@@ -154,7 +150,7 @@ def maps_from_slices(
 def finish_maps(runs: Sequence[Heatmaps], recipe: Recipe, images: Sequence[Image.Image]) -> Heatmaps:
     """The mean of a recipe's runs, refined by the steps after propagation (PAMR) on ``images``."""
     heat = mean_heatmaps(runs)
-    _, after = _split(recipe)
+    _, after = split_refine(recipe.refine)
     return refine(heat, images, method=after) if after else heat
 
 
@@ -209,10 +205,6 @@ def _segmenter_heatmaps(segmenter, images, prompt: ClassList, recipes: Sequence[
 
 def stack_heatmaps(heats: Sequence[Heatmaps]) -> Heatmaps:
     """Heatmaps of the same classes on one grid, joined into one batch in the order given."""
-    import dataclasses
-
-    import torch
-
     if len(heats) == 1:
         return heats[0]
     first = heats[0]

@@ -219,14 +219,14 @@ def recipe(
 
     _check_unit("background_threshold", given.get("background_threshold"))
     _check_unit("min_presence", given.get("min_presence"))
-    mask = mask_config or MaskConfig.for_model(d)
+    # The model's default threshold gives way to a class named "background" (MaskConfig.for_model);
+    # one asked for (a keyword or a config) is refused together with such a class.
+    mask = mask_config or MaskConfig.for_model(d, classes or ())
     for name in ("background_threshold", "min_presence"):
         if name in given:  # 0 turns it off
             mask = dataclasses.replace(mask, **{name: given[name] or None})
     _check_unit("background_threshold", mask.background_threshold)
     _check_unit("min_presence", mask.min_presence)
-    if classes is not None and mask.background_threshold is not None and mask.background_name in classes:
-        if mask_config is not None or "background_threshold" in given:
-            check_background_class(classes, mask.background_threshold, mask.background_name)
-        mask = dataclasses.replace(mask, background_threshold=None)
+    if classes is not None:
+        check_background_class(classes, mask.background_threshold, mask.background_name)
     return Recipe(reading=read, prompt=prompt, aggregate=agg, refine=refine, mask=mask)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lava.backends.base import vae_factor
 from lava.reference.scenes import HELDOUT_START, make_scene
 
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     vae = AutoencoderKL.from_pretrained(a.vae).eval().requires_grad_(False)
-    grid = a.size // 2 ** (len(vae.config.block_out_channels) - 1)
+    grid = a.size // vae_factor(vae)
 
     @torch.no_grad()
     def latents(images: np.ndarray) -> torch.Tensor:

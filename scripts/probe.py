@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lava.backends.base import vae_factor
 from lava.reference.scenes import HELDOUT_START, SHAPES, make_scene
 
 
@@ -173,8 +174,7 @@ def probe(
 ) -> list[ProbeResult]:
     """The probe at every joint block over ``scenes`` held-out scenes (half fitted, half scored)."""
     if resolution is None:
-        factor = 1 if pipe.vae is None else 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        resolution = pipe.transformer.config.sample_size * factor
+        resolution = pipe.transformer.config.sample_size * vae_factor(pipe.vae)
     seeds = list(range(HELDOUT_START, HELDOUT_START + scenes))
     feats, y, inner, owner = block_features(pipe, encode, seeds, sigma, resolution)
     fit, test = owner < scenes // 2, owner >= scenes // 2

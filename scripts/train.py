@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lava.backends.base import vae_factor
 from lava.reference.model import ASSET_DIR, ReferenceConfig, build_pipeline, save_pipeline, text_embeddings
 from lava.reference.scenes import CAPTION_MIX, TRAIN_SEEDS, caption_words, make_scene
 from scripts.grounding import grounding_loss, install, token_mass_check, word_targets
@@ -219,7 +220,7 @@ def load_vae(path: str):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
-    return vae, 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae, vae_factor(vae)
 
 
 CHECKPOINT = "checkpoint.pt"

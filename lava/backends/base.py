@@ -16,7 +16,12 @@ from ..errors import LavaError, ModelError
 from ..types import VariantDefaults
 from .family import SD3
 
-__all__ = ["Backend", "VariantDefaults", "resolve_device", "resolve_dtype"]
+__all__ = ["Backend", "VariantDefaults", "resolve_device", "resolve_dtype", "vae_factor"]
+
+
+def vae_factor(vae) -> int:
+    """Pixels per latent cell along one side of a diffusers VAE (1 without one: pixel space)."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 @dataclass
@@ -85,9 +90,7 @@ class Backend:
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent along one side (1 for a pixel-space model without a VAE)."""
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor(self.vae)
 
     @property
     def grid_unit(self) -> int:

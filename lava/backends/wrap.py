@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ModelError
 from . import flux, sd3
-from .base import Backend, VariantDefaults, resolve_device, resolve_dtype
+from .base import Backend, VariantDefaults, resolve_device, resolve_dtype, vae_factor
 from .family import FLUX, family_of
 from .sd3 import DEFAULTS, detect_variant
 
@@ -95,9 +95,7 @@ def from_pipeline(
         variant = detect_variant(pipe.transformer.config, hint)
         table, seq_len = DEFAULTS, 256
         if defaults is None and variant in sd3.BLOCKS:  # a model of another size reads as its family
-            vae = getattr(pipe, "vae", None)
-            factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-            native = pipe.transformer.config.sample_size * factor
+            native = pipe.transformer.config.sample_size * vae_factor(getattr(pipe, "vae", None))
             defaults = sd3.fitted_defaults(variant, pipe.transformer.config, native)
     if guidance is not None and not pipe.transformer.config.get("guidance_embeds"):
         raise ModelError(f"guidance={guidance} given, but {variant} has no guidance embedding")

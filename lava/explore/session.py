@@ -6,9 +6,9 @@ top of the server's queue). Each browser session keeps a ``MapCache`` of the att
 has captured, keyed by everything that changes a forward (image, classes, timestep, seed, view,
 source): a change of aggregation or mask settings (blocks already captured, token part,
 normalisation, refinement, background threshold, presence floor) re-aggregates those maps and
-runs no model. The composed stages are exactly ``lava.segment``'s (noise → capture → aggregate →
-refine → mask with ``resolve_configs``), so a result equals ``lava.segment`` with
-``segment_kwargs(settings)`` — the tests check it.
+runs no model. Settings resolve through ``lava.config.recipe`` and run through ``lava.compose``
+(``capture_forwards``, ``maps_from_slices``, ``segmentation``), as ``lava.segment`` does, so a
+result equals ``lava.segment`` with ``segment_kwargs(settings)`` bit for bit — the tests check it.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from ..types import Heatmaps, MaskConfig, Segmentation
 
 def check_background_class(classes: Sequence[str], threshold: float | None, name: str = "background") -> None:
     """Refuse a class called ``name`` next to a background ``threshold``: both would label pixels
-    ``name`` (the rule ``resolve_configs`` applies to a threshold the caller asked for)."""
+    ``name`` (the rule ``lava.config.recipe`` applies to a threshold the caller asked for)."""
     if threshold and name in classes:
         raise ClassNameError(
             f"a class is named {name!r} and a background threshold ({threshold:g}) is set: both would "
