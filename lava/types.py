@@ -87,6 +87,9 @@ class PromptEncoding:
     text sequence ``0 … T-1`` (so T5 positions start at ``clip_len``), never in the joint
     image+text sequence. ``template``/``separator`` are how the names were joined into each text.
 
+    ``text_mask`` ``[P, T]`` bool marks the positions the model attends to, for families that
+    pad each prompt to ``T`` and mask the padding (Chroma, Qwen-Image, Z-Image); ``None``: all.
+
     ``positions``/``columns`` return *keys* ``row · text_len + position``: one index over the
     text tokens of every row, which is what ``AttentionSlices.columns`` holds. With a single
     prompt a key is simply the position.
@@ -103,6 +106,7 @@ class PromptEncoding:
     rows: Mapping[str, int] = field(default_factory=dict)
     template: str = "{}"
     separator: str = " "
+    text_mask: torch.Tensor | None = None
 
     @property
     def num_prompts(self) -> int:

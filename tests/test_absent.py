@@ -104,7 +104,7 @@ def test_denoising_presence_equals_explicit_errors(tiny, image):
     got = denoising_presence(tiny, noisy, prompt, batch=2)
 
     def error(run, text):
-        embeds, pooled = tiny.encode_text(text)
+        embeds, pooled, _ = tiny.encode_text(text)
         with torch.no_grad():
             pred = tiny.transformer(
                 hidden_states=run.latents,

@@ -197,3 +197,34 @@ def test_bad_arguments_are_named():
 def test_auto_resolves_to_torch_on_cpu():
     assert resolve_impl("auto", "cpu") == "torch"
     assert {"naive", "torch"} <= set(available_impls("cpu"))
+
+
+@pytest.mark.parametrize("direction", ["image_to_text", "text_to_image"])
+@pytest.mark.parametrize("softmax", ["joint", "cross"])
+@pytest.mark.parametrize("outer", [False, True])
+def test_masked_keys_match_naive_and_sdpa(direction, softmax, outer):
+    """A padding mask (Chroma, Qwen-Image, Z-Image): the torch path equals the explicit softmax
+    with the mask added, and its attention output is bitwise SDPA's on every unmasked row.
+    ``outer`` is Chroma's form (query × key), the other a key-only mask."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8) for _ in range(3))
+    keep = torch.ones(2, 20, dtype=torch.bool)
+    keep[0, 16:18] = False  # text tokens sit at 12..19; columns 0, 1, 2, 3 stay unmasked
+    keep[1, 17:] = False
+    mask = keep[:, None, None, :] & keep[:, None, :, None] if outer else keep[:, None, None, :]
+    spec = SliceSpec(12, 8, (0, 1, 2, 3), direction, softmax, "none")
+    o_ref, s_ref = attention_with_slice(q, k, v, spec, impl="naive", attn_mask=mask)
+    o, s = attention_with_slice(q, k, v, spec, impl="torch", attn_mask=mask)
+    _, s_alone = attention_with_slice(q, k, None, spec, impl="torch", attn_mask=mask)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s_alone, s_ref, rtol=1e-5, atol=1e-6)
+    rows = keep[:, None, :, None].expand_as(o)
+    assert torch.equal(o[rows], F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[rows])
+    torch.testing.assert_close(o[rows], o_ref[rows], rtol=1e-5, atol=1e-6)
+    # A masked key takes no probability: the image rows' joint softmax over the kept keys sums to 1.
+    if direction == "image_to_text" and softmax == "joint":
+        full = SliceSpec(12, 8, None, direction, softmax, "none")
+        img_txt = attention_with_slice(q, k, None, full, impl="torch", attn_mask=mask)[1]
+        assert float(img_txt[0, :, :, 4:6].abs().max()) == 0.0

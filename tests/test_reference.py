@@ -156,7 +156,7 @@ def test_training_embedding_is_lavas_embedding(shapes):
     from lava.reference.model import read_config, text_embeddings
 
     config, _ = read_config()
-    embeds, pooled = shapes.encode_text("red circle blue triangle")
+    embeds, pooled, _ = shapes.encode_text("red circle blue triangle")
     again, pooled_again = text_embeddings(shapes.pipe, ["red circle blue triangle"], config)
     assert torch.equal(embeds, again) and torch.equal(pooled, pooled_again)
 

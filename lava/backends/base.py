@@ -118,6 +118,11 @@ class Backend:
         return self.pipe.tokenizer if self.clip_len else self.t5_tokenizer
 
     @property
+    def sequence_encoder(self) -> str:
+        """The name of the encoder after the CLIP part (``"T5"``, or an LLM's), for messages."""
+        return self.family.encoder_name
+
+    @property
     def has_t5(self) -> bool:
         return getattr(self.pipe, self.family.t5_module, None) is not None
 
@@ -227,12 +232,16 @@ class Backend:
         return (dist.mean - shift) * vae.config.scaling_factor
 
     @torch.no_grad()
-    def encode_text(self, text: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint text embeddings ``[P, T, D]`` and pooled ``[P, Dp]`` of ``P`` prompts (1 for a str),
-        via the pipeline's own ``encode_prompt``."""
+    def encode_text(self, text: str | list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Joint text embeddings ``[P, T, D]``, pooled ``[P, Dp]`` (``[P, 0]`` for a family without
+        one) and the text mask ``[P, T]`` bool (``None`` where the model attends to every text
+        position) of ``P`` prompts (1 for a str), via the pipeline's own ``encode_prompt``."""
         texts = [text] if isinstance(text, str) else list(text)
-        embeds, pooled = self.family.encode_text(self.pipe, texts, self.text_device, self.max_sequence_length)
-        return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+        embeds, pooled, mask = self.family.encode_text(
+            self.pipe, texts, self.text_device, self.max_sequence_length
+        )
+        mask = None if mask is None else mask.to(self.device, torch.bool)
+        return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype), mask
 
     @property
     def text_encoders(self) -> str:

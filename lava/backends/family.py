@@ -37,6 +37,7 @@ class JointQKV:
     v: torch.Tensor
     text_start: int
     text_len: int
+    mask: torch.Tensor | None = None  # the mask the model attends with (padded text), as SDPA takes it
 
 
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,31 @@ def sd3_text_qkv(attn, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return q, k, v
 
 
-class SD3Family:
+class Family:
+    """What every family adapter shares; each family overrides what differs.
+
+    The text-side hooks here serve encoders whose tokens sit in the text sequence as the
+    tokenizer lays them out (T5 in SD3 and FLUX.1): an LLM encoder with a chat template overrides
+    ``sequence_spans`` and ``sequence_window``.
+    """
+
+    name = "family"
+    encoder_name = "T5"  # the encoder whose tokens hold the classes (after any CLIP part), in messages
+
+    def sequence_spans(self, backend, text: str, chars: dict) -> dict:
+        """``{key: positions}``: each character range of ``chars`` (``{key: (start, end)}`` in
+        ``text``) as the token positions it occupies in the encoder part of the text sequence
+        (counted from that part's start; the CLIP part before it is not counted)."""
+        from ..stages.prompts import token_spans
+
+        return token_spans(backend.t5_tokenizer, text, chars)
+
+    def sequence_window(self, backend) -> int:
+        """Positions of the encoder part that can hold a class (T5: all but the end token)."""
+        return backend.max_sequence_length - 1
+
+
+class SD3Family(Family):
     """SD3 / SD3.5 (``SD3Transformer2DModel``): joint blocks only, image tokens first, no RoPE."""
 
     name = "sd3"
@@ -85,7 +110,9 @@ class SD3Family:
         return getattr(pipe, "tokenizer_3", None)
 
     def encode_text(self, pipe, texts: list[str], device, max_sequence_length: int):
-        """``(embeds [P, T, D], pooled [P, Dp])`` from the pipeline's own ``encode_prompt``."""
+        """``(embeds [P, T, D], pooled [P, Dp], mask)`` from the pipeline's own ``encode_prompt``;
+        ``mask`` ``[P, T]`` bool marks the text positions the model attends to (``None``: all,
+        as in SD3 and FLUX.1; a family without a pooled vector returns ``pooled`` as ``[P, 0]``)."""
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=texts,
             prompt_2=None,
@@ -94,9 +121,9 @@ class SD3Family:
             do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
         )
-        return embeds, pooled
+        return embeds, pooled, None
 
-    def qkv(self, attn, hidden_states, encoder_hidden_states, rotary=None, text_len=None) -> JointQKV:
+    def qkv(self, attn, hidden_states, encoder_hidden_states, rotary=None, text_len=None, **call) -> JointQKV:
         """Per-stream projections and qk norms, then ``[image; text]``, as ``JointAttnProcessor2_0``.
 
         ``hidden_states`` ``[B, N_img, C]``, ``encoder_hidden_states`` ``[B, T, C]``.
@@ -128,8 +155,9 @@ class SD3Family:
         hidden = attn.to_out[1](attn.to_out[0](hidden))
         return hidden, context
 
-    def inputs(self, latents, embeds, pooled, timestep, *, guidance=None) -> dict:
-        """Keyword arguments of one transformer call. ``timestep`` ``[B]`` in lava's ``σ·1000`` units."""
+    def inputs(self, latents, embeds, pooled, timestep, *, guidance=None, text_mask=None) -> dict:
+        """Keyword arguments of one transformer call. ``timestep`` ``[B]`` in lava's ``σ·1000`` units;
+        ``text_mask`` ``[B, T]`` (``None`` here: SD3 attends to every text position)."""
         return dict(
             hidden_states=latents,
             encoder_hidden_states=embeds,
@@ -157,7 +185,7 @@ class SD3Family:
         return (h // p, w // p), float(inputs["timestep"].flatten()[0])
 
 
-class FluxFamily:
+class FluxFamily(Family):
     """FLUX.1 (``FluxTransformer2DModel``): double-stream blocks, then single-stream blocks.
 
     Blocks are numbered in execution order: double-stream ``0 … D-1``, single-stream ``D … D+S-1``
@@ -198,9 +226,9 @@ class FluxFamily:
         embeds, pooled, _text_ids = pipe.encode_prompt(
             prompt=texts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
         )
-        return embeds, pooled
+        return embeds, pooled, None
 
-    def qkv(self, attn, hidden_states, encoder_hidden_states, rotary=None, text_len=None) -> JointQKV:
+    def qkv(self, attn, hidden_states, encoder_hidden_states, rotary=None, text_len=None, **call) -> JointQKV:
         """q, k, v as ``FluxAttnProcessor`` builds them, after RoPE, as ``[B, H, N, D]`` views.
 
         Double-stream: ``hidden_states`` ``[B, N_img, C]`` and ``encoder_hidden_states`` ``[B, T, C]``.
@@ -247,7 +275,7 @@ class FluxFamily:
         hidden = attn.to_out[1](attn.to_out[0](hidden.contiguous()))
         return hidden, attn.to_add_out(context.contiguous())
 
-    def inputs(self, latents, embeds, pooled, timestep, *, guidance=None) -> dict:
+    def inputs(self, latents, embeds, pooled, timestep, *, guidance=None, text_mask=None) -> dict:
         """Packed latents, position ids, and the timestep as the transformer wants it (``t / 1000``:
         the model multiplies it by 1000 again). ``guidance`` only for guidance-distilled models (dev)."""
         h, w = latents.shape[-2:]
@@ -295,7 +323,7 @@ SD3 = SD3Family()
 FLUX = FluxFamily()
 
 
-def family_of(transformer) -> SD3Family | FluxFamily:
+def family_of(transformer) -> Family:
     """The adapter of a loaded transformer, read from its structure (not its name)."""
     if hasattr(transformer, "single_transformer_blocks"):
         return FLUX

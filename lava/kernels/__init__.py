@@ -89,11 +89,15 @@ def attention_with_slice(
     spec: SliceSpec,
     *,
     impl: str = "auto",
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The slice of ``spec`` and, when ``v`` is given, the layer's attention output ``O``.
 
-    q, k, v: ``[B, H, N, D]``. Returns ``(O [B, H, N, D] in q.dtype or None,
-    slice [B, H or 1, N_img, K] float32)``. ``O`` is computed by the same pass as the slice
+    q, k, v: ``[B, H, N, D]``. ``attn_mask``: the mask the model attends with, as SDPA takes it
+    (bool, ``True`` attends, or additive; broadcastable to ``[B, H, N, N]``); masked keys get
+    probability 0 and leave every softmax domain. The Triton kernel takes no mask, so a masked
+    call runs the ``torch`` path (``naive`` stays naive). Returns ``(O [B, H, N, D] in q.dtype or
+    None, slice [B, H or 1, N_img, K] float32)``. ``O`` is computed by the same pass as the slice
     where the implementation allows it, so a capture never runs attention twice.
     """
     spec.check(q, k)
@@ -101,8 +105,10 @@ def attention_with_slice(
     if impl == "naive":
         out = None
         if v is not None:
-            out = naive_attention(q, k, v)[0].to(q.dtype)
-        return out, naive_slice(q, k, spec)
+            out = naive_attention(q, k, v, attn_mask)[0].to(q.dtype)
+        return out, naive_slice(q, k, spec, attn_mask)
+    if attn_mask is not None:
+        return torch_attention_slice(q, k, v, spec, attn_mask=attn_mask)
     if impl == "triton":
         out, _, sl = _triton_module().triton_attention_slice(
             q, k, v if v is not None else k, spec, need_output=v is not None

@@ -26,26 +26,46 @@ from ..options import CROSS, IMAGE_TO_TEXT
 from .spec import SliceSpec
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """An attention mask as SDPA takes it (bool: ``True`` attends; or additive) → additive ``dtype``
+    (0 where attended, ``-inf`` where not), same shape (broadcastable to ``[B, H, N, N]``)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def naive_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and log-sum-exp by explicit softmax, in float32.
 
-    Returns ``O [B, H, N, D]`` (float32) and ``lse [B, H, N]`` (natural log).
+    ``attn_mask``: as SDPA takes it (bool, ``True`` attends, or additive), broadcastable to
+    ``[B, H, N, N]``. Returns ``O [B, H, N, D]`` (float32) and ``lse [B, H, N]`` (natural log).
     """
     scale = q.shape[-1] ** -0.5
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        scores = scores + additive_mask(attn_mask)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None])
     return probs @ v.float(), lse
 
 
-def naive_slice(q: torch.Tensor, k: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
+def naive_slice(
+    q: torch.Tensor, k: torch.Tensor, spec: SliceSpec, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The slice of ``spec`` from the explicit ``[B, H, N, N]`` probability matrix.
 
-    q, k: ``[B, H, N, D]``. Returns ``[B, H or 1, N_img, K]`` float32.
+    q, k: ``[B, H, N, D]``; ``attn_mask`` as for ``naive_attention`` (masked keys get probability
+    0 and leave every softmax domain). Returns ``[B, H or 1, N_img, K]`` float32.
     """
     n = q.shape[-2]
     scale = q.shape[-1] ** -0.5
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, N, N]
+    if attn_mask is not None:
+        scores = scores + additive_mask(attn_mask)
     img = spec.image_index(n, q.device)
     txt = spec.text_index(q.device)
     cols = spec.column_index(q.device)

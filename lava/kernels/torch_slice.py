@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..options import IMAGE_TO_TEXT, JOINT
+from .reference import additive_mask
 from .spec import SliceSpec
 
 # Bytes of fp32 scores materialised at once by the chunked paths; the rows per chunk follow from
@@ -39,17 +40,22 @@ def rows_per_chunk(lead: int, keys: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // max(1, lead * keys * 4))
 
 
-def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sdpa_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and log-sum-exp from a fused kernel.
 
-    q, k, v: ``[B, H, N, D]``. Returns ``O [B, H, N, D]`` (q.dtype) and ``lse [B, H, N]`` (fp32).
-    On CPU this is the same flash kernel ``F.scaled_dot_product_attention`` dispatches to, so
-    ``O`` is bitwise equal to what the model computes without capture.
+    q, k, v: ``[B, H, N, D]``; ``bias``: an additive mask broadcastable to ``[B, H, N, N]``
+    (``additive_mask``), or ``None``. Returns ``O [B, H, N, D]`` (q.dtype) and ``lse [B, H, N]``
+    (fp32). On CPU this is the same flash kernel ``F.scaled_dot_product_attention`` dispatches to
+    (a bool mask turned into the additive mask SDPA makes of it), so ``O`` is bitwise equal to
+    what the model computes without capture.
     """
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        mask = None if bias is None else bias.to(q.dtype)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)
         return out, lse.float()
-    if q.device.type == "cuda":
+    if q.device.type == "cuda" and bias is None:
         try:
             res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, return_debug_mask=False)
             return res[0], res[1].float()
@@ -59,13 +65,31 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
                 q, k, v, None, compute_log_sumexp=True
             )[:2]
             return out, lse[..., : q.shape[-2]].float()
-    return F.scaled_dot_product_attention(q, k, v), chunked_lse(q, k)
+    mask = None if bias is None else bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), chunked_lse(q, k, bias=bias)
 
 
-def chunked_lse(q: torch.Tensor, keys: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
+def bias_at(
+    bias: torch.Tensor | None, rows: torch.Tensor | slice, cols: torch.Tensor | slice
+) -> torch.Tensor | None:
+    """The entries of an additive mask ``[B|1, H|1, N|1, N]`` at query ``rows`` and key ``cols``
+    (index tensors or slices), broadcast dimensions kept at size 1: ``[B|1, H|1, M|1, K]``."""
+    if bias is None:
+        return None
+    picked = bias if bias.shape[-2] == 1 else bias[..., rows, :]
+    return picked[..., cols]
+
+
+def chunked_lse(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    chunk_bytes: int | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Log-sum-exp of every query row of ``q`` over ``keys``, in fp32.
 
-    q: ``[B, H, M, D]``, keys: ``[B, H, N_sel, D]``. Returns ``[B, H, M]``. Works through as many
+    q: ``[B, H, M, D]``, keys: ``[B, H, N_sel, D]``; ``bias``: additive mask of those rows and
+    keys, broadcastable to ``[B, H, M, N_sel]``, or ``None``. Returns ``[B, H, M]``. Works through as many
     query rows at a time as fit in ``chunk_bytes`` of scores (default: ``chunk_budget``), and
     transforms them in place, so at most one ``[B, H, rows, N_sel]`` fp32 buffer lives at once.
     """
@@ -77,6 +101,8 @@ def chunked_lse(q: torch.Tensor, keys: torch.Tensor, chunk_bytes: int | None = N
     for s in range(0, m, step):
         scores = q[:, :, s : s + step, :].float() @ keys_t
         scores.mul_(scale)
+        if bias is not None:
+            scores.add_(bias if bias.shape[-2] == 1 else bias[..., s : s + step, :])
         top = scores.amax(dim=-1, keepdim=True)
         lse[:, :, s : s + step] = scores.sub_(top).exp_().sum(dim=-1).log_().add_(top[..., 0])
         del scores, top  # free this chunk before the next one is computed
@@ -90,10 +116,12 @@ def _rows_at_columns(
     heads: str,
     chunk_bytes: int,
     transpose: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``exp(q_rows · k_colsᵀ · scale - lse)``, reduced over heads as asked.
+    """``exp(q_rows · k_colsᵀ · scale + bias - lse)``, reduced over heads as asked.
 
-    q_rows: ``[B, H, M, D]``, k_cols: ``[B, H, K, D]``, lse: ``[B, H, M]``.
+    q_rows: ``[B, H, M, D]``, k_cols: ``[B, H, K, D]``, lse: ``[B, H, M]``; ``bias``: additive
+    mask broadcastable to ``[B, H, M, K]`` or ``None``.
     Returns ``[B, H or 1, M, K]`` fp32 (``[B, H or 1, K, M]`` contiguous if ``transpose``), built
     as many rows at a time as fit in ``chunk_bytes``, so a head mean never holds the per-head
     tensor for all rows, and written straight into the result.
@@ -107,7 +135,10 @@ def _rows_at_columns(
     step = rows_per_chunk(b * h, n_cols, chunk_bytes)
     for s in range(0, m, step):
         probs = q_rows[:, :, s : s + step, :].float() @ k_t
-        probs.mul_(scale).sub_(lse[:, :, s : s + step, None]).exp_()
+        probs.mul_(scale)
+        if bias is not None:
+            probs.add_(bias if bias.shape[-2] == 1 else bias[..., s : s + step, :])
+        probs.sub_(lse[:, :, s : s + step, None]).exp_()
         if heads == "mean":
             probs = probs.mean(dim=1, keepdim=True)
         if transpose:
@@ -125,18 +156,25 @@ def torch_attention_slice(
     spec: SliceSpec,
     *,
     chunk_bytes: int | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The slice of ``spec`` and, when ``v`` is given, the layer's attention output.
 
-    q, k, v: ``[B, H, N, D]``. Returns ``(O [B, H, N, D] or None, slice [B, H or 1, N_img, K])``.
+    q, k, v: ``[B, H, N, D]``; ``attn_mask``: the mask the model attends with (bool, ``True``
+    attends, or additive; broadcastable to ``[B, H, N, N]``; padded text keys of Chroma,
+    Qwen-Image, Z-Image), or ``None``. Returns ``(O [B, H, N, D] or None, slice [B, H or 1, N_img, K])``.
     Besides ``O`` and the result, at most ``chunk_bytes`` of scores (default: ``chunk_budget``)
-    and ``[B, H, N_img]`` log-sum-exps are allocated, whatever ``N``.
+    and ``[B, H, N_img]`` log-sum-exps are allocated, whatever ``N`` (plus the mask's own rows
+    where it has one per query).
     """
     chunk_bytes = chunk_budget(q.device, chunk_bytes)
     cols = spec.text_index(q.device)[spec.column_index(q.device)]  # joint positions of the wanted tokens
-    k_txt = k[:, :, spec.text_start : spec.text_start + spec.text_len]
+    txt = slice(spec.text_start, spec.text_start + spec.text_len)
+    k_txt = k[:, :, txt]
+    bias = additive_mask(attn_mask)
+    img = spec.image_index(q.shape[-2], q.device) if bias is not None else None
 
-    out, lse_all = sdpa_with_lse(q, k, v) if v is not None else (None, None)
+    out, lse_all = sdpa_with_lse(q, k, v, bias) if v is not None else (None, None)
 
     if spec.direction == IMAGE_TO_TEXT:
         q_img = spec.image_rows(q)
@@ -144,17 +182,29 @@ def torch_attention_slice(
             lse = (
                 spec.image_rows(lse_all[..., None])[..., 0]
                 if lse_all is not None
-                else chunked_lse(q_img, k, chunk_bytes)
+                else chunked_lse(q_img, k, chunk_bytes, bias_at(bias, img, slice(None)))
             )
         else:
-            lse = chunked_lse(q_img, k_txt, chunk_bytes)
-        return out, _rows_at_columns(q_img, k[:, :, cols, :], lse, spec.heads, chunk_bytes)
+            lse = chunked_lse(q_img, k_txt, chunk_bytes, bias_at(bias, img, txt))
+        return out, _rows_at_columns(
+            q_img, k[:, :, cols, :], lse, spec.heads, chunk_bytes, bias=bias_at(bias, img, cols)
+        )
 
     # text→image: only K query rows, so their scores over all keys are small ([K, N]).
     q_txt = q[:, :, cols, :]
     if spec.softmax == JOINT and lse_all is not None:
         lse = lse_all[:, :, cols]
+    elif spec.softmax == JOINT:
+        lse = chunked_lse(q_txt, k, chunk_bytes, bias_at(bias, cols, slice(None)))
     else:
-        lse = chunked_lse(q_txt, k if spec.softmax == JOINT else spec.image_rows(k), chunk_bytes)
+        lse = chunked_lse(q_txt, spec.image_rows(k), chunk_bytes, bias_at(bias, cols, img))
     # Treat image keys as the "columns" of K text rows, then transpose to [.., N_img, K].
-    return out, _rows_at_columns(q_txt, spec.image_rows(k), lse, spec.heads, chunk_bytes, transpose=True)
+    return out, _rows_at_columns(
+        q_txt,
+        spec.image_rows(k),
+        lse,
+        spec.heads,
+        chunk_bytes,
+        transpose=True,
+        bias=bias_at(bias, cols, img),
+    )

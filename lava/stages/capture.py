@@ -55,23 +55,37 @@ def transformer_inputs(
     """Keyword arguments of one transformer call (any family): every image of ``noisy`` with every
     prompt row in ``rows``, as a batch of ``B · len(rows)`` (image-major: entry ``b · G + g``)."""
     index = torch.tensor(list(rows), device=prompt.embeds.device)
+    mask = prompt.text_mask
     return batch_inputs(
-        backend, noisy, prompt.embeds.index_select(0, index), prompt.pooled.index_select(0, index)
+        backend,
+        noisy,
+        prompt.embeds.index_select(0, index),
+        prompt.pooled.index_select(0, index),
+        None if mask is None else mask.index_select(0, index.to(mask.device)),
     )
 
 
-def batch_inputs(backend: Backend, noisy: NoisyLatents, embeds: torch.Tensor, pooled: torch.Tensor) -> dict:
+def batch_inputs(
+    backend: Backend,
+    noisy: NoisyLatents,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    text_mask: torch.Tensor | None = None,
+) -> dict:
     """Transformer keyword arguments pairing every image with every text embedding ``[G, T, D]``
-    (pooled ``[G, Dp]``): a batch of ``B · G``, image-major. The family adapter lays the latents
-    out (Flux packs them and adds position ids) and scales the timestep as its model wants."""
+    (pooled ``[G, Dp]``, text mask ``[G, T]`` or ``None``): a batch of ``B · G``, image-major. The
+    family adapter lays the latents out (Flux packs them and adds position ids), scales the
+    timestep and turns the text mask into the model's own mask argument."""
     b, g = noisy.batch_size, embeds.shape[0]
     dtype, dev = backend.dtype, backend.device
+    extra = {} if text_mask is None else {"text_mask": text_mask.to(dev).repeat(b, 1)}
     return backend.family.inputs(
         noisy.latents.to(dev, dtype).repeat_interleave(g, dim=0),
         embeds.to(dev, dtype).repeat(b, 1, 1),
         pooled.to(dev, dtype).repeat(b, 1),
         torch.full((b * g,), noisy.timestep, device=dev, dtype=dtype),
         guidance=backend.guidance,
+        **extra,
     )
 
 

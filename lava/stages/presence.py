@@ -67,14 +67,22 @@ def ablated_texts(prompt: PromptEncoding) -> list[str]:
 
 @torch.no_grad()
 def velocity_errors(
-    backend: Backend, noisy: NoisyLatents, embeds: torch.Tensor, pooled: torch.Tensor, batch: int
+    backend: Backend,
+    noisy: NoisyLatents,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    batch: int,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[B, P]``: mean squared error of the predicted velocity for each image × text embedding."""
+    """``[B, P]``: mean squared error of the predicted velocity for each image × text embedding
+    (``mask`` ``[P, T]``: the embeddings' text masks, for families that pad and mask)."""
     target = (noisy.noise - noisy.clean).float()
     errors = []
     for start in range(0, embeds.shape[0], batch):
         part = slice(start, start + batch)
-        inputs = batch_inputs(backend, noisy, embeds[part], pooled[part])
+        inputs = batch_inputs(
+            backend, noisy, embeds[part], pooled[part], None if mask is None else mask[part]
+        )
         pred = backend.transformer(**inputs, return_dict=False)[0]
         pred = backend.family.output_latents(pred, noisy.grid).float()  # Flux: unpack its tokens
         pred = pred.unflatten(0, (noisy.batch_size, -1))
@@ -101,13 +109,14 @@ def denoising_presence(
     if batch < 1:
         raise LavaError(f"batch must be a positive number of prompts per forward, got {batch}")
     ablated = ablated_texts(prompt)
-    embeds, pooled = backend.encode_text(ablated)
+    embeds, pooled, mask = backend.encode_text(ablated)
     all_embeds = torch.cat([prompt.embeds.to(embeds.device), embeds])
     all_pooled = torch.cat([prompt.pooled.to(pooled.device), pooled])
+    all_mask = None if mask is None else torch.cat([prompt.text_mask.to(mask.device), mask])
     rows = torch.tensor([prompt.row(c) for c in prompt.classes])
     delta = 0.0
     for run in runs:
-        err = velocity_errors(backend, run, all_embeds, all_pooled, batch)  # [B, P + C]
+        err = velocity_errors(backend, run, all_embeds, all_pooled, batch, all_mask)  # [B, P + C]
         full, without = err[:, : prompt.num_prompts], err[:, prompt.num_prompts :]
         delta = delta + (without - full[:, rows])
     delta = (delta / len(runs)).clamp_min(0)

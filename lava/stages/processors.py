@@ -71,7 +71,15 @@ class CaptureProcessor:
     ):
         if encoder_hidden_states is None and not self.single_stream:
             raise LavaError("CaptureProcessor is for joint attention; it got no text hidden states")
-        joint = self.family.qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.text_len)
+        joint = self.family.qkv(
+            attn,
+            hidden_states,
+            encoder_hidden_states,
+            image_rotary_emb,
+            self.text_len,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
         q, k, v = joint.q, joint.k, joint.v
 
         out = None
@@ -88,7 +96,9 @@ class CaptureProcessor:
                 # Copies of the image rows only: a view would keep the whole joint q, k (and text) alive.
                 self.store.image_qk[self.index] = (spec.image_rows(q).clone(), spec.image_rows(k).clone())
             # The first view also yields the attention output; the others reuse q, k only.
-            o, sl = attention_with_slice(q, k, v if out is None else None, spec, impl=self.plan.impl)
+            o, sl = attention_with_slice(
+                q, k, v if out is None else None, spec, impl=self.plan.impl, attn_mask=joint.mask
+            )
             self.store.views[view][self.index] = pick_keys(sl, self.plan, self.gather)
             out = o if out is None else out
 

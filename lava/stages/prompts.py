@@ -110,8 +110,9 @@ def locate(backend: Backend, text: str, chars: dict[str, tuple[int, int]]):
         clip_spans, overflow = dict.fromkeys(chars, ()), []
     t5_spans: dict[str, tuple[int, ...]] = {}
     if backend.has_t5:
-        raw = token_spans(backend.t5_tokenizer, text, chars)
-        overflow += [n for n in _overflow(raw, backend.max_sequence_length - 1, "T5") if n not in overflow]
+        raw = backend.family.sequence_spans(backend, text, chars)
+        window = backend.family.sequence_window(backend)
+        overflow += [n for n in _overflow(raw, window, backend.sequence_encoder) if n not in overflow]
         t5_spans = {n: tuple(clip_len + p for p in pos) for n, pos in raw.items()}
     return clip_spans, t5_spans, overflow
 
@@ -227,7 +228,7 @@ def encode_prompt(
         t5_spans.update(t5)
         rows.update(dict.fromkeys(group, row))
 
-    embeds, pooled = backend.encode_text(texts)
+    embeds, pooled, mask = backend.encode_text(texts)
     return PromptEncoding(
         classes=names,
         texts=tuple(texts),
@@ -240,6 +241,7 @@ def encode_prompt(
         rows=rows,
         template=template,
         separator=separator,
+        text_mask=mask,
     )
 
 
@@ -291,10 +293,10 @@ def word_spans(
             raise ClassNameError(f"{word!r} is not a word of the prompt {text!r}; its words are: {listed}")
         clip: tuple[int, ...] = ()
         if found.get("clip"):
-            clip = _positions(backend.pipe.tokenizer, clip_text, found["clip"], clip_len - 1)
+            clip = _positions(backend, backend.pipe.tokenizer, clip_text, found["clip"], clip_len - 1)
         t5: tuple[int, ...] = ()
         if found.get("t5"):
-            local = _positions(backend.t5_tokenizer, t5_text, found["t5"], max_sequence_length - 1)
+            local = _positions(backend, None, t5_text, found["t5"], max_sequence_length - 1)
             t5 = tuple(clip_len + p for p in local)
         if not clip and not t5:
             raise ClassNameError(
@@ -305,7 +307,15 @@ def word_spans(
     return clip_spans, t5_spans
 
 
-def _positions(tokenizer, text: str, ranges: Sequence[tuple[int, int]], limit: int) -> tuple[int, ...]:
-    """Sorted token positions (special tokens counted) overlapping any of ``ranges``, below ``limit``."""
-    spans = token_spans(tokenizer, text, {i: r for i, r in enumerate(ranges)})
+def _positions(
+    backend: Backend, tokenizer, text: str, ranges: Sequence[tuple[int, int]], limit: int
+) -> tuple[int, ...]:
+    """Sorted token positions (special tokens counted) overlapping any of ``ranges``, below ``limit``;
+    ``tokenizer=None``: positions in the encoder part, as the family lays it out."""
+    chars = {i: r for i, r in enumerate(ranges)}
+    spans = (
+        token_spans(tokenizer, text, chars)
+        if tokenizer is not None
+        else backend.family.sequence_spans(backend, text, chars)
+    )
     return tuple(sorted({p for pos in spans.values() for p in pos if p < limit}))
