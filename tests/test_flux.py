@@ -11,7 +11,8 @@ import torch
 from meta_memory import meta_peak
 
 import lava
-from lava.backends.family import FLUX, SD3, family_of
+from lava.backends.families import family_of
+from lava.backends.family import FLUX, SD3
 from lava.errors import LavaError, ModelError
 from lava.kernels.torch_slice import chunk_budget
 from lava.stages.capture import (

@@ -26,6 +26,7 @@ import torch
 from einops import rearrange
 
 from ..errors import LavaError
+from .tokens import token_spans
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,13 @@ class Family:
     """
 
     name = "family"
+    transformer_classes: tuple[str, ...] = ()  # diffusers class names this adapter reads
     encoder_name = "T5"  # the encoder whose tokens hold the classes (after any CLIP part), in messages
 
     def sequence_spans(self, backend, text: str, chars: dict) -> dict:
         """``{key: positions}``: each character range of ``chars`` (``{key: (start, end)}`` in
         ``text``) as the token positions it occupies in the encoder part of the text sequence
         (counted from that part's start; the CLIP part before it is not counted)."""
-        from ..stages.prompts import token_spans
-
         return token_spans(backend.t5_tokenizer, text, chars)
 
     def sequence_window(self, backend) -> int:
@@ -84,6 +84,7 @@ class SD3Family(Family):
     """SD3 / SD3.5 (``SD3Transformer2DModel``): joint blocks only, image tokens first, no RoPE."""
 
     name = "sd3"
+    transformer_classes = ("SD3Transformer2DModel",)
 
     def blocks(self, transformer) -> list:
         """Every transformer block in execution order (index = lava's block number)."""
@@ -195,6 +196,7 @@ class FluxFamily(Family):
     """
 
     name = "flux"
+    transformer_classes = ("FluxTransformer2DModel",)
 
     def blocks(self, transformer) -> list:
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
@@ -321,15 +323,3 @@ class FluxFamily(Family):
 
 SD3 = SD3Family()
 FLUX = FluxFamily()
-
-
-def family_of(transformer) -> Family:
-    """The adapter of a loaded transformer, read from its structure (not its name)."""
-    if hasattr(transformer, "single_transformer_blocks"):
-        return FLUX
-    if hasattr(transformer, "transformer_blocks"):
-        return SD3
-    raise LavaError(
-        f"{type(transformer).__name__} is not an MM-DiT lava knows: expected an SD3Transformer2DModel "
-        "or FluxTransformer2DModel (a model with transformer_blocks)"
-    )

@@ -11,7 +11,8 @@ import torch
 from ..errors import ModelError
 from . import flux, sd3
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype, vae_factor
-from .family import FLUX, family_of
+from .families import family_of
+from .family import FLUX
 from .sd3 import DEFAULTS, detect_variant
 
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..backends.family import SD3, family_of, sd3_text_qkv
+from ..backends.families import family_of
+from ..backends.family import SD3, sd3_text_qkv
 from ..errors import LavaError
 from ..types import CapturePlan
 from .processors import (

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 import torch
 from einops import rearrange
 
-from ..backends.family import SD3, family_of
+from ..backends.families import family_of
+from ..backends.family import SD3
 from ..errors import LavaError
 from ..kernels import SliceSpec, attention_with_slice
 from ..types import CapturePlan

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..backends.base import Backend
+from ..backends.tokens import token_spans
 from ..errors import ClassNameError
 from ..types import PromptEncoding
 
@@ -63,22 +64,6 @@ def build_prompt(
         chars[name] = (len(text), len(text) + len(name))
         text += name
     return text + suffix, chars
-
-
-def token_spans(tokenizer, text: str, chars: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
-    """Token positions (special tokens counted) whose characters overlap each class's characters.
-
-    Added special tokens (begin/end) have empty offsets and never match. Token ids are not
-    consulted, since SD3's second CLIP tokenizer uses "!" as its pad token.
-    """
-    # verbose=False: a text past the window is expected here (that is what is being checked).
-    offsets = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True, verbose=False)[
-        "offset_mapping"
-    ]
-    return {
-        name: tuple(i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a)
-        for name, (a, b) in chars.items()
-    }
 
 
 def _overflow(spans: dict[str, tuple[int, ...]], limit: int, part: str) -> list[str]:
