@@ -7,11 +7,12 @@ A new family is one module with its adapter (a ``lava.backends.family.Family``) 
 from __future__ import annotations
 
 from ..errors import LavaError
+from .chroma import CHROMA
 from .family import FLUX, SD3, Family
 
 # Matched by the transformer's class name first, in this order; then by structure, for models
 # that subclass or copy diffusers' classes (a Flux-like model has single-stream blocks).
-FAMILIES: tuple[Family, ...] = (SD3, FLUX)
+FAMILIES: tuple[Family, ...] = (CHROMA, SD3, FLUX)
 
 
 def family_of(transformer) -> Family:

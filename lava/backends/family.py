@@ -79,6 +79,17 @@ class Family:
         """Positions of the encoder part that can hold a class (T5: all but the end token)."""
         return backend.max_sequence_length - 1
 
+    # What ``Backend.text_encoders`` and ``Backend.describe`` say of the text side, for a family
+    # where SD3's "CLIP+T5" would be wrong (``None``: the SD3/FLUX.1 wording).
+    text_summary: str | None = None
+
+    def text_len_hook(self, transformer, set_text_len):
+        """For a family whose single-stream blocks are called without the text hidden states: install
+        a hook that calls ``set_text_len(T)`` before each forward (``T`` text tokens at the start of
+        the joint sequence) and return its handle. ``None`` (FLUX.1): the block's own
+        ``encoder_hidden_states`` tells, and the capture reads it there."""
+        return None
+
 
 class SD3Family(Family):
     """SD3 / SD3.5 (``SD3Transformer2DModel``): joint blocks only, image tokens first, no RoPE."""

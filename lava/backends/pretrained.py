@@ -72,6 +72,25 @@ def load_flux(source: str, *, drop_t5: bool = False, guidance: float | None = No
     )
 
 
+def load_chroma(source: str, *, drop_t5: bool = False, **opts) -> Backend:
+    """A Chroma pipeline from a hub id or a folder (``opts``: ``placement``'s, then ``from_pretrained``'s)."""
+    from diffusers import ChromaPipeline
+
+    if drop_t5:
+        raise ModelError(
+            f"{source} is a Chroma model: T5 is its only text encoder, so it cannot be dropped; leave out "
+            "--drop-t5 / drop_t5"
+        )
+    where, kw = placement(opts)
+    return _as_backend(source, where, lambda: ChromaPipeline.from_pretrained(source, dtype=where.dtype, **kw))
+
+
+def _is_chroma(index: dict | None) -> bool:
+    """Whether a ``model_index.json`` (``index``) names a Chroma pipeline (text-to-image, img2img,
+    inpaint)."""
+    return isinstance(index, dict) and str(index.get("_class_name", "")).startswith("Chroma")
+
+
 def _is_flux(source: str, index: dict | None) -> bool:
     """Whether a folder or hub id holds a Flux pipeline: its ``model_index.json`` (``index``) says so,
     or (when that could not be read here) its name does."""
@@ -83,6 +102,8 @@ def _is_flux(source: str, index: dict | None) -> bool:
 def load_pretrained(source: str, **opts) -> Backend:
     """A hub id or a local folder, through the pipeline class its ``model_index.json`` names."""
     index = model_index(source, opts.get("revision"))  # read once, here
+    if _is_chroma(index):
+        return load_chroma(source, **opts)
     if _is_flux(source, index):
         return load_flux(source, **opts)
     return load_sd3(source, index=index, **opts)

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from . import flux, sd3
+from . import chroma, flux, sd3
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype, vae_factor
+from .chroma import CHROMA
 from .families import family_of
 from .family import FLUX
 from .sd3 import DEFAULTS, detect_variant
@@ -87,7 +88,10 @@ def from_pipeline(
         encoder = getattr(pipe, "text_encoder", None)
         text_device = next(encoder.parameters()).device if encoder is not None else dev
     hint = name or str(getattr(pipe, "name_or_path", "") or pipe.transformer.config.get("_name_or_path", ""))
-    if family is FLUX:
+    if family is CHROMA:
+        variant = chroma.detect_variant(pipe.transformer.config, hint)
+        table, seq_len = chroma.DEFAULTS, chroma.MAX_SEQUENCE_LENGTH
+    elif family is FLUX:
         variant = flux.detect_variant(pipe.transformer.config, hint)
         table, seq_len = flux.DEFAULTS, flux.MAX_SEQUENCE_LENGTH[variant]
         if guidance is None and pipe.transformer.config.get("guidance_embeds"):

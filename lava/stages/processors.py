@@ -13,6 +13,7 @@ key gathering, early exit and clean-up; ``lava.stages.capture`` picks one or the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -187,7 +188,9 @@ def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
             proc = CaptureProcessor(i, plan, store, family, single_stream=kinds[i] == "single")
             blocks[i].attn.set_processor(proc)
             if proc.single_stream:
-                hook = blocks[i].register_forward_pre_hook(_text_len_from_block(proc), with_kwargs=True)
+                hook = family.text_len_hook(transformer, functools.partial(setattr, proc, "text_len"))
+                if hook is None:
+                    hook = blocks[i].register_forward_pre_hook(_text_len_from_block(proc), with_kwargs=True)
                 hooks.append(hook)
         if plan.early_exit:
             hooks.append(blocks[max(plan.layers)].register_forward_hook(stop_forward))
