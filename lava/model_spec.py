@@ -4,10 +4,12 @@ and the headers of its safetensors files, or from an already-built pipeline. No 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 
+from .backends.families import family_of
 from .backends.loading import empty_module, module_class, stored_tensors
 from .backends.pretrained import lacks_t5, load_error_message, model_index
 from .errors import ModelError
@@ -89,7 +91,13 @@ def spec_from_pipeline(pipe, max_sequence_length: int = 256) -> ModelSpec:
         }
     tokenizer = getattr(pipe, "tokenizer", None)
     clip_len = int(getattr(tokenizer, "model_max_length", 77))
-    return _spec(params, largest, transformer, vae, clip_len=clip_len, t5_len=max_sequence_length)
+    spec = _spec(params, largest, transformer, vae, clip_len=clip_len, t5_len=max_sequence_length)
+    family = family_of(pipe.transformer)
+    if family.name != "sd3":  # the family's own text layout and token size (FLUX.1, Chroma: 2x2 packing)
+        spec = dataclasses.replace(
+            spec, clip_len=family.clip_len(pipe), patch_size=family.patch_size(pipe.transformer)
+        )
+    return spec
 
 
 def _int_or_none(value) -> int | None:

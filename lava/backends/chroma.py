@@ -141,3 +141,61 @@ class ChromaFamily(FluxFamily):
 
 
 CHROMA = ChromaFamily()
+
+
+# ---- sizes for the memory planner -----------------------------------------------------------------
+
+# T5-XXL v1.1's encoder (google/t5-v1_1-xxl), the text encoder ChromaPipeline documents.
+T5_XXL_CONFIG = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+)
+# FLUX.1's VAE, which Chroma uses: 16 latent channels, 8x down, no quant convs.
+FLUX_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+
+def full_size_modules():
+    """Chroma1 at its real size with no storage (meta tensors): an object with ``transformer``
+    (``ChromaTransformer2DModel`` at diffusers' default config, which is Chroma1's: 19 + 38 blocks,
+    24 heads × 128, approximator 64 → 5120 × 5), ``vae`` (FLUX.1's) and ``text_encoder`` (T5-XXL's
+    encoder), for ``lava.model_spec.spec_from_pipeline``: the planner counts their parameters
+    without any download."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, ChromaTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    with init_empty_weights(include_buffers=True):
+        return SimpleNamespace(
+            transformer=ChromaTransformer2DModel(),
+            vae=AutoencoderKL(**FLUX_VAE_CONFIG),
+            text_encoder=T5EncoderModel(T5Config(**T5_XXL_CONFIG)),
+            tokenizer=None,
+        )
+
+
+def planning_geometry(spec):
+    """A ``ModelSpec`` read from a Chroma folder's files with the family's own layout: 2x2 packed
+    latents (the config's patch size is 1), no CLIP part, the T5 window of ``ChromaPipeline``."""
+    return dataclasses.replace(spec, patch_size=2 * spec.patch_size, clip_len=0, t5_len=MAX_SEQUENCE_LENGTH)

@@ -123,7 +123,7 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     """The memory plan for the options, from the model's configs (no weights loaded), for the largest
     of ``sizes`` after resizing (default: a square at the requested resolution). With
     ``--max-memory`` it is ``plan_memory``'s choice (or its refusal), else the estimate as asked."""
-    from ..backends import REGISTRY, load_backend
+    from ..backends import REGISTRY, chroma, load_backend
     from ..backends.flux import HUB_IDS as FLUX_HUB_IDS
     from ..backends.sd3 import DEFAULTS, HUB_IDS, detect_variant
     from ..planner import estimate_memory, parse_bytes, plan_memory, spec_for, spec_from_pipeline
@@ -137,7 +137,11 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     if model in FLUX_HUB_IDS:
         raise no_flux
     backend = None
-    if model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
+    if model in chroma.HUB_IDS:  # Chroma1 at its real size, counted from its configs (no download)
+        window = getattr(args, "max_sequence_length", None) or chroma.MAX_SEQUENCE_LENGTH
+        spec = spec_from_pipeline(chroma.full_size_modules(), window)
+        defaults, limit = chroma.DEFAULTS[model], None
+    elif model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
         backend = load_backend(
             model, device="cpu", dtype=dtype, drop_t5=args.drop_t5, verbose=getattr(args, "verbose", False)
         )
@@ -149,7 +153,11 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
         spec, transformer_config = spec_for(HUB_IDS.get(model, model), drop_t5=args.drop_t5)
         if "Flux" in str(transformer_config.get("_class_name", "")):
             raise no_flux
-        defaults = DEFAULTS[detect_variant(transformer_config, model)]
+        if str(transformer_config.get("_class_name", "")).startswith("Chroma"):
+            spec = chroma.planning_geometry(spec)
+            defaults = chroma.DEFAULTS[chroma.detect_variant(transformer_config, model)]
+        else:
+            defaults = DEFAULTS[detect_variant(transformer_config, model)]
         m = transformer_config.get("pos_embed_max_size")
         limit = None if m is None else int(m) * spec.grid_unit
     if args.resolution == "original" and sizes is None:
