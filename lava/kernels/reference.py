@@ -49,8 +49,15 @@ def naive_attention(
     if attn_mask is not None:
         scores = scores + additive_mask(attn_mask)
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
+    # A query whose every key is masked (a padding token under Chroma's [text; image] x itself
+    # mask) attends to nothing: SDPA returns zeros for its row, and so does this (not NaN).
+    probs = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
     return probs @ v.float(), lse
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis; a row that is ``-inf`` throughout (every key masked) is zeros."""
+    return torch.softmax(scores, dim=-1).masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
 
 
 def naive_slice(
@@ -74,16 +81,13 @@ def naive_slice(
         rows = scores[:, :, img, :]  # image queries over all keys
         if spec.softmax == CROSS:
             rows = rows[:, :, :, txt]  # keep only text keys, then columns are relative
-            probs = torch.softmax(rows, dim=-1)[:, :, :, cols]
+            probs = _softmax(rows)[:, :, :, cols]
         else:
-            probs = torch.softmax(rows, dim=-1)[:, :, :, txt[cols]]
+            probs = _softmax(rows)[:, :, :, txt[cols]]
         out = probs  # [B, H, N_img, K]
     else:
         rows = scores[:, :, txt[cols], :]  # wanted text queries over all keys
-        if spec.softmax == CROSS:
-            probs = torch.softmax(rows[:, :, :, img], dim=-1)
-        else:
-            probs = torch.softmax(rows, dim=-1)[:, :, :, img]
+        probs = _softmax(rows[:, :, :, img]) if spec.softmax == CROSS else _softmax(rows)[:, :, :, img]
         out = probs.transpose(-1, -2)  # [B, H, N_img, K]
 
     if spec.heads == "mean":
