@@ -56,9 +56,11 @@ def trace(
     image→text attention map at ``layers`` averaged over the denoising ``steps``.
 
     Args:
-        pipe: a diffusers ``StableDiffusion3Pipeline`` (Img2Img, Inpaint) or ``FluxPipeline``
-            (Img2Img), or a lava ``Backend`` (its ``pipe`` is traced, its defaults used). The
-            pipeline's modules are neither moved nor cast (``lava.from_pipeline(pipe, move=False)``).
+        pipe: a diffusers ``StableDiffusion3Pipeline`` (Img2Img, Inpaint), ``FluxPipeline``
+            (Img2Img) or ``ChromaPipeline`` (its own float padding mask traced as the model receives
+            it: lava.backends.chroma), or a lava ``Backend`` (its ``pipe`` is traced, its defaults
+            used). The pipeline's modules are neither moved nor cast
+            (``lava.from_pipeline(pipe, move=False)``).
         words: the words to keep maps for (a list, or one comma-separated string): only their
             tokens are captured, and a word not in the prompt fails as soon as the pipeline has
             encoded it. ``None`` (default) keeps every text token, so any word of the prompt can
@@ -72,9 +74,10 @@ def trace(
             itself (images bit-identical); ``"triton"``/``"naive"``: equal up to rounding.
 
     Classifier-free guidance: the maps are those of the **conditional** half only (the rows that
-    carry the prompt); SD3's unconditional batch half, Flux's ``true_cfg_scale`` negative call and
-    SD3.5's skip-layer-guidance calls are not traced. Every image of the batch gets its own maps
-    (several prompts, ``num_images_per_prompt``). One pipeline call per ``with`` block.
+    carry the prompt); SD3's unconditional batch half, Flux's ``true_cfg_scale`` and Chroma's
+    negative-prompt calls and SD3.5's skip-layer-guidance calls are not traced. Every image of the
+    batch gets its own maps (several prompts, ``num_images_per_prompt``). One pipeline call per
+    ``with`` block.
     """
     backend = pipe if isinstance(pipe, Backend) else from_pipeline(pipe, move=False)
     return Trace(backend, words=words, layers=layers, steps=steps, impl=impl)

@@ -62,7 +62,7 @@ def from_pipeline(
     moved there (text encoders on the CPU stay float32). ``move=False`` leaves every module where
     and as it is (``lava.trace`` wraps the user's pipeline so: its images must not change), and
     ``device``/``dtype``/``offload_text_encoders`` must then be left out. ``max_sequence_length``
-    (T5 tokens) defaults to 256 for SD3, 512 for FLUX.1-dev and 256 for schnell; ``guidance``
+    (T5 tokens) defaults to 256 for SD3, 512 for FLUX.1-dev and Chroma, 256 for schnell; ``guidance``
     (guidance-distilled Flux only) to 3.5, Seg4Diff's value.
     """
     for part in ("transformer", "scheduler", "tokenizer", "text_encoder", "encode_prompt"):
