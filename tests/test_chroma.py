@@ -224,6 +224,24 @@ def test_masked_text_never_gets_probability(tiny_chroma, inputs):
     assert store[0][..., ~mask].min() > 0
 
 
+@pytest.mark.parametrize("impl", ["naive", "torch"])
+def test_a_query_with_every_key_masked_attends_to_nothing(impl):
+    """Chroma's N×N mask leaves each padded text query no key at all: SDPA gives that row zeros, and
+    so do lava's kernels (the naive reference once gave NaN there, which spread through the model)."""
+    from lava.kernels import SliceSpec, attention_with_slice
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
+    keep = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 1, 1], [1, 0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = keep[:, None, None, :] & keep[:, None, :, None]  # as ChromaTransformerBlock builds it
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    spec = SliceSpec(text_start=0, text_len=4, columns=(0, 1, 2), heads="none")
+    out, sl = attention_with_slice(q, k, v, spec, impl=impl, attn_mask=mask)
+    assert torch.all(out[0, :, 2:4] == 0) and torch.all(out[1, :, 1:4] == 0)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    assert torch.all(sl[0, ..., 2] == 0) and torch.all(sl[1, ..., 1:] == 0) and not sl.isnan().any()
+
+
 def test_early_exit_stops_after_deepest_captured_block(tiny_chroma, image):
     noisy = lava.noise(tiny_chroma, image)
     prompt = lava.encode_prompt(tiny_chroma, CLASSES)
@@ -403,8 +421,12 @@ def test_dry_run_plans_chroma_not_sd3(tmp_path, capsys):
     assert "4096 image + 512 text tokens" in out and "text_encoder_2" not in out
 
 
-def test_segment_command_and_models_listing(tmp_path, capsys):
+def test_segment_sweep_and_models_commands(tmp_path, capsys):
+    import json
+
+    import numpy as np
     from conftest import scene
+    from PIL import Image
 
     from lava.cli import main
 
@@ -415,6 +437,30 @@ def test_segment_command_and_models_listing(tmp_path, capsys):
         main(["segment", str(img), "--model", "tiny-chroma", "--classes", "cat,dog", "--out", str(out)]) == 0
     )
     assert (out / "img_labels.png").exists()
+    root = tmp_path / "shapes"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("background\nred square\nblue circle\n")
+    for i in range(2):
+        label = np.zeros((24, 32), dtype=np.uint8)
+        label[4:12, 4:12], label[14:22, 18:30] = 1, 2
+        scene(24, 32, seed=i).save(root / "images" / f"s{i}.png")
+        Image.fromarray(label).save(root / "labels" / f"s{i}.png")
+    sweep = tmp_path / "sweep"
+    args = [
+        "sweep",
+        "--dataset",
+        "folder",
+        "--root",
+        str(root),
+        "--model",
+        "tiny-chroma",
+        "--out",
+        str(sweep),
+    ]
+    assert main([*args, "--timesteps", "300,700", "--layers", "0,3"]) == 0
+    cells = json.loads((sweep / "sweep.json").read_text())["cells"]
+    assert {tuple(c["layers"]) for c in cells} >= {(0,), (3,)}
     capsys.readouterr()
     assert main(["models"]) == 0
     listing = capsys.readouterr().out
