@@ -49,7 +49,8 @@ class CaptureProcessor:
     return value; this class only runs the slice op between them, so it serves every family.
     It is installed on the joint ``attn`` of a block only (never SD3.5's image-only ``attn2``).
     In a single-stream block (Flux) the call carries no text hidden states: ``text_len`` is then
-    set before each call from the block's input (``capturing`` does that).
+    set before each call from the block's input, or where the family's ``text_len_hook`` reads it
+    (Chroma: the transformer's text embedding); ``capturing`` does that.
     """
 
     def __init__(self, index: int, plan: CapturePlan, store: CaptureStore, family=SD3, single_stream=False):
