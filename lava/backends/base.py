@@ -228,8 +228,7 @@ class Backend:
         if vae is None:
             return pixels.to(self.device, self.dtype)
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        shift = vae.config.get("shift_factor") or 0.0
-        return (dist.mean - shift) * vae.config.scaling_factor
+        return self.family.vae_latents(vae, dist.mean)
 
     @torch.no_grad()
     def encode_text(self, text: str | list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -249,6 +248,9 @@ class Backend:
         ``"T5 (+CLIP pooled)"``."""
         if self.family.name == "flux":
             return "T5 (+CLIP pooled)"
+        own = self.family.text_summary(self)
+        if own is not None:
+            return own
         return "CLIP+T5" if self.has_t5 else "CLIP"
 
     def describe(self) -> str:
@@ -261,6 +263,8 @@ class Backend:
             blocks += f" ({self.block_scheme()[2:]})"
         if self.family.name == "flux":
             t5 = "T5 only; CLIP gives the pooled vector"
+        if self.family.text_summary(self) is not None:
+            t5 = self.family.text_summary(self)
         if self.guidance is not None:
             t5 += f"; guidance {self.guidance:g}"
         return (

@@ -79,6 +79,28 @@ class Family:
         """Positions of the encoder part that can hold a class (T5: all but the end token)."""
         return backend.max_sequence_length - 1
 
+    # ---- hooks with a default every family so far shares -----------------------------------------
+    def capture_processor(self, proc):
+        """What ``capturing`` installs on a block's attention module for the capture processor
+        ``proc`` (a family whose modules call their processor with other arguments wraps it)."""
+        return proc
+
+    def text_len_module(self, transformer, block):
+        """The module whose forward pre-hook tells a single-stream block's capture how many text
+        tokens its sequence starts with (read from that module's ``encoder_hidden_states``):
+        the block itself where the model passes them to it (FLUX.1)."""
+        return block
+
+    def text_summary(self, backend) -> str | None:
+        """The text encoders in words for ``Backend.describe``/``text_encoders`` (``None``: the
+        CLIP/T5 wording of SD3 and FLUX.1)."""
+        return None
+
+    def vae_latents(self, vae, mean: torch.Tensor) -> torch.Tensor:
+        """The model's latents from the VAE posterior mean ``[B, C, h, w]``: ``(mean - shift) · scale``."""
+        shift = vae.config.get("shift_factor") or 0.0
+        return (mean - shift) * vae.config.scaling_factor
+
 
 class SD3Family(Family):
     """SD3 / SD3.5 (``SD3Transformer2DModel``): joint blocks only, image tokens first, no RoPE."""

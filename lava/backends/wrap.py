@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from . import flux, sd3
+from . import flux, flux2, sd3
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype, vae_factor
 from .families import family_of
 from .family import FLUX
+from .flux2 import FLUX2
 from .sd3 import DEFAULTS, detect_variant
 
 
@@ -87,7 +88,14 @@ def from_pipeline(
         encoder = getattr(pipe, "text_encoder", None)
         text_device = next(encoder.parameters()).device if encoder is not None else dev
     hint = name or str(getattr(pipe, "name_or_path", "") or pipe.transformer.config.get("_name_or_path", ""))
-    if family is FLUX:
+    if family is FLUX2:
+        config = getattr(pipe, "config", None)
+        distilled = config.get("is_distilled") if hasattr(config, "get") else None
+        variant = flux2.detect_variant(pipe.transformer.config, hint, distilled)
+        table, seq_len = flux2.DEFAULTS, flux2.MAX_SEQUENCE_LENGTH
+        if guidance is None and pipe.transformer.config.get("guidance_embeds"):
+            guidance = flux2.DEV_GUIDANCE
+    elif family is FLUX:
         variant = flux.detect_variant(pipe.transformer.config, hint)
         table, seq_len = flux.DEFAULTS, flux.MAX_SEQUENCE_LENGTH[variant]
         if guidance is None and pipe.transformer.config.get("guidance_embeds"):

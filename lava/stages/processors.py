@@ -185,9 +185,10 @@ def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
     try:
         for i in plan.layers:
             proc = CaptureProcessor(i, plan, store, family, single_stream=kinds[i] == "single")
-            blocks[i].attn.set_processor(proc)
+            blocks[i].attn.set_processor(family.capture_processor(proc))
             if proc.single_stream:
-                hook = blocks[i].register_forward_pre_hook(_text_len_from_block(proc), with_kwargs=True)
+                source = family.text_len_module(transformer, blocks[i])
+                hook = source.register_forward_pre_hook(_text_len_from_block(proc), with_kwargs=True)
                 hooks.append(hook)
         if plan.early_exit:
             hooks.append(blocks[max(plan.layers)].register_forward_hook(stop_forward))
