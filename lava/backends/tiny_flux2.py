@@ -61,7 +61,7 @@ def _bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab.setdefault(ch, len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in _words() + ["user", "assistant", "system"]:
+    for word in [*_words(), "user", "assistant", "system"]:
         for piece in (word, "Ġ" + word):
             left = piece[0]
             for right in piece[1:]:
