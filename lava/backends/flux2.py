@@ -303,9 +303,9 @@ class Flux2Family(FluxFamily):
     def sequence_window(self, backend) -> int:
         """Positions that can hold a class: ``max_sequence_length`` less the template's tokens after
         the prompt (the end of the user turn, and klein's assistant turn), which must stay in."""
-        pipe = backend.pipe
-        _chat, start, offsets, _ids = self._templated(pipe, "")
-        after = sum(1 for s, e in offsets if s >= start and e > s)
+        # A one-letter prompt marks where the prompt ends (an empty one would not say where it sits).
+        _chat, start, offsets, _ids = self._templated(backend.pipe, "a")
+        after = sum(1 for s, e in offsets if s >= start + 1 and e > s)
         return backend.max_sequence_length - after
 
     def prompt_outputs(self, result) -> tuple[torch.Tensor, torch.Tensor]:
