@@ -302,3 +302,67 @@ def test_registry_and_from_pipeline(tiny_flux2, tmp_path, image):
     assert type(loaded.pipe).__name__ == "Flux2KleinPipeline" and loaded.family is FLUX2
     a = lava.encode_prompt(loaded, ["cat"])
     assert a.t5_spans == lava.encode_prompt(tiny_flux2, ["cat"]).t5_spans
+
+
+def test_trace_over_the_klein_pipeline():
+    """lava.trace around an ordinary Flux2KleinPipeline call: images bit-identical, every step traced,
+    the words found in the chat-templated sequence; under true CFG (a base klein) only the
+    conditional call is read."""
+    from lava.backends.tiny_flux2 import build_tiny_flux2_pipeline
+
+    pipe = build_tiny_flux2_pipeline()
+
+    def run(**kw):
+        return pipe(
+            prompt="a cat on a red sofa",
+            height=32,
+            width=32,
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+            **kw,
+        ).images
+
+    plain = run()
+    with lava.trace(pipe, layers=[1, 2]) as tr:
+        traced = run()
+    assert torch.equal(plain, traced)
+    assert tr.steps == [0, 1, 2] and tr.grid == (8, 8)
+    enc = tr.encoding(["cat", "sofa"])
+    ids, _ = _own_ids(lava.from_pipeline(pipe, move=False), "a cat on a red sofa")
+    assert [pipe.tokenizer.decode([ids[p] for p in enc.t5_spans[w]]).strip() for w in ("cat", "sofa")] == [
+        "cat",
+        "sofa",
+    ]
+    assert tr.heatmaps(["cat", "sofa"]).scores.shape == (1, 2, 8, 8)
+    pipe.register_to_config(is_distilled=False)  # base klein: a negative-prompt call per step
+    with lava.trace(pipe, layers=[1]) as cfg:
+        run(guidance_scale=4.0)
+    assert cfg.steps == [0, 1, 2] and cfg._count == 3
+
+
+def test_memory_planner_sizes_flux2_from_its_configs(tmp_path, capsys):
+    """--dry-run plans FLUX.2 (not as SD3): transformer and LLM encoder counted at their real width
+    from the released configs, 16 px per token, 512 text tokens and no CLIP part; --max-memory
+    moves the encoder to the CPU when that is what fits."""
+    from PIL import Image
+
+    from lava.backends.flux2_sizes import planner_spec
+    from lava.cli import main
+    from lava.planner import plan_memory
+
+    spec = planner_spec("flux2-klein-4b")
+    assert 3.5e9 < spec.params["transformer"] < 4.5e9 and 3.5e9 < spec.params["text_encoder"] < 4.5e9
+    assert (spec.grid_unit, spec.clip_len, spec.t5_len, spec.has_t5) == (16, 0, 512, False)
+    on_gpu = dict(dtype=torch.bfloat16, device="cuda", captured_layers=2, text_tokens=512)
+    plan = plan_memory(spec, (1024, 1024), 12 * 2**30, **on_gpu)
+    assert plan.offload_text_encoders and plan.tokens[:2] == (4096, 512)
+    with pytest.raises(LavaError, match="does not fit"):
+        plan_memory(spec, (1024, 1024), 4 * 2**30, **on_gpu)
+    path = tmp_path / "x.png"
+    Image.new("RGB", (64, 64)).save(path)
+    for model, tokens in (("flux2-dev", "4096 image + 512 text tokens"), ("tiny-flux2", "+ 128 text tokens")):
+        args = ["segment", str(path), "--classes", "a,b", "--model", model, "--dry-run"]
+        assert main([*args, "--device", "cuda", "--dtype", "bf16"]) == 0
+        out = capsys.readouterr().out
+        assert "text_encoder " in out and "text_encoder_3" not in out and tokens in out

@@ -123,7 +123,7 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     """The memory plan for the options, from the model's configs (no weights loaded), for the largest
     of ``sizes`` after resizing (default: a square at the requested resolution). With
     ``--max-memory`` it is ``plan_memory``'s choice (or its refusal), else the estimate as asked."""
-    from ..backends import REGISTRY, load_backend
+    from ..backends import REGISTRY, flux2, flux2_sizes, load_backend
     from ..backends.flux import HUB_IDS as FLUX_HUB_IDS
     from ..backends.sd3 import DEFAULTS, HUB_IDS, detect_variant
     from ..planner import estimate_memory, parse_bytes, plan_memory, spec_for, spec_from_pipeline
@@ -137,21 +137,31 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     if model in FLUX_HUB_IDS:
         raise no_flux
     backend = None
-    if model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
+    window = getattr(args, "max_sequence_length", None) or flux2.MAX_SEQUENCE_LENGTH
+    if model in flux2.HUB_IDS:  # FLUX.2: sized from the released configs, nothing downloaded
+        spec, defaults, limit = flux2_sizes.planner_spec(model, window), flux2.DEFAULTS[model], None
+    elif model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
         backend = load_backend(
             model, device="cpu", dtype=dtype, drop_t5=args.drop_t5, verbose=getattr(args, "verbose", False)
         )
         if backend.family.name == "flux":
             raise no_flux
         spec = spec_from_pipeline(backend.pipe, backend.max_sequence_length)
+        if backend.family.name == "flux2":
+            spec = flux2_sizes.planner_geometry(spec, backend.max_sequence_length)
         defaults, limit = backend.defaults, backend.max_resolution
     else:
         spec, transformer_config = spec_for(HUB_IDS.get(model, model), drop_t5=args.drop_t5)
-        if "Flux" in str(transformer_config.get("_class_name", "")):
+        if str(transformer_config.get("_class_name", "")) == "Flux2Transformer2DModel":
+            spec = flux2_sizes.planner_geometry(spec, window)
+            defaults = flux2.DEFAULTS[flux2.detect_variant(transformer_config, model)]
+            limit = None
+        elif "Flux" in str(transformer_config.get("_class_name", "")):
             raise no_flux
-        defaults = DEFAULTS[detect_variant(transformer_config, model)]
-        m = transformer_config.get("pos_embed_max_size")
-        limit = None if m is None else int(m) * spec.grid_unit
+        else:
+            defaults = DEFAULTS[detect_variant(transformer_config, model)]
+            m = transformer_config.get("pos_embed_max_size")
+            limit = None if m is None else int(m) * spec.grid_unit
     if args.resolution == "original" and sizes is None:
         raise ValueError(
             "--max-memory and --dry-run need a resolution in px (or 'native') to plan for, not 'original'"
