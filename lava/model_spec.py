@@ -89,6 +89,9 @@ def spec_from_pipeline(pipe, max_sequence_length: int = 256) -> ModelSpec:
         }
     tokenizer = getattr(pipe, "tokenizer", None)
     clip_len = int(getattr(tokenizer, "model_max_length", 77))
+    if type(pipe.transformer).__name__ == "Flux2Transformer2DModel":
+        # FLUX.2: 2x2 latents per token and a text sequence of LLM tokens alone (no CLIP part).
+        transformer["patch_size"], clip_len = 2 * int(cfg.patch_size), 0
     return _spec(params, largest, transformer, vae, clip_len=clip_len, t5_len=max_sequence_length)
 
 

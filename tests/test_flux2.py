@@ -366,3 +366,12 @@ def test_memory_planner_sizes_flux2_from_its_configs(tmp_path, capsys):
         assert main([*args, "--device", "cuda", "--dtype", "bf16"]) == 0
         out = capsys.readouterr().out
         assert "text_encoder " in out and "text_encoder_3" not in out and tokens in out
+
+
+def test_planner_reads_a_flux2_pipeline_with_its_geometry(tiny_flux2):
+    from lava.planner import estimate_memory, spec_from_pipeline
+
+    spec = spec_from_pipeline(tiny_flux2.pipe, tiny_flux2.max_sequence_length)
+    assert (spec.grid_unit, spec.clip_len, spec.t5_len) == (4, 0, 128)
+    plan = estimate_memory(tiny_flux2.pipe, (32, 32), dtype=torch.float32, text_tokens=128)
+    assert plan.tokens[:2] == (64, 128)

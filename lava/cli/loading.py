@@ -147,8 +147,6 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
         if backend.family.name == "flux":
             raise no_flux
         spec = spec_from_pipeline(backend.pipe, backend.max_sequence_length)
-        if backend.family.name == "flux2":
-            spec = flux2_sizes.planner_geometry(spec, backend.max_sequence_length)
         defaults, limit = backend.defaults, backend.max_resolution
     else:
         spec, transformer_config = spec_for(HUB_IDS.get(model, model), drop_t5=args.drop_t5)
