@@ -375,3 +375,12 @@ def test_planner_reads_a_flux2_pipeline_with_its_geometry(tiny_flux2):
     assert (spec.grid_unit, spec.clip_len, spec.t5_len) == (4, 0, 128)
     plan = estimate_memory(tiny_flux2.pipe, (32, 32), dtype=torch.float32, text_tokens=128)
     assert plan.tokens[:2] == (64, 128)
+
+
+def test_segment_with_propagation_and_kept_image_qk(tiny_flux2, inputs, image):
+    """Propagation reads the image rows of the rotated q/k of double- and single-stream blocks."""
+    noisy, prompt = inputs
+    slices = lava.capture(tiny_flux2, noisy, prompt, layers=(1, 2), keep_image_qk=True)
+    assert all(slices.image_qk[i][0].shape[-2] == noisy.grid[0] * noisy.grid[1] for i in (1, 2))
+    seg = lava.segment(image, CLASSES, backend=tiny_flux2, refine="propagate,pamr")
+    assert seg.labels[0].shape == (image.height, image.width)
