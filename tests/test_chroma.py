@@ -103,7 +103,7 @@ def test_blocks_are_numbered_double_then_single(tiny_chroma):
     assert tiny_chroma.blocks[2] is tiny_chroma.transformer.single_transformer_blocks[0]
     assert tiny_chroma.joint_blocks == (0, 1, 2, 3)
     assert tiny_chroma.clip_len == 0 and tiny_chroma.patch_size == 2 and tiny_chroma.guidance is None
-    assert tiny_chroma.text_encoders == CHROMA.text_summary
+    assert tiny_chroma.text_encoders == CHROMA.text_summary(tiny_chroma)
     assert "double-stream 0-1, single-stream 2-3" in tiny_chroma.describe()
     assert "CLIP+T5" not in tiny_chroma.describe()
 

@@ -228,8 +228,7 @@ class Backend:
         if vae is None:
             return pixels.to(self.device, self.dtype)
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        shift = vae.config.get("shift_factor") or 0.0
-        return (dist.mean - shift) * vae.config.scaling_factor
+        return self.family.vae_latents(vae, dist.mean)
 
     @torch.no_grad()
     def encode_text(self, text: str | list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -247,8 +246,9 @@ class Backend:
     def text_encoders(self) -> str:
         """``"CLIP+T5"``, or ``"CLIP"`` when T5 was dropped or the model has none; Flux:
         ``"T5 (+CLIP pooled)"``; a family that says otherwise, its own words (``Family.text_summary``)."""
-        if self.family.text_summary:
-            return self.family.text_summary
+        own = self.family.text_summary(self)
+        if own is not None:
+            return own
         if self.family.name == "flux":
             return "T5 (+CLIP pooled)"
         return "CLIP+T5" if self.has_t5 else "CLIP"
@@ -263,8 +263,8 @@ class Backend:
             blocks += f" ({self.block_scheme()[2:]})"
         if self.family.name == "flux":
             t5 = "T5 only; CLIP gives the pooled vector"
-        if self.family.text_summary:
-            t5 = self.family.text_summary
+        if self.family.text_summary(self) is not None:
+            t5 = self.family.text_summary(self)
         if self.guidance is not None:
             t5 += f"; guidance {self.guidance:g}"
         return (

@@ -75,7 +75,9 @@ class ChromaFamily(FluxFamily):
 
     name = "chroma"
     transformer_classes = ("ChromaTransformer2DModel",)
-    text_summary = "T5 only (no CLIP, no pooled vector)"
+
+    def text_summary(self, backend) -> str:
+        return "T5 only (no CLIP, no pooled vector)"
 
     # ---- layout and text ----------------------------------------------------------------------
     t5_module = "text_encoder"

@@ -9,10 +9,11 @@ from __future__ import annotations
 from ..errors import LavaError
 from .chroma import CHROMA
 from .family import FLUX, SD3, Family
+from .flux2 import FLUX2
 
 # Matched by the transformer's class name first, in this order; then by structure, for models
 # that subclass or copy diffusers' classes (a Flux-like model has single-stream blocks).
-FAMILIES: tuple[Family, ...] = (CHROMA, SD3, FLUX)
+FAMILIES: tuple[Family, ...] = (CHROMA, FLUX2, SD3, FLUX)
 
 
 def family_of(transformer) -> Family:

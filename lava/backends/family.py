@@ -79,16 +79,30 @@ class Family:
         """Positions of the encoder part that can hold a class (T5: all but the end token)."""
         return backend.max_sequence_length - 1
 
-    # What ``Backend.text_encoders`` and ``Backend.describe`` say of the text side, for a family
-    # where SD3's "CLIP+T5" would be wrong (``None``: the SD3/FLUX.1 wording).
-    text_summary: str | None = None
-
     def text_len_hook(self, transformer, set_text_len):
         """For a family whose single-stream blocks are called without the text hidden states: install
         a hook that calls ``set_text_len(T)`` before each forward (``T`` text tokens at the start of
         the joint sequence) and return its handle. ``None`` (FLUX.1): the block's own
-        ``encoder_hidden_states`` tells, and the capture reads it there."""
+        ``encoder_hidden_states`` tells, and the capture reads it there (a family whose single-stream
+        blocks get no text hidden states reads them where the model has them: Chroma where it embeds
+        the text, FLUX.2 at its first double-stream block)."""
         return None
+
+    # ---- hooks with a default every family so far shares -----------------------------------------
+    def capture_processor(self, proc):
+        """What ``capturing`` installs on a block's attention module for the capture processor
+        ``proc`` (a family whose modules call their processor with other arguments wraps it)."""
+        return proc
+
+    def text_summary(self, backend) -> str | None:
+        """The text encoders in words for ``Backend.describe``/``text_encoders`` (``None``: the
+        CLIP/T5 wording of SD3 and FLUX.1)."""
+        return None
+
+    def vae_latents(self, vae, mean: torch.Tensor) -> torch.Tensor:
+        """The model's latents from the VAE posterior mean ``[B, C, h, w]``: ``(mean - shift) · scale``."""
+        shift = vae.config.get("shift_factor") or 0.0
+        return (mean - shift) * vae.config.scaling_factor
 
 
 class SD3Family(Family):

@@ -91,6 +91,30 @@ def _is_chroma(index: dict | None) -> bool:
     return isinstance(index, dict) and str(index.get("_class_name", "")).startswith("Chroma")
 
 
+FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
+
+
+def load_flux2(source: str, *, drop_t5: bool = False, guidance: float | None = None, **opts) -> Backend:
+    """A FLUX.2 pipeline (dev or klein, as its ``model_index.json`` names it) from a hub id or a folder."""
+    import diffusers
+
+    if drop_t5:
+        raise ModelError(f"{source} is a FLUX.2 model: it has no T5 to drop; leave out --drop-t5 / drop_t5")
+    where, kw = placement(opts)
+    index = model_index(source, kw.get("revision"))
+    name = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
+    if name not in FLUX2_PIPELINES:  # unreadable here: klein by name, else dev
+        name = "Flux2KleinPipeline" if "klein" in source.lower() else "Flux2Pipeline"
+    cls = getattr(diffusers, name)
+    return _as_backend(source, where, lambda: cls.from_pretrained(source, dtype=where.dtype, **kw), guidance)
+
+
+def _is_flux2(source: str, index: dict | None) -> bool:
+    if isinstance(index, dict):
+        return str(index.get("_class_name", "")) in FLUX2_PIPELINES
+    return "flux.2" in os.path.basename(os.path.normpath(source)).lower()
+
+
 def _is_flux(source: str, index: dict | None) -> bool:
     """Whether a folder or hub id holds a Flux pipeline: its ``model_index.json`` (``index``) says so,
     or (when that could not be read here) its name does."""
@@ -104,6 +128,8 @@ def load_pretrained(source: str, **opts) -> Backend:
     index = model_index(source, opts.get("revision"))  # read once, here
     if _is_chroma(index):
         return load_chroma(source, **opts)
+    if _is_flux2(source, index):
+        return load_flux2(source, **opts)
     if _is_flux(source, index):
         return load_flux(source, **opts)
     return load_sd3(source, index=index, **opts)

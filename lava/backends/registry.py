@@ -15,13 +15,14 @@ import torch
 
 from ..errors import ModelError
 from ..reference import REFERENCE_DEFAULTS, load_reference_backend
-from . import chroma, flux
+from . import chroma, flux, flux2
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype
 from .loading import library_output
-from .pretrained import load_chroma, load_flux, load_pretrained, load_sd3, refuse_drop_t5
+from .pretrained import load_chroma, load_flux, load_flux2, load_pretrained, load_sd3, refuse_drop_t5
 from .sd3 import DEFAULTS, HUB_IDS
 from .tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_flux_pipeline, build_tiny_pipeline
 from .tiny_chroma import build_tiny_chroma_pipeline
+from .tiny_flux2 import TINY_FLUX2_MAX_SEQUENCE_LENGTH, build_tiny_flux2_pipeline
 from .wrap import from_pipeline
 
 
@@ -122,10 +123,35 @@ def _load_tiny_chroma(
     )
 
 
+def _load_tiny_flux2(
+    *,
+    device=None,
+    dtype=None,
+    drop_t5: bool = False,
+    offload_text_encoders: bool = False,
+    seed: int = 0,
+    max_sequence_length: int = TINY_FLUX2_MAX_SEQUENCE_LENGTH,
+    **kw,
+) -> Backend:
+    if drop_t5:
+        raise ModelError("tiny-flux2 is a FLUX.2 model: it has no T5 to drop; leave out --drop-t5 / drop_t5")
+    return _tiny_backend(
+        build_tiny_flux2_pipeline(seed=seed, **kw),
+        name="tiny-flux2",
+        variant="tiny-flux2",
+        defaults=flux2.DEFAULTS["tiny-flux2"],
+        device=device,
+        dtype=dtype,
+        offload_text_encoders=offload_text_encoders,
+        max_sequence_length=max_sequence_length,
+    )
+
+
 REGISTRY: dict[str, Callable[..., Backend]] = {
     "tiny-sd3": _load_tiny,
     "tiny-flux": _load_tiny_flux,
     "tiny-chroma": _load_tiny_chroma,
+    "tiny-flux2": _load_tiny_flux2,
     "lava-shapes": load_reference_backend,
 }
 
@@ -140,6 +166,10 @@ for _short, _hub in flux.HUB_IDS.items():
 
 for _short, _hub in chroma.HUB_IDS.items():
     REGISTRY[_short] = lambda _hub=_hub, **kw: load_chroma(_hub, **kw)
+
+
+for _short, _hub in flux2.HUB_IDS.items():
+    REGISTRY[_short] = lambda _hub=_hub, **kw: load_flux2(_hub, **kw)
 
 
 def list_backends() -> list[tuple[str, str, VariantDefaults]]:
@@ -166,6 +196,14 @@ def list_backends() -> list[tuple[str, str, VariantDefaults]]:
             chroma.DEFAULTS["tiny-chroma"],
         )
     )
+    rows.append(
+        (
+            "tiny-flux2",
+            "toy FLUX.2 klein built in code (tiny Qwen3 encoder), random weights (offline); "
+            "blocks 0-1 double-stream, 2-3 single",
+            flux2.DEFAULTS["tiny-flux2"],
+        )
+    )
     rows += [(short, hub, DEFAULTS[short]) for short, hub in HUB_IDS.items()]
     rows += [
         (short, f"{hub}; blocks 0-18 double-stream, 19-56 single-stream", flux.DEFAULTS[short])
@@ -174,6 +212,10 @@ def list_backends() -> list[tuple[str, str, VariantDefaults]]:
     rows += [
         (short, f"{hub}; blocks 0-18 double-stream, 19-56 single-stream; T5 only", chroma.DEFAULTS[short])
         for short, hub in chroma.HUB_IDS.items()
+    ]
+    rows += [
+        (short, f"{hub}; {flux2.BLOCK_SCHEME[short]}", flux2.DEFAULTS[short])
+        for short, hub in flux2.HUB_IDS.items()
     ]
     return rows
 

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from . import chroma, flux, sd3
+from . import chroma, flux, flux2, sd3
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype, vae_factor
 from .chroma import CHROMA
 from .families import family_of
 from .family import FLUX
+from .flux2 import FLUX2
 from .sd3 import DEFAULTS, detect_variant
 
 
@@ -91,6 +92,13 @@ def from_pipeline(
     if family is CHROMA:
         variant = chroma.detect_variant(pipe.transformer.config, hint)
         table, seq_len = chroma.DEFAULTS, chroma.MAX_SEQUENCE_LENGTH
+    elif family is FLUX2:
+        config = getattr(pipe, "config", None)
+        distilled = config.get("is_distilled") if hasattr(config, "get") else None
+        variant = flux2.detect_variant(pipe.transformer.config, hint, distilled)
+        table, seq_len = flux2.DEFAULTS, flux2.MAX_SEQUENCE_LENGTH
+        if guidance is None and pipe.transformer.config.get("guidance_embeds"):
+            guidance = flux2.DEV_GUIDANCE
     elif family is FLUX:
         variant = flux.detect_variant(pipe.transformer.config, hint)
         table, seq_len = flux.DEFAULTS, flux.MAX_SEQUENCE_LENGTH[variant]

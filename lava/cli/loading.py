@@ -123,7 +123,7 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     """The memory plan for the options, from the model's configs (no weights loaded), for the largest
     of ``sizes`` after resizing (default: a square at the requested resolution). With
     ``--max-memory`` it is ``plan_memory``'s choice (or its refusal), else the estimate as asked."""
-    from ..backends import REGISTRY, chroma, load_backend
+    from ..backends import REGISTRY, chroma, flux2, flux2_sizes, load_backend
     from ..backends.flux import HUB_IDS as FLUX_HUB_IDS
     from ..backends.sd3 import DEFAULTS, HUB_IDS, detect_variant
     from ..planner import estimate_memory, parse_bytes, plan_memory, spec_for, spec_from_pipeline
@@ -137,10 +137,13 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     if model in FLUX_HUB_IDS:
         raise no_flux
     backend = None
+    asked_window = getattr(args, "max_sequence_length", None)
     if model in chroma.HUB_IDS:  # Chroma1 at its real size, counted from its configs (no download)
-        window = getattr(args, "max_sequence_length", None) or chroma.MAX_SEQUENCE_LENGTH
-        spec = spec_from_pipeline(chroma.full_size_modules(), window)
+        spec = spec_from_pipeline(chroma.full_size_modules(), asked_window or chroma.MAX_SEQUENCE_LENGTH)
         defaults, limit = chroma.DEFAULTS[model], None
+    elif model in flux2.HUB_IDS:  # FLUX.2: sized from the released configs, nothing downloaded
+        window = asked_window or flux2.MAX_SEQUENCE_LENGTH
+        spec, defaults, limit = flux2_sizes.planner_spec(model, window), flux2.DEFAULTS[model], None
     elif model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
         backend = load_backend(
             model, device="cpu", dtype=dtype, drop_t5=args.drop_t5, verbose=getattr(args, "verbose", False)
@@ -151,15 +154,21 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
         defaults, limit = backend.defaults, backend.max_resolution
     else:
         spec, transformer_config = spec_for(HUB_IDS.get(model, model), drop_t5=args.drop_t5)
-        if "Flux" in str(transformer_config.get("_class_name", "")):
+        name = str(transformer_config.get("_class_name", ""))
+        if name == "Flux2Transformer2DModel":
+            spec = flux2_sizes.planner_geometry(spec, asked_window or flux2.MAX_SEQUENCE_LENGTH)
+            defaults = flux2.DEFAULTS[flux2.detect_variant(transformer_config, model)]
+            limit = None
+        elif "Flux" in name:
             raise no_flux
-        if str(transformer_config.get("_class_name", "")).startswith("Chroma"):
+        elif name.startswith("Chroma"):
             spec = chroma.planning_geometry(spec)
             defaults = chroma.DEFAULTS[chroma.detect_variant(transformer_config, model)]
+            limit = None
         else:
             defaults = DEFAULTS[detect_variant(transformer_config, model)]
-        m = transformer_config.get("pos_embed_max_size")
-        limit = None if m is None else int(m) * spec.grid_unit
+            m = transformer_config.get("pos_embed_max_size")
+            limit = None if m is None else int(m) * spec.grid_unit
     if args.resolution == "original" and sizes is None:
         raise ValueError(
             "--max-memory and --dry-run need a resolution in px (or 'native') to plan for, not 'original'"

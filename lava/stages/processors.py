@@ -187,7 +187,7 @@ def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
     try:
         for i in plan.layers:
             proc = CaptureProcessor(i, plan, store, family, single_stream=kinds[i] == "single")
-            blocks[i].attn.set_processor(proc)
+            blocks[i].attn.set_processor(family.capture_processor(proc))
             if proc.single_stream:
                 hook = family.text_len_hook(transformer, functools.partial(setattr, proc, "text_len"))
                 if hook is None:
