@@ -247,6 +247,8 @@ class Backend:
     def text_encoders(self) -> str:
         """``"CLIP+T5"``, or ``"CLIP"`` when T5 was dropped or the model has none; Flux:
         ``"T5 (+CLIP pooled)"``."""
+        if self.family.text_summary is not None:
+            return self.family.encoder_name
         if self.family.name == "flux":
             return "T5 (+CLIP pooled)"
         return "CLIP+T5" if self.has_t5 else "CLIP"
@@ -261,6 +263,8 @@ class Backend:
             blocks += f" ({self.block_scheme()[2:]})"
         if self.family.name == "flux":
             t5 = "T5 only; CLIP gives the pooled vector"
+        if self.family.text_summary is not None:
+            t5 = self.family.text_summary
         if self.guidance is not None:
             t5 += f"; guidance {self.guidance:g}"
         return (
