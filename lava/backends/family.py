@@ -72,7 +72,8 @@ class Family:
     name = "family"
     transformer_classes: tuple[str, ...] = ()  # diffusers class names this adapter reads
     encoder_name = "T5"  # the encoder whose tokens hold the classes (after any CLIP part), in messages
-    text_summary: str | None = None  # what Backend.describe/text_encoders say of the text side (None: CLIP/T5)
+    # What Backend.describe/text_encoders say of the text side (None: the CLIP/T5 wording).
+    text_summary: str | None = None
 
     def attention(self, block):
         """The module of ``block`` whose processor the capture replaces (its joint attention)."""

@@ -73,7 +73,8 @@ def load_flux(source: str, *, drop_t5: bool = False, guidance: float | None = No
 
 
 def load_zimage(source: str, *, drop_t5: bool = False, guidance: float | None = None, **opts) -> Backend:
-    """A Z-Image pipeline from a hub id or a folder (``opts``: ``placement``'s, then ``from_pretrained``'s)."""
+    """A Z-Image pipeline from a hub id or a folder (``opts``: ``placement``'s, then
+    ``from_pretrained``'s)."""
     from diffusers import ZImagePipeline
 
     if drop_t5:
