@@ -136,8 +136,13 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     )
     if model in FLUX_HUB_IDS:
         raise no_flux
+    from ..backends import zimage
+
     backend = None
-    if model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
+    if model in zimage.HUB_IDS:  # the published configs' sizes, nothing downloaded
+        spec = zimage.reference_spec(getattr(args, "max_sequence_length", None) or zimage.MAX_SEQUENCE_LENGTH)
+        defaults, limit = zimage.DEFAULTS[model], None
+    elif model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
         backend = load_backend(
             model, device="cpu", dtype=dtype, drop_t5=args.drop_t5, verbose=getattr(args, "verbose", False)
         )
@@ -149,7 +154,10 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
         spec, transformer_config = spec_for(HUB_IDS.get(model, model), drop_t5=args.drop_t5)
         if "Flux" in str(transformer_config.get("_class_name", "")):
             raise no_flux
-        defaults = DEFAULTS[detect_variant(transformer_config, model)]
+        if "ZImage" in str(transformer_config.get("_class_name", "")):
+            defaults = zimage.defaults_for(transformer_config)
+        else:
+            defaults = DEFAULTS[detect_variant(transformer_config, model)]
         m = transformer_config.get("pos_embed_max_size")
         limit = None if m is None else int(m) * spec.grid_unit
     if args.resolution == "original" and sizes is None:
