@@ -184,3 +184,34 @@ def _meta_sizes(cls, folder: str) -> list[int]:
     with init_empty_weights(include_buffers=True):
         module = empty_module(cls, folder)
     return [t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+
+
+def zimage_spec(max_sequence_length: int | None = None) -> ModelSpec:
+    """The ``ModelSpec`` of Z-Image-Turbo from its published configs (``lava.backends.zimage``):
+    every module built without storage and its parameters counted; nothing is downloaded."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from .backends import zimage
+
+    with init_empty_weights(include_buffers=True):
+        modules = {
+            "transformer": ZImageTransformer2DModel(**zimage.TRANSFORMER_CONFIG),
+            "vae": AutoencoderKL(**zimage.VAE_CONFIG),
+            "text_encoder": Qwen3Model(Qwen3Config(**zimage.TEXT_ENCODER_CONFIG)),
+        }
+    params, largest = {}, 0
+    for name, module in modules.items():
+        sizes = [t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+        params[name] = sum(sizes)
+        largest = max(largest, *sizes)
+    vae = {"block_out_channels": zimage.VAE_CONFIG["block_out_channels"], "sample_size": 1024}
+    return _spec(
+        params,
+        largest,
+        zimage.TRANSFORMER_CONFIG,
+        vae,
+        clip_len=0,
+        t5_len=max_sequence_length or zimage.MAX_SEQUENCE_LENGTH,
+    )

@@ -410,11 +410,11 @@ def test_segment_command_runs_on_tiny_zimage(tmp_path):
 def test_memory_plan_from_the_published_configs(capsys, tmp_path):
     from PIL import Image
 
-    from lava.backends.zimage import reference_spec
     from lava.cli import main
+    from lava.model_spec import zimage_spec
     from lava.planner import estimate_memory, plan_memory
 
-    spec = reference_spec()
+    spec = zimage_spec()
     assert 6.1e9 < spec.params["transformer"] < 6.2e9  # Z-Image: a 6B single-stream DiT
     assert 4.0e9 < spec.params["text_encoder"] < 4.05e9  # Qwen3-4B
     assert spec.clip_len == 0 and spec.t5_len == 512 and not spec.has_t5

@@ -74,9 +74,10 @@ DEFAULTS = {
     ),
 }
 
-# Published configs, for planning memory without downloading anything: the transformer's are
-# diffusers' ZImageTransformer2DModel defaults (those of Tongyi-MAI/Z-Image-Turbo), the text
-# encoder is Qwen3-4B (Qwen3Model: the pipeline reads hidden states, no LM head), the VAE FLUX.1's.
+# Published configs, for planning memory without downloading anything (lava.model_spec.zimage_spec):
+# the transformer's are diffusers' ZImageTransformer2DModel defaults (those of
+# Tongyi-MAI/Z-Image-Turbo), the text encoder is Qwen3-4B (Qwen3Model: the pipeline reads hidden
+# states, no LM head), the VAE FLUX.1's.
 TRANSFORMER_CONFIG = dict(
     all_patch_size=(2,),
     all_f_patch_size=(1,),
@@ -306,39 +307,4 @@ def defaults_for(transformer_config) -> VariantDefaults:
     block = min(n - 1, round(RELATIVE_DEPTH * n))
     return dataclasses.replace(
         base, layers=(block,), source=f"unmeasured: relative depth 9/24 scaled to {n} main blocks, t=515"
-    )
-
-
-def reference_spec(max_sequence_length: int = MAX_SEQUENCE_LENGTH):
-    """The memory planner's ``ModelSpec`` of Z-Image-Turbo from the published configs above: every
-    module built without storage and its parameters counted (no download, no weights)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    from ..model_spec import ModelSpec
-
-    with init_empty_weights(include_buffers=True):
-        modules = {
-            "transformer": ZImageTransformer2DModel(**TRANSFORMER_CONFIG),
-            "vae": AutoencoderKL(**VAE_CONFIG),
-            "text_encoder": Qwen3Model(Qwen3Config(**TEXT_ENCODER_CONFIG)),
-        }
-    params, largest = {}, 0
-    for name, module in modules.items():
-        sizes = [t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
-        params[name] = sum(sizes)
-        largest = max(largest, *sizes)
-    return ModelSpec(
-        params=params,
-        heads=TRANSFORMER_CONFIG["n_heads"],
-        head_dim=TRANSFORMER_CONFIG["dim"] // TRANSFORMER_CONFIG["n_heads"],
-        patch_size=TRANSFORMER_CONFIG["all_patch_size"][0],
-        joint_dim=TRANSFORMER_CONFIG["cap_feat_dim"],
-        vae_scale=2 ** (len(VAE_CONFIG["block_out_channels"]) - 1),
-        vae_channels=VAE_CONFIG["block_out_channels"][0],
-        vae_sample_size=VAE_CONFIG["sample_size"],
-        clip_len=0,
-        t5_len=max_sequence_length,
-        largest=largest,
     )

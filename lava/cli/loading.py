@@ -137,10 +137,11 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     if model in FLUX_HUB_IDS:
         raise no_flux
     from ..backends import zimage
+    from ..model_spec import zimage_spec
 
     backend = None
     if model in zimage.HUB_IDS:  # the published configs' sizes, nothing downloaded
-        spec = zimage.reference_spec(getattr(args, "max_sequence_length", None) or zimage.MAX_SEQUENCE_LENGTH)
+        spec = zimage_spec(getattr(args, "max_sequence_length", None))
         defaults, limit = zimage.DEFAULTS[model], None
     elif model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
         backend = load_backend(
