@@ -50,11 +50,30 @@ class ModelSpec:
 _TRANSFORMER_KEYS = ("num_attention_heads", "attention_head_dim", "patch_size", "joint_attention_dim")
 
 
+def _geometry(transformer) -> tuple[dict, bool]:
+    """The transformer config's geometry under the SD3/Flux key names, and whether its text sequence
+    starts with CLIP tokens: a Z-Image config (``n_heads``, ``dim``, ``all_patch_size``,
+    ``cap_feat_dim``) is read as such, its text being its Qwen3 encoder's alone."""
+    if "n_heads" in transformer and "cap_feat_dim" in transformer:
+        heads = int(transformer["n_heads"])
+        geometry = {
+            "num_attention_heads": heads,
+            "attention_head_dim": int(transformer["dim"]) // heads,
+            "patch_size": int(transformer["all_patch_size"][0]),
+            "joint_attention_dim": int(transformer["cap_feat_dim"]),
+        }
+        return geometry, False
+    return {key: transformer[key] for key in _TRANSFORMER_KEYS}, True
+
+
 def _spec(
     params: dict[str, int], largest: int, transformer: dict, vae: dict | None, *, clip_len: int, t5_len: int
 ) -> ModelSpec:
     """The ``ModelSpec`` of the counted modules and the transformer's and VAE's configs (as dicts;
     ``vae`` None without a VAE: 3-channel images, no downscaling)."""
+    transformer, has_clip = _geometry(transformer)
+    if not has_clip:
+        clip_len = 0
     return ModelSpec(
         params=params,
         heads=int(transformer["num_attention_heads"]),
@@ -81,7 +100,7 @@ def spec_from_pipeline(pipe, max_sequence_length: int = 256) -> ModelSpec:
         params[name] = sum(t.numel() for t in tensors if t.is_floating_point())
         largest = max([largest, *(t.numel() for t in tensors)])
     cfg = pipe.transformer.config
-    transformer = {key: getattr(cfg, key) for key in _TRANSFORMER_KEYS}
+    transformer = dict(cfg) if isinstance(cfg, dict) else dict(vars(cfg))
     vcfg = getattr(getattr(pipe, "vae", None), "config", None)
     vae = None
     if vcfg is not None:
@@ -173,3 +192,34 @@ def _meta_sizes(cls, folder: str) -> list[int]:
     with init_empty_weights(include_buffers=True):
         module = empty_module(cls, folder)
     return [t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+
+
+def zimage_spec(max_sequence_length: int | None = None) -> ModelSpec:
+    """The ``ModelSpec`` of Z-Image-Turbo from its published configs (``lava.backends.zimage``):
+    every module built without storage and its parameters counted; nothing is downloaded."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from .backends import zimage
+
+    with init_empty_weights(include_buffers=True):
+        modules = {
+            "transformer": ZImageTransformer2DModel(**zimage.TRANSFORMER_CONFIG),
+            "vae": AutoencoderKL(**zimage.VAE_CONFIG),
+            "text_encoder": Qwen3Model(Qwen3Config(**zimage.TEXT_ENCODER_CONFIG)),
+        }
+    params, largest = {}, 0
+    for name, module in modules.items():
+        sizes = [t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+        params[name] = sum(sizes)
+        largest = max(largest, *sizes)
+    vae = {"block_out_channels": zimage.VAE_CONFIG["block_out_channels"], "sample_size": 1024}
+    return _spec(
+        params,
+        largest,
+        zimage.TRANSFORMER_CONFIG,
+        vae,
+        clip_len=0,
+        t5_len=max_sequence_length or zimage.MAX_SEQUENCE_LENGTH,
+    )

@@ -10,10 +10,11 @@ from ..errors import LavaError
 from .chroma import CHROMA
 from .family import FLUX, SD3, Family
 from .flux2 import FLUX2
+from .zimage import ZIMAGE
 
 # Matched by the transformer's class name first, in this order; then by structure, for models
 # that subclass or copy diffusers' classes (a Flux-like model has single-stream blocks).
-FAMILIES: tuple[Family, ...] = (CHROMA, FLUX2, SD3, FLUX)
+FAMILIES: tuple[Family, ...] = (CHROMA, FLUX2, ZIMAGE, SD3, FLUX)
 
 
 def family_of(transformer) -> Family:

@@ -39,6 +39,10 @@ class JointQKV:
     text_start: int
     text_len: int
     mask: torch.Tensor | None = None  # the mask the model attends with (padded text), as SDPA takes it
+    # Tokens at the start of the text range that are not text (Z-Image: the image's pad tokens,
+    # between the image grid and the caption): text position p is joint position
+    # text_start + text_offset + p.
+    text_offset: int = 0
 
 
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +72,10 @@ class Family:
     name = "family"
     transformer_classes: tuple[str, ...] = ()  # diffusers class names this adapter reads
     encoder_name = "T5"  # the encoder whose tokens hold the classes (after any CLIP part), in messages
+
+    def attention(self, block):
+        """The module of ``block`` whose processor the capture replaces (its joint attention)."""
+        return block.attn
 
     def sequence_spans(self, backend, text: str, chars: dict) -> dict:
         """``{key: positions}``: each character range of ``chars`` (``{key: (start, end)}`` in

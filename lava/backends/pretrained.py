@@ -1,4 +1,4 @@
-"""Loading a pretrained SD3 or Flux pipeline from a hub id or a local folder, and saying in plain
+"""Loading a pretrained SD3, Flux or Z-Image pipeline from a hub id or a local folder, and saying in plain
 words why it could not be loaded."""
 
 from __future__ import annotations
@@ -115,6 +115,31 @@ def _is_flux2(source: str, index: dict | None) -> bool:
     return "flux.2" in os.path.basename(os.path.normpath(source)).lower()
 
 
+def load_zimage(source: str, *, drop_t5: bool = False, guidance: float | None = None, **opts) -> Backend:
+    """A Z-Image pipeline from a hub id or a folder (``opts``: ``placement``'s, then
+    ``from_pretrained``'s)."""
+    from diffusers import ZImagePipeline
+
+    if drop_t5:
+        raise ModelError(
+            f"{source} is a Z-Image model: its text sequence is its Qwen3 encoder's alone, which cannot be "
+            "dropped; leave out --drop-t5 / drop_t5"
+        )
+    where, kw = placement(opts)
+    return _as_backend(
+        source, where, lambda: ZImagePipeline.from_pretrained(source, dtype=where.dtype, **kw), guidance
+    )
+
+
+def _is_zimage(source: str, index: dict | None) -> bool:
+    """Whether a folder or hub id holds a Z-Image pipeline (``model_index.json``'s ``_class_name``,
+    or, when that could not be read here, its name)."""
+    if isinstance(index, dict):
+        return str(index.get("_class_name", "")).startswith("ZImage")
+    name = os.path.basename(os.path.normpath(source)).lower()
+    return "z-image" in name or "zimage" in name
+
+
 def _is_flux(source: str, index: dict | None) -> bool:
     """Whether a folder or hub id holds a Flux pipeline: its ``model_index.json`` (``index``) says so,
     or (when that could not be read here) its name does."""
@@ -130,6 +155,8 @@ def load_pretrained(source: str, **opts) -> Backend:
         return load_chroma(source, **opts)
     if _is_flux2(source, index):
         return load_flux2(source, **opts)
+    if _is_zimage(source, index):
+        return load_zimage(source, **opts)
     if _is_flux(source, index):
         return load_flux(source, **opts)
     return load_sd3(source, index=index, **opts)

@@ -15,10 +15,18 @@ import torch
 
 from ..errors import ModelError
 from ..reference import REFERENCE_DEFAULTS, load_reference_backend
-from . import chroma, flux, flux2
+from . import chroma, flux, flux2, zimage
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype
 from .loading import library_output
-from .pretrained import load_chroma, load_flux, load_flux2, load_pretrained, load_sd3, refuse_drop_t5
+from .pretrained import (
+    load_chroma,
+    load_flux,
+    load_flux2,
+    load_pretrained,
+    load_sd3,
+    load_zimage,
+    refuse_drop_t5,
+)
 from .sd3 import DEFAULTS, HUB_IDS
 from .tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_flux_pipeline, build_tiny_pipeline
 from .tiny_chroma import build_tiny_chroma_pipeline
@@ -147,11 +155,38 @@ def _load_tiny_flux2(
     )
 
 
+def _load_tiny_zimage(
+    *,
+    device=None,
+    dtype=None,
+    drop_t5: bool = False,
+    offload_text_encoders: bool = False,
+    seed: int = 0,
+    max_sequence_length: int = TINY_MAX_SEQUENCE_LENGTH,
+    **kw,
+) -> Backend:
+    from .tiny_zimage import build_tiny_zimage_pipeline
+
+    if drop_t5:
+        raise ModelError("tiny-zimage's text sequence is its Qwen3 encoder's alone: it cannot be dropped")
+    return _tiny_backend(
+        build_tiny_zimage_pipeline(seed=seed, **kw),
+        name="tiny-zimage",
+        variant="tiny-zimage",
+        defaults=zimage.DEFAULTS["tiny-zimage"],
+        device=device,
+        dtype=dtype,
+        offload_text_encoders=offload_text_encoders,
+        max_sequence_length=max_sequence_length,
+    )
+
+
 REGISTRY: dict[str, Callable[..., Backend]] = {
     "tiny-sd3": _load_tiny,
     "tiny-flux": _load_tiny_flux,
     "tiny-chroma": _load_tiny_chroma,
     "tiny-flux2": _load_tiny_flux2,
+    "tiny-zimage": _load_tiny_zimage,
     "lava-shapes": load_reference_backend,
 }
 
@@ -170,6 +205,10 @@ for _short, _hub in chroma.HUB_IDS.items():
 
 for _short, _hub in flux2.HUB_IDS.items():
     REGISTRY[_short] = lambda _hub=_hub, **kw: load_flux2(_hub, **kw)
+
+
+for _short, _hub in zimage.HUB_IDS.items():
+    REGISTRY[_short] = lambda _hub=_hub, **kw: load_zimage(_hub, **kw)
 
 
 def list_backends() -> list[tuple[str, str, VariantDefaults]]:
@@ -204,6 +243,13 @@ def list_backends() -> list[tuple[str, str, VariantDefaults]]:
             flux2.DEFAULTS["tiny-flux2"],
         )
     )
+    rows.append(
+        (
+            "tiny-zimage",
+            "toy Z-Image built in code, random weights (offline); blocks 0-3 single-stream, Qwen3 text",
+            zimage.DEFAULTS["tiny-zimage"],
+        )
+    )
     rows += [(short, hub, DEFAULTS[short]) for short, hub in HUB_IDS.items()]
     rows += [
         (short, f"{hub}; blocks 0-18 double-stream, 19-56 single-stream", flux.DEFAULTS[short])
@@ -216,6 +262,10 @@ def list_backends() -> list[tuple[str, str, VariantDefaults]]:
     rows += [
         (short, f"{hub}; {flux2.BLOCK_SCHEME[short]}", flux2.DEFAULTS[short])
         for short, hub in flux2.HUB_IDS.items()
+    ]
+    rows += [
+        (short, f"{hub}; blocks 0-29 single-stream (image+caption), Qwen3 text", zimage.DEFAULTS[short])
+        for short, hub in zimage.HUB_IDS.items()
     ]
     return rows
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from . import chroma, flux, flux2, sd3
+from . import chroma, flux, flux2, sd3, zimage
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype, vae_factor
 from .chroma import CHROMA
 from .families import family_of
@@ -56,14 +56,15 @@ def from_pipeline(
     guidance: float | None = None,
     move: bool = True,
 ) -> Backend:
-    """Wrap an already-loaded ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (its modules are
-    used, not copied).
+    """Wrap an already-loaded ``StableDiffusion3Pipeline``, ``FluxPipeline`` or ``ZImagePipeline``
+    (its modules are used, not copied).
 
     ``device``/``dtype`` default to where the transformer already is; the VAE and text encoders are
     moved there (text encoders on the CPU stay float32). ``move=False`` leaves every module where
     and as it is (``lava.trace`` wraps the user's pipeline so: its images must not change), and
     ``device``/``dtype``/``offload_text_encoders`` must then be left out. ``max_sequence_length``
-    (T5 tokens) defaults to 256 for SD3, 512 for FLUX.1-dev and Chroma, 256 for schnell; ``guidance``
+    (T5 tokens; Z-Image: Qwen3 tokens, chat template included) defaults to 256 for SD3, 512 for
+    FLUX.1-dev, Chroma and Z-Image, 256 for schnell; ``guidance``
     (guidance-distilled Flux only) to 3.5, Seg4Diff's value.
     """
     for part in ("transformer", "scheduler", "tokenizer", "text_encoder", "encode_prompt"):
@@ -99,6 +100,11 @@ def from_pipeline(
         table, seq_len = flux2.DEFAULTS, flux2.MAX_SEQUENCE_LENGTH
         if guidance is None and pipe.transformer.config.get("guidance_embeds"):
             guidance = flux2.DEV_GUIDANCE
+    elif family is zimage.ZIMAGE:
+        variant = zimage.detect_variant(pipe.transformer.config, hint)
+        table, seq_len = zimage.DEFAULTS, zimage.MAX_SEQUENCE_LENGTH
+        if defaults is None:  # a Z-Image of another depth reads at the same relative depth
+            defaults = zimage.defaults_for(pipe.transformer.config)
     elif family is FLUX:
         variant = flux.detect_variant(pipe.transformer.config, hint)
         table, seq_len = flux.DEFAULTS, flux.MAX_SEQUENCE_LENGTH[variant]

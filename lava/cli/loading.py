@@ -123,9 +123,10 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     """The memory plan for the options, from the model's configs (no weights loaded), for the largest
     of ``sizes`` after resizing (default: a square at the requested resolution). With
     ``--max-memory`` it is ``plan_memory``'s choice (or its refusal), else the estimate as asked."""
-    from ..backends import REGISTRY, chroma, flux2, flux2_sizes, load_backend
+    from ..backends import REGISTRY, chroma, flux2, flux2_sizes, load_backend, zimage
     from ..backends.flux import HUB_IDS as FLUX_HUB_IDS
     from ..backends.sd3 import DEFAULTS, HUB_IDS, detect_variant
+    from ..model_spec import zimage_spec
     from ..planner import estimate_memory, parse_bytes, plan_memory, spec_for, spec_from_pipeline
     from ..stages.noise import pixel_size
 
@@ -144,6 +145,9 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     elif model in flux2.HUB_IDS:  # FLUX.2: sized from the released configs, nothing downloaded
         window = asked_window or flux2.MAX_SEQUENCE_LENGTH
         spec, defaults, limit = flux2_sizes.planner_spec(model, window), flux2.DEFAULTS[model], None
+    elif model in zimage.HUB_IDS:  # the published configs' sizes, nothing downloaded
+        spec = zimage_spec(asked_window)
+        defaults, limit = zimage.DEFAULTS[model], None
     elif model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
         backend = load_backend(
             model, device="cpu", dtype=dtype, drop_t5=args.drop_t5, verbose=getattr(args, "verbose", False)
@@ -165,6 +169,10 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
             spec = chroma.planning_geometry(spec)
             defaults = chroma.DEFAULTS[chroma.detect_variant(transformer_config, model)]
             limit = None
+        elif "ZImage" in name:
+            defaults = zimage.defaults_for(transformer_config)
+            m = transformer_config.get("pos_embed_max_size")
+            limit = None if m is None else int(m) * spec.grid_unit
         else:
             defaults = DEFAULTS[detect_variant(transformer_config, model)]
             m = transformer_config.get("pos_embed_max_size")

@@ -70,6 +70,7 @@ class CaptureProcessor:
         attention_mask=None,
         image_rotary_emb=None,
         *args,
+        freqs_cis=None,
         **kwargs,
     ):
         if encoder_hidden_states is None and not self.single_stream:
@@ -78,19 +79,20 @@ class CaptureProcessor:
             attn,
             hidden_states,
             encoder_hidden_states,
-            image_rotary_emb,
+            image_rotary_emb if image_rotary_emb is not None else freqs_cis,  # Z-Image names it freqs_cis
             self.text_len,
             attention_mask=attention_mask,
             **kwargs,
         )
         q, k, v = joint.q, joint.k, joint.v
+        columns, held = call_columns(self.positions, joint)
 
         out = None
         for view in self.plan.views:
             spec = SliceSpec(
                 text_start=joint.text_start,
                 text_len=joint.text_len,
-                columns=self.positions,
+                columns=columns,
                 direction=view[0],
                 softmax=view[1],
                 heads=self.plan.heads,
@@ -102,11 +104,36 @@ class CaptureProcessor:
             o, sl = attention_with_slice(
                 q, k, v if out is None else None, spec, impl=self.plan.impl, attn_mask=joint.mask
             )
+            if held is not None:  # positions past this call's text sequence: probability 0
+                full = sl.new_zeros(*sl.shape[:-1], len(self.positions))
+                full[..., held] = sl[..., : len(held)]
+                sl = full
             self.store.views[view][self.index] = pick_keys(sl, self.plan, self.gather)
             out = o if out is None else out
 
         out = rearrange(out, "b h n d -> b n (h d)").to(q.dtype)
         return self.family.finish(attn, out, joint, self.single_stream)
+
+
+def call_columns(positions: tuple[int, ...] | None, joint) -> tuple[tuple[int, ...] | None, list[int] | None]:
+    """``(columns, held)``: the kernel's text columns for the plan's text ``positions`` in one call,
+    and which of the positions (indices into ``positions``) the call's text sequence holds
+    (``None``: all of them).
+
+    A family whose model drops the padding of each prompt (Z-Image) runs a text sequence shorter
+    than lava's ``text_len``: a position past it is in no key of the call, so it gets probability 0.
+    Columns are shifted by ``joint.text_offset`` (tokens at the start of the text range that are
+    not text). For every other family this is ``(positions, None)``.
+    """
+    shift = joint.text_offset
+    if positions is None:
+        return (None if not shift else tuple(range(shift, joint.text_len))), None
+    held = [i for i, p in enumerate(positions) if shift + p < joint.text_len]
+    if len(held) == len(positions):
+        return (positions if not shift else tuple(shift + p for p in positions)), None
+    if not held:  # nothing to read: compute one column to run the attention, report zeros
+        return (shift,), []
+    return tuple(shift + positions[i] for i in held), held
 
 
 def row_gather(plan: CapturePlan) -> tuple[tuple[int, ...] | None, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -182,13 +209,15 @@ def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
     if bad:
         raise LavaError(f"blocks {bad} do not exist: this transformer has blocks 0..{len(blocks) - 1}")
     store = CaptureStore(plan)
-    originals = {i: blocks[i].attn.processor for i in plan.layers}
+    attns = {i: family.attention(blocks[i]) for i in plan.layers}
+    originals = {i: attns[i].processor for i in plan.layers}
     hooks = []
     try:
         for i in plan.layers:
-            proc = CaptureProcessor(i, plan, store, family, single_stream=kinds[i] == "single")
-            blocks[i].attn.set_processor(family.capture_processor(proc))
-            if proc.single_stream:
+            # "unified" (Z-Image): one sequence whose layout the adapter reads from the call itself.
+            proc = CaptureProcessor(i, plan, store, family, single_stream=kinds[i] in ("single", "unified"))
+            attns[i].set_processor(family.capture_processor(proc))
+            if kinds[i] == "single":
                 hook = family.text_len_hook(transformer, functools.partial(setattr, proc, "text_len"))
                 if hook is None:
                     hook = blocks[i].register_forward_pre_hook(_text_len_from_block(proc), with_kwargs=True)
@@ -197,7 +226,7 @@ def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
             hooks.append(blocks[max(plan.layers)].register_forward_hook(stop_forward))
         yield store
     finally:
-        restore(blocks, originals, hooks)
+        restore(blocks, originals, hooks, family)
 
 
 def stop_forward(module, args, output):
@@ -205,12 +234,12 @@ def stop_forward(module, args, output):
     raise StopForward
 
 
-def restore(blocks, originals: dict, hooks: list) -> None:
+def restore(blocks, originals: dict, hooks: list, family=SD3) -> None:
     """Remove a capture's hooks and put back each block's original attention processor."""
     for hook in hooks:
         hook.remove()
     for i, proc in originals.items():
-        blocks[i].attn.set_processor(proc)
+        family.attention(blocks[i]).set_processor(proc)
 
 
 def _text_len_from_block(proc: CaptureProcessor):
