@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from ..errors import LavaError
 from .family import FLUX, SD3, Family
+from .qwen import QWEN
 
 # Matched by the transformer's class name first, in this order; then by structure, for models
 # that subclass or copy diffusers' classes (a Flux-like model has single-stream blocks).
-FAMILIES: tuple[Family, ...] = (SD3, FLUX)
+FAMILIES: tuple[Family, ...] = (QWEN, SD3, FLUX)
 
 
 def family_of(transformer) -> Family:

@@ -79,6 +79,18 @@ class Family:
         """Positions of the encoder part that can hold a class (T5: all but the end token)."""
         return backend.max_sequence_length - 1
 
+    def describe_text(self, backend) -> str | None:
+        """How ``Backend.describe`` and ``text_encoders`` name the text side (``None``: SD3's and
+        Flux's own wording)."""
+        return None
+
+    def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """Clean latents ``[B, C, h, w]`` of ``pixels`` ``[B, 3, H, W]`` in [-1, 1] (already on the
+        VAE's device and dtype): the posterior mean, ``(mean - shift) · scale`` (SD3, Flux)."""
+        dist = vae.encode(pixels).latent_dist
+        shift = vae.config.get("shift_factor") or 0.0
+        return (dist.mean - shift) * vae.config.scaling_factor
+
 
 class SD3Family(Family):
     """SD3 / SD3.5 (``SD3Transformer2DModel``): joint blocks only, image tokens first, no RoPE."""

@@ -1,4 +1,4 @@
-"""Loading a pretrained SD3 or Flux pipeline from a hub id or a local folder, and saying in plain
+"""Loading a pretrained SD3, Flux or Qwen-Image pipeline from a hub id or a local folder, and saying in plain
 words why it could not be loaded."""
 
 from __future__ import annotations
@@ -80,11 +80,40 @@ def _is_flux(source: str, index: dict | None) -> bool:
     return "flux" in os.path.basename(os.path.normpath(source)).lower()
 
 
+def load_qwen_image(source: str, *, drop_t5: bool = False, **opts) -> Backend:
+    """A Qwen-Image pipeline from a hub id or a folder (``opts``: ``placement``'s, then
+    ``from_pretrained``'s). Its text sequence is the Qwen2.5-VL encoder's alone: nothing to drop."""
+    from diffusers import QwenImagePipeline
+
+    refuse_drop_qwen(source, drop_t5)
+    where, kw = placement(opts)
+    return _as_backend(
+        source, where, lambda: QwenImagePipeline.from_pretrained(source, dtype=where.dtype, **kw)
+    )
+
+
+def refuse_drop_qwen(source: str, drop_t5: bool) -> None:
+    if drop_t5:
+        raise ModelError(
+            f"{source} is a Qwen-Image model: its text sequence is its Qwen2.5-VL encoder alone (there is "
+            "no T5), so nothing can be dropped; leave out --drop-t5 / drop_t5"
+        )
+
+
+def _is_qwen_image(source: str, index: dict | None) -> bool:
+    """Whether a folder or hub id holds a Qwen-Image pipeline (its ``model_index.json``, else its name)."""
+    if isinstance(index, dict):
+        return str(index.get("_class_name", "")).startswith("QwenImage")
+    return "qwen-image" in os.path.basename(os.path.normpath(source)).lower()
+
+
 def load_pretrained(source: str, **opts) -> Backend:
     """A hub id or a local folder, through the pipeline class its ``model_index.json`` names."""
     index = model_index(source, opts.get("revision"))  # read once, here
     if _is_flux(source, index):
         return load_flux(source, **opts)
+    if _is_qwen_image(source, index):
+        return load_qwen_image(source, **opts)
     return load_sd3(source, index=index, **opts)
 
 

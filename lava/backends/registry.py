@@ -15,10 +15,17 @@ import torch
 
 from ..errors import ModelError
 from ..reference import REFERENCE_DEFAULTS, load_reference_backend
-from . import flux
+from . import flux, qwen
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype
 from .loading import library_output
-from .pretrained import load_flux, load_pretrained, load_sd3, refuse_drop_t5
+from .pretrained import (
+    load_flux,
+    load_pretrained,
+    load_qwen_image,
+    load_sd3,
+    refuse_drop_qwen,
+    refuse_drop_t5,
+)
 from .sd3 import DEFAULTS, HUB_IDS
 from .tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_flux_pipeline, build_tiny_pipeline
 from .wrap import from_pipeline
@@ -97,9 +104,35 @@ def _load_tiny_flux(
     )
 
 
+def _load_tiny_qwen(
+    *,
+    device=None,
+    dtype=None,
+    drop_t5: bool = False,
+    offload_text_encoders: bool = False,
+    seed: int = 0,
+    max_sequence_length: int | None = None,
+    **kw,
+) -> Backend:
+    from .tiny_qwen import TINY_QWEN_MAX_SEQUENCE_LENGTH, build_tiny_qwen_pipeline
+
+    refuse_drop_qwen("tiny-qwen", drop_t5)
+    return _tiny_backend(
+        build_tiny_qwen_pipeline(seed=seed, **kw),
+        name="tiny-qwen",
+        variant="tiny-qwen",
+        defaults=qwen.DEFAULTS["tiny-qwen"],
+        device=device,
+        dtype=dtype,
+        offload_text_encoders=offload_text_encoders,
+        max_sequence_length=max_sequence_length or TINY_QWEN_MAX_SEQUENCE_LENGTH,
+    )
+
+
 REGISTRY: dict[str, Callable[..., Backend]] = {
     "tiny-sd3": _load_tiny,
     "tiny-flux": _load_tiny_flux,
+    "tiny-qwen": _load_tiny_qwen,
     "lava-shapes": load_reference_backend,
 }
 
@@ -110,6 +143,10 @@ for _short, _hub in HUB_IDS.items():
 
 for _short, _hub in flux.HUB_IDS.items():
     REGISTRY[_short] = lambda _hub=_hub, **kw: load_flux(_hub, **kw)
+
+
+for _short, _hub in qwen.HUB_IDS.items():
+    REGISTRY[_short] = lambda _hub=_hub, **kw: load_qwen_image(_hub, **kw)
 
 
 def list_backends() -> list[tuple[str, str, VariantDefaults]]:
@@ -129,10 +166,22 @@ def list_backends() -> list[tuple[str, str, VariantDefaults]]:
             flux.DEFAULTS["tiny-flux"],
         )
     )
+    rows.append(
+        (
+            "tiny-qwen",
+            "toy Qwen-Image built in code, random weights (offline); 3 double-stream blocks, "
+            "Qwen2.5-VL text behind the pipeline's chat template",
+            qwen.DEFAULTS["tiny-qwen"],
+        )
+    )
     rows += [(short, hub, DEFAULTS[short]) for short, hub in HUB_IDS.items()]
     rows += [
         (short, f"{hub}; blocks 0-18 double-stream, 19-56 single-stream", flux.DEFAULTS[short])
         for short, hub in flux.HUB_IDS.items()
+    ]
+    rows += [
+        (short, f"{hub}; 60 double-stream blocks 0-59, Qwen2.5-VL-7B text encoder", qwen.DEFAULTS[short])
+        for short, hub in qwen.HUB_IDS.items()
     ]
     return rows
 
@@ -148,7 +197,8 @@ def load_backend(
     **kw: Any,
 ) -> Backend:
     """A backend from a registry name (``"tiny-sd3"``, ``"sd3-medium"``, ``"flux-dev"``, ``"tiny-flux"``,
-    ...), a hub id, or a folder (SD3 or Flux, as its ``model_index.json`` says).
+    ``"qwen-image"``, ``"tiny-qwen"``, ...), a hub id, or a folder (SD3, Flux or Qwen-Image, as its
+    ``model_index.json`` says).
 
     Args:
         device: ``"cuda"``, ``"cpu"``...; default CUDA when available.
