@@ -30,3 +30,12 @@ def family_of(transformer) -> Family:
         f"{type(transformer).__name__} is not an MM-DiT lava knows: expected one of {known} "
         "(or a model with transformer_blocks)"
     )
+
+
+def family_named(class_name: str) -> Family | None:
+    """The adapter that reads transformers of the diffusers class ``class_name`` (from a config's
+    ``_class_name``, before anything is built), or ``None``."""
+    for family in FAMILIES:
+        if class_name in family.transformer_classes:
+            return family
+    return None

@@ -68,6 +68,7 @@ class Family:
     name = "family"
     transformer_classes: tuple[str, ...] = ()  # diffusers class names this adapter reads
     encoder_name = "T5"  # the encoder whose tokens hold the classes (after any CLIP part), in messages
+    clip_in_sequence = True  # the memory planner counts the tokenizer's window as a CLIP part (SD3)
 
     def sequence_spans(self, backend, text: str, chars: dict) -> dict:
         """``{key: positions}``: each character range of ``chars`` (``{key: (start, end)}`` in

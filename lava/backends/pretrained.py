@@ -80,16 +80,26 @@ def _is_flux(source: str, index: dict | None) -> bool:
     return "flux" in os.path.basename(os.path.normpath(source)).lower()
 
 
-def load_qwen_image(source: str, *, drop_t5: bool = False, **opts) -> Backend:
+def load_qwen_image(source: str, *, drop_t5: bool = False, index: dict | None = None, **opts) -> Backend:
     """A Qwen-Image pipeline from a hub id or a folder (``opts``: ``placement``'s, then
-    ``from_pretrained``'s). Its text sequence is the Qwen2.5-VL encoder's alone: nothing to drop."""
+    ``from_pretrained``'s). Its text sequence is the Qwen2.5-VL encoder's alone: nothing to drop.
+    The transformer (20 B parameters), VAE and text encoder load as ``load_sd3``'s do: straight into
+    their dtype and device, one tensor at a time."""
     from diffusers import QwenImagePipeline
 
     refuse_drop_qwen(source, drop_t5)
     where, kw = placement(opts)
-    return _as_backend(
-        source, where, lambda: QwenImagePipeline.from_pretrained(source, dtype=where.dtype, **kw)
-    )
+
+    def build():
+        local = os.path.isdir(os.path.expanduser(source))
+        folder = source if local else QwenImagePipeline.download(source, **kw)
+        folder_index = index if index is not None and local else model_index(folder)
+        modules = _load_modules(
+            folder, folder_index, where.device, where.dtype, where.offload_text_encoders, skip=set()
+        )
+        return QwenImagePipeline.from_pretrained(folder, dtype=where.dtype, **modules, **kw)
+
+    return _as_backend(source, where, build)
 
 
 def refuse_drop_qwen(source: str, drop_t5: bool) -> None:
@@ -113,7 +123,7 @@ def load_pretrained(source: str, **opts) -> Backend:
     if _is_flux(source, index):
         return load_flux(source, **opts)
     if _is_qwen_image(source, index):
-        return load_qwen_image(source, **opts)
+        return load_qwen_image(source, index=index, **opts)
     return load_sd3(source, index=index, **opts)
 
 

@@ -29,6 +29,8 @@ What the adapter follows, read from diffusers' ``transformer_qwenimage.py`` and
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from einops import rearrange
 
@@ -69,6 +71,24 @@ DEFAULTS = {
 }
 
 
+BLOCKS = 60  # Qwen-Image's double-stream blocks
+
+
+def fitted_defaults(transformer_config) -> VariantDefaults:
+    """``DEFAULTS["qwen-image"]`` for a model of this family with another block count (a fine-tune
+    or a model trained from scratch): the block at the same relative depth."""
+    d = DEFAULTS["qwen-image"]
+    n = int(transformer_config.num_layers)
+    if n == BLOCKS:
+        return d
+    layers = tuple(sorted({min(n - 1, round(layer * n / BLOCKS)) for layer in d.layers}))
+    return dataclasses.replace(
+        d,
+        layers=layers,
+        source=f"unmeasured: qwen-image's reading ({d.source}) at the same relative depth of {n} blocks",
+    )
+
+
 def detect_variant(transformer_config, hint: str = "") -> str:
     """``qwen-image``: the one published text-to-image variant (the Edit and Layered models use
     other pipelines)."""
@@ -84,6 +104,7 @@ class QwenImageFamily(Family):
     encoder_name = "Qwen2.5-VL"
     t5_module = "text_encoder"  # the encoder whose tokens make the text sequence
     t5_prompt_arg = "prompt"
+    clip_in_sequence = False
 
     # ---- blocks ---------------------------------------------------------------------------------
     def blocks(self, transformer) -> list:

@@ -96,6 +96,8 @@ def from_pipeline(
     elif family is qwen.QWEN:
         variant = qwen.detect_variant(pipe.transformer.config, hint)
         table, seq_len = qwen.DEFAULTS, qwen.MAX_SEQUENCE_LENGTH
+        if defaults is None:  # a model of another depth reads as its family
+            defaults = qwen.fitted_defaults(pipe.transformer.config)
     else:
         variant = detect_variant(pipe.transformer.config, hint)
         table, seq_len = DEFAULTS, 256

@@ -21,7 +21,7 @@ DEFAULT_MODEL = "lava-shapes"
 METHODS = ("lava", "maskclip", "stableseg")
 METHOD_MODELS = {"maskclip": "clip-vit-b16", "stableseg": "sd1.5"}
 # Models built in code with random weights, for tests: their masks mean nothing.
-RANDOM_MODELS = ("tiny-sd3", "tiny-flux", "tiny-clip", "tiny-sd15")
+RANDOM_MODELS = ("tiny-sd3", "tiny-flux", "tiny-qwen", "tiny-clip", "tiny-sd15")
 
 
 def arg_type(parse):

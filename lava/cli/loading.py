@@ -123,7 +123,7 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     """The memory plan for the options, from the model's configs (no weights loaded), for the largest
     of ``sizes`` after resizing (default: a square at the requested resolution). With
     ``--max-memory`` it is ``plan_memory``'s choice (or its refusal), else the estimate as asked."""
-    from ..backends import REGISTRY, load_backend
+    from ..backends import REGISTRY, load_backend, qwen
     from ..backends.flux import HUB_IDS as FLUX_HUB_IDS
     from ..backends.sd3 import DEFAULTS, HUB_IDS, detect_variant
     from ..planner import estimate_memory, parse_bytes, plan_memory, spec_for, spec_from_pipeline
@@ -137,7 +137,8 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     if model in FLUX_HUB_IDS:
         raise no_flux
     backend = None
-    if model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
+    hub_ids = {**HUB_IDS, **qwen.HUB_IDS}
+    if model in REGISTRY and model not in hub_ids:  # built in code and small: build it
         backend = load_backend(
             model, device="cpu", dtype=dtype, drop_t5=args.drop_t5, verbose=getattr(args, "verbose", False)
         )
@@ -146,10 +147,13 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
         spec = spec_from_pipeline(backend.pipe, backend.max_sequence_length)
         defaults, limit = backend.defaults, backend.max_resolution
     else:
-        spec, transformer_config = spec_for(HUB_IDS.get(model, model), drop_t5=args.drop_t5)
+        spec, transformer_config = spec_for(hub_ids.get(model, model), drop_t5=args.drop_t5)
         if "Flux" in str(transformer_config.get("_class_name", "")):
             raise no_flux
-        defaults = DEFAULTS[detect_variant(transformer_config, model)]
+        if transformer_config.get("_class_name") in qwen.QWEN.transformer_classes:
+            defaults = qwen.DEFAULTS[qwen.detect_variant(transformer_config, model)]
+        else:
+            defaults = DEFAULTS[detect_variant(transformer_config, model)]
         m = transformer_config.get("pos_embed_max_size")
         limit = None if m is None else int(m) * spec.grid_unit
     if args.resolution == "original" and sizes is None:
