@@ -101,7 +101,7 @@ def spec_from_pipeline(pipe, max_sequence_length: int = 256) -> ModelSpec:
     cfg = pipe.transformer.config
     transformer = {key: getattr(cfg, key) for key in _TRANSFORMER_KEYS}
     vcfg = getattr(getattr(pipe, "vae", None), "config", None)
-    vae = None if vcfg is None else dict(vcfg)
+    vae = None if vcfg is None else dict(vcfg) if isinstance(vcfg, dict) else dict(vars(vcfg))
     tokenizer = getattr(pipe, "tokenizer", None)
     clip_len = _clip_len(
         {"_class_name": type(pipe.transformer).__name__}, int(getattr(tokenizer, "model_max_length", 77))

@@ -102,6 +102,26 @@ def test_image_to_text_map_equals_the_models_own_qk(tiny_qwen, inputs, monkeypat
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
 
 
+def test_propagation_reads_the_image_rows_the_model_attends_with(tiny_qwen, inputs, image, monkeypatch):
+    """Kept image q/k (for propagation) are the rows after the text, as the model's own processor
+    rotated them; propagation and PAMR run; the concept source is refused by name."""
+    noisy, prompt = inputs
+    seen = _record_model_attention(monkeypatch)
+    _output(tiny_qwen, noisy, prompt)
+    monkeypatch.undo()
+    slices = lava.capture(tiny_qwen, noisy, prompt, layers=(1, 2), keep_image_qk=True)
+    t = prompt.text_len
+    for block in (1, 2):
+        q, k, _ = seen[block]
+        got_q, got_k = slices.image_qk[block]
+        torch.testing.assert_close(got_q[:, 0], q.transpose(1, 2)[:, :, t:], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got_k[:, 0], k.transpose(1, 2)[:, :, t:], atol=1e-6, rtol=0)
+    seg = lava.segment(image, CLASSES, backend=tiny_qwen, refine="propagate,pamr")
+    assert seg.labels[0].shape == (image.height, image.width)
+    with pytest.raises(LavaError, match="SD3 family only"):
+        lava.capture(tiny_qwen, noisy, prompt, source="concept")
+
+
 def _rope_reference(x: torch.Tensor, positions: torch.Tensor, axes=(4, 6, 6), theta=10000.0) -> torch.Tensor:
     """Rotary embedding from its definition, float64: channel pairs of each head turned by
     ``position[axis] · theta^(-2j/dim)`` per axis. x ``[B, H, N, D]``, positions ``[N, 3]``."""
