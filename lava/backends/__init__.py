@@ -29,7 +29,19 @@ _EXPORTS = {
     "place": "wrap",
     "text_dtype": "wrap",
 }
-_SUBMODULES = ("base", "family", "flux", "loading", "pretrained", "registry", "sd3", "tiny", "wrap")
+_SUBMODULES = (
+    "base",
+    "family",
+    "flux",
+    "loading",
+    "pretrained",
+    "qwen",
+    "registry",
+    "sd3",
+    "tiny",
+    "tiny_qwen",
+    "wrap",
+)
 
 __all__ = [
     "REGISTRY",

@@ -44,14 +44,13 @@ HUB_IDS = {"qwen-image": "Qwen/Qwen-Image"}
 # The pipeline crops and pads to max_sequence_length (its default 512, at most 1024). Padding is
 # masked out of every softmax, so the window changes no probability of a prompt that fits it; it
 # bounds how many class tokens fit one prompt and adds T text tokens to every joint attention.
-# 256 holds 251 tokens of class names (the template's closing 5 tokens stay inside), i.e. every
-# class list of the standard benchmarks in one or two prompts, at 6% more tokens than the 4096
-# image tokens of a 1024 px image instead of 25% at 1024.
+# 256 holds 251 tokens of class names (the template's closing 5 tokens stay inside; longer lists
+# are split over prompts) and adds 6% to the 4096 image tokens of a 1024 px image, 25% at 1024.
 MAX_SEQUENCE_LENGTH = 256
 PACK = 2  # QwenImagePipeline packs 2x2 latent patches into one token (_pack_latents)
 
-# No published study reads Qwen-Image's attention for segmentation (searched: Seg4Diff,
-# ConceptAttention, DAAM-style tools cover SD3/Flux only), so the reading is a stated rule.
+# No published study reads Qwen-Image's joint attention for segmentation (Seg4Diff reads SD3,
+# SD3.5 and FLUX.1; ConceptAttention FLUX.1 and SD3.5), so the reading is a stated rule.
 DEFAULTS = {
     "qwen-image": VariantDefaults(
         timestep=500.0,
