@@ -80,13 +80,33 @@ def _spec(
         head_dim=int(transformer["attention_head_dim"]),
         patch_size=int(transformer["patch_size"]),
         joint_dim=int(transformer["joint_attention_dim"]),
-        vae_scale=2 ** (len(vae["block_out_channels"]) - 1) if vae else 1,
-        vae_channels=int(vae["block_out_channels"][0]) if vae else 3,
+        vae_scale=_vae_geometry(vae)[0],
+        vae_channels=_vae_geometry(vae)[1],
         vae_sample_size=_int_or_none(vae.get("sample_size")) if vae else None,
         clip_len=clip_len,
         t5_len=t5_len,
         largest=largest,
     )
+
+
+def _vae_geometry(vae: dict | None) -> tuple[int, int]:
+    """``(pixels per latent side, channels of the first encoder stage)`` of a VAE config: 2D VAEs
+    (``block_out_channels``), or the 3-D causal video VAE of Qwen-Image (one spatial halving per
+    ``temperal_downsample`` entry, first stage ``base_dim`` wide); ``(1, 3)`` without a VAE."""
+    if not vae:
+        return 1, 3
+    if "block_out_channels" not in vae and "temperal_downsample" in vae:
+        return 2 ** len(vae["temperal_downsample"]), int(vae.get("base_dim", 96))
+    return 2 ** (len(vae["block_out_channels"]) - 1), int(vae["block_out_channels"][0])
+
+
+def _clip_len(transformer: dict, model_max_length: int) -> int:
+    """CLIP tokens at the start of the text sequence: the tokenizer's window, unless the
+    transformer's family has no CLIP part there (``Family.clip_in_sequence``)."""
+    from .backends.families import family_named
+
+    family = family_named(str(transformer.get("_class_name", "")))
+    return model_max_length if family is None or family.clip_in_sequence else 0
 
 
 def spec_from_pipeline(pipe, max_sequence_length: int = 256) -> ModelSpec:
@@ -102,12 +122,7 @@ def spec_from_pipeline(pipe, max_sequence_length: int = 256) -> ModelSpec:
     cfg = pipe.transformer.config
     transformer = dict(cfg) if isinstance(cfg, dict) else dict(vars(cfg))
     vcfg = getattr(getattr(pipe, "vae", None), "config", None)
-    vae = None
-    if vcfg is not None:
-        vae = {
-            "block_out_channels": vcfg.block_out_channels,
-            "sample_size": getattr(vcfg, "sample_size", None),
-        }
+    vae = None if vcfg is None else dict(vcfg) if isinstance(vcfg, dict) else dict(vars(vcfg))
     tokenizer = getattr(pipe, "tokenizer", None)
     clip_len = int(getattr(tokenizer, "model_max_length", 77))
     spec = _spec(params, largest, transformer, vae, clip_len=clip_len, t5_len=max_sequence_length)
@@ -156,9 +171,8 @@ def spec_from_folder(folder: str, *, drop_t5: bool = False, max_sequence_length:
     vae = config("vae") if "vae" in params else None
     has_tok = os.path.isfile(os.path.join(folder, "tokenizer", "tokenizer_config.json"))
     tok = config("tokenizer", "tokenizer_config.json") if has_tok else {}
-    return _spec(
-        params, largest, t, vae, clip_len=int(tok.get("model_max_length", 77)), t5_len=max_sequence_length
-    )
+    clip_len = _clip_len(t, int(tok.get("model_max_length", 77)))
+    return _spec(params, largest, t, vae, clip_len=clip_len, t5_len=max_sequence_length)
 
 
 def spec_for(source: str, *, drop_t5: bool = False, max_sequence_length: int = 256):

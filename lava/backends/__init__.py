@@ -29,7 +29,28 @@ _EXPORTS = {
     "place": "wrap",
     "text_dtype": "wrap",
 }
-_SUBMODULES = ("base", "family", "flux", "loading", "pretrained", "registry", "sd3", "tiny", "wrap")
+_SUBMODULES = (
+    "base",
+    "chroma",
+    "families",
+    "family",
+    "flux",
+    "flux2",
+    "flux2_sizes",
+    "loading",
+    "pretrained",
+    "qwen",
+    "registry",
+    "sd3",
+    "tiny",
+    "tiny_chroma",
+    "tiny_flux2",
+    "tiny_qwen",
+    "tiny_zimage",
+    "tokens",
+    "wrap",
+    "zimage",
+)
 
 __all__ = [
     "REGISTRY",

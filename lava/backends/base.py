@@ -20,8 +20,14 @@ __all__ = ["Backend", "VariantDefaults", "resolve_device", "resolve_dtype", "vae
 
 
 def vae_factor(vae) -> int:
-    """Pixels per latent cell along one side of a diffusers VAE (1 without one: pixel space)."""
-    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    """Pixels per latent cell along one side of a diffusers VAE (1 without one: pixel space; a
+    video VAE such as Qwen-Image's, whose config has no ``block_out_channels``, states its own
+    ``spatial_compression_ratio``)."""
+    if vae is None:
+        return 1
+    if "block_out_channels" not in vae.config and hasattr(vae, "spatial_compression_ratio"):
+        return int(vae.spatial_compression_ratio)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 @dataclass
@@ -218,7 +224,8 @@ class Backend:
     # ---- modules at work -------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE latents of ``pixels`` ``[B, 3, H, W]`` in [-1, 1]: ``(mean - shift) · scale``.
+        """VAE latents of ``pixels`` ``[B, 3, H, W]`` in [-1, 1], as the family encodes them
+        (``Family.encode_images``; SD3/Flux: ``(mean - shift) · scale``).
 
         The posterior mean (not a sample) keeps the clean latent deterministic; randomness
         enters only through the seeded flow-matching noise. A model without a VAE works in
@@ -227,8 +234,7 @@ class Backend:
         vae = self.vae
         if vae is None:
             return pixels.to(self.device, self.dtype)
-        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        return self.family.vae_latents(vae, dist.mean)
+        return self.family.encode_images(vae, pixels.to(self.device, vae.dtype))
 
     @torch.no_grad()
     def encode_text(self, text: str | list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

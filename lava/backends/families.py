@@ -10,11 +10,12 @@ from ..errors import LavaError
 from .chroma import CHROMA
 from .family import FLUX, SD3, Family
 from .flux2 import FLUX2
+from .qwen import QWEN
 from .zimage import ZIMAGE
 
 # Matched by the transformer's class name first, in this order; then by structure, for models
 # that subclass or copy diffusers' classes (a Flux-like model has single-stream blocks).
-FAMILIES: tuple[Family, ...] = (CHROMA, FLUX2, ZIMAGE, SD3, FLUX)
+FAMILIES: tuple[Family, ...] = (CHROMA, FLUX2, QWEN, ZIMAGE, SD3, FLUX)
 
 
 def family_of(transformer) -> Family:
@@ -32,3 +33,12 @@ def family_of(transformer) -> Family:
         f"{type(transformer).__name__} is not an MM-DiT lava knows: expected one of {known} "
         "(or a model with transformer_blocks)"
     )
+
+
+def family_named(class_name: str) -> Family | None:
+    """The adapter that reads transformers of the diffusers class ``class_name`` (from a config's
+    ``_class_name``, before anything is built), or ``None``."""
+    for family in FAMILIES:
+        if class_name in family.transformer_classes:
+            return family
+    return None

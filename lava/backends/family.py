@@ -72,6 +72,7 @@ class Family:
     name = "family"
     transformer_classes: tuple[str, ...] = ()  # diffusers class names this adapter reads
     encoder_name = "T5"  # the encoder whose tokens hold the classes (after any CLIP part), in messages
+    clip_in_sequence = True  # the memory planner counts the tokenizer's window as a CLIP part (SD3)
 
     def attention(self, block):
         """The module of ``block`` whose processor the capture replaces (its joint attention)."""
@@ -107,10 +108,12 @@ class Family:
         CLIP/T5 wording of SD3 and FLUX.1)."""
         return None
 
-    def vae_latents(self, vae, mean: torch.Tensor) -> torch.Tensor:
-        """The model's latents from the VAE posterior mean ``[B, C, h, w]``: ``(mean - shift) · scale``."""
+    def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """Clean latents ``[B, C, h, w]`` of ``pixels`` ``[B, 3, H, W]`` in [-1, 1] (already on the
+        VAE's device and dtype): the posterior mean, ``(mean - shift) · scale`` (SD3, FLUX.1)."""
+        dist = vae.encode(pixels).latent_dist
         shift = vae.config.get("shift_factor") or 0.0
-        return (mean - shift) * vae.config.scaling_factor
+        return (dist.mean - shift) * vae.config.scaling_factor
 
 
 class SD3Family(Family):
@@ -229,6 +232,7 @@ class FluxFamily(Family):
     """
 
     name = "flux"
+    clip_in_sequence = False  # CLIP gives only the pooled vector
     transformer_classes = ("FluxTransformer2DModel",)
 
     def blocks(self, transformer) -> list:

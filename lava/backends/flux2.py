@@ -212,9 +212,10 @@ class Flux2Family(FluxFamily):
         what = type(encoder).__name__ if encoder is not None else "no text encoder"
         return f"{what}, chat template, no pooled vector"
 
-    def vae_latents(self, vae, mean: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE mean normalised as ``Flux2Pipeline._encode_vae_image`` does (patchify 2×2, subtract
         the batch-norm running mean, divide by its std), returned un-patchified ``[B, C, h, w]``."""
+        mean = vae.encode(pixels).latent_dist.mean
         patched = rearrange(mean, "b c (h p) (w q) -> b (c p q) h w", p=2, q=2)
         bn = vae.bn
         mu = bn.running_mean.view(1, -1, 1, 1).to(patched.device, patched.dtype)

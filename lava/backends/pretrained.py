@@ -1,5 +1,5 @@
-"""Loading a pretrained SD3, Flux or Z-Image pipeline from a hub id or a local folder, and saying in plain
-words why it could not be loaded."""
+"""Loading a pretrained SD3, FLUX.1, Chroma, FLUX.2, Qwen-Image or Z-Image pipeline from a hub id or
+a local folder, and saying in plain words why it could not be loaded."""
 
 from __future__ import annotations
 
@@ -148,6 +148,43 @@ def _is_flux(source: str, index: dict | None) -> bool:
     return "flux" in os.path.basename(os.path.normpath(source)).lower()
 
 
+def load_qwen_image(source: str, *, drop_t5: bool = False, index: dict | None = None, **opts) -> Backend:
+    """A Qwen-Image pipeline from a hub id or a folder (``opts``: ``placement``'s, then
+    ``from_pretrained``'s). Its text sequence is the Qwen2.5-VL encoder's alone: nothing to drop.
+    The transformer (20 B parameters), VAE and text encoder load as ``load_sd3``'s do: straight into
+    their dtype and device, one tensor at a time."""
+    from diffusers import QwenImagePipeline
+
+    refuse_drop_qwen(source, drop_t5)
+    where, kw = placement(opts)
+
+    def build():
+        local = os.path.isdir(os.path.expanduser(source))
+        folder = source if local else QwenImagePipeline.download(source, **kw)
+        folder_index = index if index is not None and local else model_index(folder)
+        modules = _load_modules(
+            folder, folder_index, where.device, where.dtype, where.offload_text_encoders, skip=set()
+        )
+        return QwenImagePipeline.from_pretrained(folder, dtype=where.dtype, **modules, **kw)
+
+    return _as_backend(source, where, build)
+
+
+def refuse_drop_qwen(source: str, drop_t5: bool) -> None:
+    if drop_t5:
+        raise ModelError(
+            f"{source} is a Qwen-Image model: its text sequence is its Qwen2.5-VL encoder alone (there is "
+            "no T5), so nothing can be dropped; leave out --drop-t5 / drop_t5"
+        )
+
+
+def _is_qwen_image(source: str, index: dict | None) -> bool:
+    """Whether a folder or hub id holds a Qwen-Image pipeline (its ``model_index.json``, else its name)."""
+    if isinstance(index, dict):
+        return str(index.get("_class_name", "")).startswith("QwenImage")
+    return "qwen-image" in os.path.basename(os.path.normpath(source)).lower()
+
+
 def load_pretrained(source: str, **opts) -> Backend:
     """A hub id or a local folder, through the pipeline class its ``model_index.json`` names."""
     index = model_index(source, opts.get("revision"))  # read once, here
@@ -159,6 +196,8 @@ def load_pretrained(source: str, **opts) -> Backend:
         return load_zimage(source, **opts)
     if _is_flux(source, index):
         return load_flux(source, **opts)
+    if _is_qwen_image(source, index):
+        return load_qwen_image(source, index=index, **opts)
     return load_sd3(source, index=index, **opts)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ModelError
 from ..reference import REFERENCE_DEFAULTS, load_reference_backend
-from . import chroma, flux, flux2, zimage
+from . import chroma, flux, flux2, qwen, zimage
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype
 from .loading import library_output
 from .pretrained import (
@@ -23,8 +23,10 @@ from .pretrained import (
     load_flux,
     load_flux2,
     load_pretrained,
+    load_qwen_image,
     load_sd3,
     load_zimage,
+    refuse_drop_qwen,
     refuse_drop_t5,
 )
 from .sd3 import DEFAULTS, HUB_IDS
@@ -181,11 +183,37 @@ def _load_tiny_zimage(
     )
 
 
+def _load_tiny_qwen(
+    *,
+    device=None,
+    dtype=None,
+    drop_t5: bool = False,
+    offload_text_encoders: bool = False,
+    seed: int = 0,
+    max_sequence_length: int | None = None,
+    **kw,
+) -> Backend:
+    from .tiny_qwen import TINY_QWEN_MAX_SEQUENCE_LENGTH, build_tiny_qwen_pipeline
+
+    refuse_drop_qwen("tiny-qwen", drop_t5)
+    return _tiny_backend(
+        build_tiny_qwen_pipeline(seed=seed, **kw),
+        name="tiny-qwen",
+        variant="tiny-qwen",
+        defaults=qwen.DEFAULTS["tiny-qwen"],
+        device=device,
+        dtype=dtype,
+        offload_text_encoders=offload_text_encoders,
+        max_sequence_length=max_sequence_length or TINY_QWEN_MAX_SEQUENCE_LENGTH,
+    )
+
+
 REGISTRY: dict[str, Callable[..., Backend]] = {
     "tiny-sd3": _load_tiny,
     "tiny-flux": _load_tiny_flux,
     "tiny-chroma": _load_tiny_chroma,
     "tiny-flux2": _load_tiny_flux2,
+    "tiny-qwen": _load_tiny_qwen,
     "tiny-zimage": _load_tiny_zimage,
     "lava-shapes": load_reference_backend,
 }
@@ -205,6 +233,10 @@ for _short, _hub in chroma.HUB_IDS.items():
 
 for _short, _hub in flux2.HUB_IDS.items():
     REGISTRY[_short] = lambda _hub=_hub, **kw: load_flux2(_hub, **kw)
+
+
+for _short, _hub in qwen.HUB_IDS.items():
+    REGISTRY[_short] = lambda _hub=_hub, **kw: load_qwen_image(_hub, **kw)
 
 
 for _short, _hub in zimage.HUB_IDS.items():
@@ -250,6 +282,14 @@ def list_backends() -> list[tuple[str, str, VariantDefaults]]:
             zimage.DEFAULTS["tiny-zimage"],
         )
     )
+    rows.append(
+        (
+            "tiny-qwen",
+            "toy Qwen-Image built in code, random weights (offline); 3 double-stream blocks, "
+            "Qwen2.5-VL text behind the pipeline's chat template",
+            qwen.DEFAULTS["tiny-qwen"],
+        )
+    )
     rows += [(short, hub, DEFAULTS[short]) for short, hub in HUB_IDS.items()]
     rows += [
         (short, f"{hub}; blocks 0-18 double-stream, 19-56 single-stream", flux.DEFAULTS[short])
@@ -266,6 +306,10 @@ def list_backends() -> list[tuple[str, str, VariantDefaults]]:
     rows += [
         (short, f"{hub}; blocks 0-29 single-stream (image+caption), Qwen3 text", zimage.DEFAULTS[short])
         for short, hub in zimage.HUB_IDS.items()
+    ]
+    rows += [
+        (short, f"{hub}; 60 double-stream blocks 0-59, Qwen2.5-VL-7B text encoder", qwen.DEFAULTS[short])
+        for short, hub in qwen.HUB_IDS.items()
     ]
     return rows
 

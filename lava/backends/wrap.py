@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from . import chroma, flux, flux2, sd3, zimage
+from . import chroma, flux, flux2, qwen, sd3, zimage
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype, vae_factor
 from .chroma import CHROMA
 from .families import family_of
@@ -63,8 +63,9 @@ def from_pipeline(
     moved there (text encoders on the CPU stay float32). ``move=False`` leaves every module where
     and as it is (``lava.trace`` wraps the user's pipeline so: its images must not change), and
     ``device``/``dtype``/``offload_text_encoders`` must then be left out. ``max_sequence_length``
-    (T5 tokens; Z-Image: Qwen3 tokens, chat template included) defaults to 256 for SD3, 512 for
-    FLUX.1-dev, Chroma and Z-Image, 256 for schnell; ``guidance``
+    (T5 tokens; Qwen-Image and Z-Image: their LLM's tokens, chat template included) defaults to
+    256 for SD3, 512 for FLUX.1-dev, Chroma and Z-Image, 256 for schnell and Qwen-Image (after the
+    cropped system prompt, ``qwen.MAX_SEQUENCE_LENGTH``); ``guidance``
     (guidance-distilled Flux only) to 3.5, Seg4Diff's value.
     """
     for part in ("transformer", "scheduler", "tokenizer", "text_encoder", "encode_prompt"):
@@ -110,6 +111,11 @@ def from_pipeline(
         table, seq_len = flux.DEFAULTS, flux.MAX_SEQUENCE_LENGTH[variant]
         if guidance is None and pipe.transformer.config.get("guidance_embeds"):
             guidance = flux.SEG4DIFF_FLUX_GUIDANCE
+    elif family is qwen.QWEN:
+        variant = qwen.detect_variant(pipe.transformer.config, hint)
+        table, seq_len = qwen.DEFAULTS, qwen.MAX_SEQUENCE_LENGTH
+        if defaults is None:  # a model of another depth reads as its family
+            defaults = qwen.fitted_defaults(pipe.transformer.config)
     else:
         variant = detect_variant(pipe.transformer.config, hint)
         table, seq_len = DEFAULTS, 256

@@ -142,6 +142,7 @@ class ZImageFamily(Family):
     name = "zimage"
     transformer_classes = ("ZImageTransformer2DModel",)
     encoder_name = "Qwen3"
+    clip_in_sequence = False
 
     def text_summary(self, backend) -> str:
         return "Qwen3 only, chat template; no pooled vector"

@@ -26,6 +26,7 @@ RANDOM_MODELS = (
     "tiny-flux",
     "tiny-chroma",
     "tiny-flux2",
+    "tiny-qwen",
     "tiny-zimage",
     "tiny-clip",
     "tiny-sd15",

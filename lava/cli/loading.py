@@ -123,7 +123,7 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     """The memory plan for the options, from the model's configs (no weights loaded), for the largest
     of ``sizes`` after resizing (default: a square at the requested resolution). With
     ``--max-memory`` it is ``plan_memory``'s choice (or its refusal), else the estimate as asked."""
-    from ..backends import REGISTRY, chroma, flux2, flux2_sizes, load_backend, zimage
+    from ..backends import REGISTRY, chroma, flux2, flux2_sizes, load_backend, qwen, zimage
     from ..backends.flux import HUB_IDS as FLUX_HUB_IDS
     from ..backends.sd3 import DEFAULTS, HUB_IDS, detect_variant
     from ..model_spec import zimage_spec
@@ -139,6 +139,7 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
         raise no_flux
     backend = None
     asked_window = getattr(args, "max_sequence_length", None)
+    hub_ids = {**HUB_IDS, **qwen.HUB_IDS}
     if model in chroma.HUB_IDS:  # Chroma1 at its real size, counted from its configs (no download)
         spec = spec_from_pipeline(chroma.full_size_modules(), asked_window or chroma.MAX_SEQUENCE_LENGTH)
         defaults, limit = chroma.DEFAULTS[model], None
@@ -148,7 +149,7 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     elif model in zimage.HUB_IDS:  # the published configs' sizes, nothing downloaded
         spec = zimage_spec(asked_window)
         defaults, limit = zimage.DEFAULTS[model], None
-    elif model in REGISTRY and model not in HUB_IDS:  # built in code and small: build it
+    elif model in REGISTRY and model not in hub_ids:  # built in code and small: build it
         backend = load_backend(
             model, device="cpu", dtype=dtype, drop_t5=args.drop_t5, verbose=getattr(args, "verbose", False)
         )
@@ -157,7 +158,7 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
         spec = spec_from_pipeline(backend.pipe, backend.max_sequence_length)
         defaults, limit = backend.defaults, backend.max_resolution
     else:
-        spec, transformer_config = spec_for(HUB_IDS.get(model, model), drop_t5=args.drop_t5)
+        spec, transformer_config = spec_for(hub_ids.get(model, model), drop_t5=args.drop_t5)
         name = str(transformer_config.get("_class_name", ""))
         if name == "Flux2Transformer2DModel":
             spec = flux2_sizes.planner_geometry(spec, asked_window or flux2.MAX_SEQUENCE_LENGTH)
@@ -169,6 +170,10 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
             spec = chroma.planning_geometry(spec)
             defaults = chroma.DEFAULTS[chroma.detect_variant(transformer_config, model)]
             limit = None
+        elif name in qwen.QWEN.transformer_classes:
+            defaults = qwen.DEFAULTS[qwen.detect_variant(transformer_config, model)]
+            m = transformer_config.get("pos_embed_max_size")
+            limit = None if m is None else int(m) * spec.grid_unit
         elif "ZImage" in name:
             defaults = zimage.defaults_for(transformer_config)
             m = transformer_config.get("pos_embed_max_size")

@@ -71,8 +71,13 @@ class CaptureProcessor:
         image_rotary_emb=None,
         *args,
         freqs_cis=None,
+        encoder_hidden_states_mask=None,
         **kwargs,
     ):
+        # Named here because diffusers' Attention.forward drops keyword arguments the processor's
+        # signature does not name (Qwen-Image passes its text padding mask so).
+        if encoder_hidden_states_mask is not None:
+            kwargs["encoder_hidden_states_mask"] = encoder_hidden_states_mask
         if encoder_hidden_states is None and not self.single_stream:
             raise LavaError("CaptureProcessor is for joint attention; it got no text hidden states")
         joint = self.family.qkv(

@@ -137,7 +137,8 @@ def split_classes(
         f"the CLIP window holds {backend.clip_len - 2} content tokens"
         + (f", T5 {backend.max_sequence_length - 1}" if backend.has_t5 else "")
         if backend.clip_len
-        else f"the T5 window holds {backend.max_sequence_length - 1} content tokens"
+        else f"the {backend.sequence_encoder} window holds {backend.family.sequence_window(backend)} "
+        "content tokens"
     )
     cost = {}
     for name in names:
