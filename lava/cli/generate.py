@@ -143,14 +143,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def mask_options(args: argparse.Namespace) -> dict:
-    from ..generate import TRACE_OPTIONS
+    from ..generation import TRACE_OPTIONS
 
     return {name: getattr(args, name) for name in TRACE_OPTIONS if getattr(args, name) is not None}
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generate import COCO_FILE, generate, plan_items
+    from ..generation import COCO_FILE, generate, plan_items
 
+    args.words = ",".join(args.words)  # --words a "b c" d,e: each argument may list several
     items = plan_items(args.prompts, args.words, args.count, args.seed)  # checked before anything loads
     out = Path(args.out)
     if args.dry_run:
