@@ -10,13 +10,11 @@ are one line, a non-zero exit and no output.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_fixtures import one_and_two_processes
 from PIL import Image
 
 import lava
@@ -235,26 +233,27 @@ def test_library_errors(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_write_what_one_does(tmp_path):
-    # One thread per process, so both runs sum their floats in the same order.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["-m", "lava.cli", "generate", *PROMPTS, "--words", *WORDS, "--count", "3", "--steps", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    runs = [
-        [sys.executable, *args, "--out", str(one)],
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            *args,
-            "--out",
-            str(two),
-        ],
-    ]
-    for cmd in runs:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        assert res.returncode == 0, res.stderr[-3000:]
+    one_and_two_processes(args, one, two)
     assert tree(two) == tree(one) and len(tree(one)) == 3 * 6 + 2
     journals = [json.loads(line) for p in sorted(two.glob("journal.rank*.jsonl")) for line in p.open()]
     assert len(journals) == 2 + 6  # a header per rank, each item once
+
+
+# ---- the self-check on lava-shapes (scripts/selfcheck.py; docs/trace.md) --------------------------
+
+GATE_CAPTIONS = 8  # the first held-out captions; 20 steps each, about 10 s on a CPU
+GATE_MIOU = 0.55  # measured on these 8: 0.682; on 200 captions: see docs/trace.md
+
+
+def test_selfcheck_gate_traced_masks_cover_the_drawn_colours(shapes, tmp_path):
+    from scripts.selfcheck import LABELS, reference_check, selfcheck
+
+    numbers = selfcheck(GATE_CAPTIONS, tmp_path / "objects", backend=shapes, progress=False)
+    assert numbers["generated"] == GATE_CAPTIONS
+    assert numbers["miou"] >= GATE_MIOU, numbers
+    # the masks follow their own image: against the next image's colours they score far lower
+    assert numbers["shifted_miou"] < numbers["miou"] - 0.2, numbers
+    # the colour reference itself, on rendered scenes against their exact label maps
+    assert reference_check(20).compute(LABELS).miou > 0.95

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import DEFAULT_MODEL, add_option, add_verbose_option
+from .args import DEFAULT_MODEL, add_model_flags, add_option, add_verbose_option
 from .output import check_output_folder, note
 
 EPILOG = """\
@@ -118,18 +118,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     for name in ("background_threshold", "min_presence", "refine", "normalize", "tokens", "presence"):
         add_option(m, name)
     g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        default=None,
-        help=f"backend name (see `lava models`), hub id or local folder (default: {DEFAULT_MODEL})",
-    )
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument(
-        "--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)"
-    )
-    g.add_argument(
-        "--drop-t5", action="store_true", help="do not load or run the T5 text encoder (saves memory)"
-    )
+    add_model_flags(g)
     g.add_argument(
         "--dry-run",
         action="store_true",
