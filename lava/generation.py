@@ -239,8 +239,15 @@ def generate(
     }
 
     out = Path(out)
+    _check_folder(out)
     rank, world = distributed.rank_and_world()
     journal, done = open_journal(out, config, rank, 0, on_note)
+    beyond = sorted(set(done) - {item.id for item in items})
+    if beyond and on_note is not None:
+        on_note(
+            f"{out} holds {len(beyond)} item(s) beyond this run's {len(items)} (from a larger --count, "
+            f"{beyond[0]} ...): left as they are; coco.json lists this run's items only"
+        )
     todo = [item for item in items if item.id not in done][rank::world]
     bar = tqdm(todo, desc="generate", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     with _quiet(pipe):
@@ -323,6 +330,19 @@ def _size(backend, size) -> tuple[int, int]:
                 f"size {side} px is beyond the position embedding of {backend.name} ({limit} px at most)"
             )
     return hw[0], hw[1]
+
+
+def _check_folder(out: Path) -> None:
+    """Refuse a folder whose images/labels/overlays hold files but that has no journal: it is not a
+    dataset ``lava generate`` made, and its files would be overwritten."""
+    if any(out.glob("journal.rank*.jsonl")):
+        return
+    taken = [f for f in FOLDERS if (out / f).is_dir() and any((out / f).iterdir())]
+    if taken:
+        raise LavaError(
+            f"{out} already holds {', '.join(f + '/' for f in taken)} but no lava generate journal: "
+            "use a new folder (lava generate writes images/, labels/ and overlays/ itself)"
+        )
 
 
 def _call_default(pipe, name: str):

@@ -191,6 +191,26 @@ def test_other_settings_are_refused_naming_them(tiny, tmp_path):
     assert tree(out) == before
 
 
+def test_a_folder_not_made_by_generate_is_refused(tiny, tmp_path):
+    out = tmp_path / "photos"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "000000.png").write_bytes(b"mine")
+    with pytest.raises(LavaError, match=r"already holds images/ but no lava generate journal"):
+        generate("a cat", "cat", out, backend=tiny, size=32, **FAST)
+    assert (out / "images" / "000000.png").read_bytes() == b"mine"
+    assert sorted(p.name for p in out.rglob("*")) == ["000000.png", "images"]
+
+
+def test_a_smaller_count_leaves_the_items_beyond_it(tiny, tmp_path):
+    out, notes = tmp_path / "gen", []
+    generate("a cat", "cat", out, count=3, backend=tiny, size=32, **FAST)
+    result = generate("a cat", "cat", out, count=2, backend=tiny, size=32, on_note=notes.append, **FAST)
+    assert (result.generated, result.resumed) == (0, 2)
+    assert notes and "holds 1 item(s) beyond this run's 2" in notes[0]
+    assert len(json.loads((out / "coco.json").read_text())["images"]) == 2
+    assert (out / "images" / "000002.png").is_file()
+
+
 # ---- dry run and errors ---------------------------------------------------------------------------
 
 

@@ -36,7 +36,8 @@ some prompt (whole words, any case) and every prompt must hold a word.
 
 Each item's three files appear together (written to temporary files, then renamed); classes.txt
 and coco.json are written when the last item is done. A rerun into a folder made with other
-settings is refused (the error names them). Under torchrun each process makes every n-th item
+settings is refused (the error names them), and so is a folder with images/ or labels/ files but
+no journal. Under torchrun each process makes every n-th item
 left, and process 0 writes classes.txt and coco.json when all are done (one shared --out folder).
 
 The masks are lava.trace's: the image->text attention of the traced blocks averaged over all
