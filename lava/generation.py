@@ -163,7 +163,8 @@ def generate(
         size: the image size in pixels: a side (square) or ``(height, width)``; each must be a
             multiple of the model's token size (default: the model's native resolution).
         progress: a progress bar (rank 0 only).
-        on_note: told what the user should know before the run (a resumed journal's caveats).
+        on_note: told what the user should know before the run: what it makes and with which
+            settings (one line), and a resumed journal's caveats.
         **options: what ``Trace.segment`` reads: ``layers`` (the blocks traced; default the
             model's) and the aggregate, refinement and mask options of ``lava.segment``
             (``tokens``, ``normalize``, ``presence``, ``refine``, ``background_threshold``,
@@ -249,6 +250,8 @@ def generate(
             f"{beyond[0]} ...): left as they are; coco.json lists this run's items only"
         )
     todo = [item for item in items if item.id not in done][rank::world]
+    if on_note is not None:
+        on_note(_summary(backend, rec, config, len(items), len(done), world))
     bar = tqdm(todo, desc="generate", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     with _quiet(pipe):
         for item in bar:
@@ -330,6 +333,26 @@ def _size(backend, size) -> tuple[int, int]:
                 f"size {side} px is beyond the position embedding of {backend.name} ({limit} px at most)"
             )
     return hw[0], hw[1]
+
+
+def _summary(backend, rec, config: dict, total: int, done: int, world: int) -> str:
+    """The line a run opens with: what it makes, how, and how the masks are read."""
+    mask = rec.mask
+    bg = (
+        "no background"
+        if mask.background_threshold is None
+        else f"background below {mask.background_threshold:g}"
+    )
+    if mask.min_presence is not None:
+        bg += f", min presence {mask.min_presence:g}"
+    height, width = config["size"]
+    left = f"{total - done} of {total} image(s) to make" if done else f"{total} image(s) to make"
+    shards = f" over {world} processes" if world > 1 else ""
+    return (
+        f"{left}{shards} with {backend.name}: {width}x{height} px, {config['steps']} steps, guidance "
+        f"{config['guidance']:g}, blocks {list(rec.reading.layers)} traced over every step; masks "
+        f"{rec.aggregate.normalize}, {bg}, refine {rec.refine_label or 'none'}"
+    )
 
 
 def _check_folder(out: Path) -> None:

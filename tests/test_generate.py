@@ -118,6 +118,7 @@ def test_lava_shapes_cli_end_to_end_and_lava_eval_reads_it(tmp_path, capsys):
     assert main([*argv, "--steps", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr()
     assert "4 image(s)" in printed.out and "no --model given, using lava-shapes" in printed.err
+    assert "4 image(s) to make with lava-shapes: 64x64 px, 2 steps, guidance 7, blocks [2]" in printed.err
     result = lava.generate(PROMPTS, WORDS, out, count=2, steps=2, progress=False)  # resumes: all done
     assert result.generated == 0 and result.resumed == 4
     check_dataset(out, result, WORDS, background=True)  # lava-shapes' mask has a background threshold
