@@ -213,10 +213,11 @@ def generate(
         height=height,
         width=width,
         num_inference_steps=steps,
-        guidance_scale=guidance,
         max_sequence_length=backend.max_sequence_length,
         output_type="pil",
     )
+    if guidance is not None:  # None: a pipeline without the argument
+        call["guidance_scale"] = guidance
     config = {
         "command": "generate",
         "model": backend.name,
@@ -250,8 +251,9 @@ def generate(
             f"{beyond[0]} ...): left as they are; coco.json lists this run's items only"
         )
     todo = [item for item in items if item.id not in done][rank::world]
+    resumed = sum(1 for item in items if item.id in done)
     if on_note is not None:
-        on_note(_summary(backend, rec, config, len(items), len(done), world))
+        on_note(_summary(backend, rec, config, len(items), resumed, world))
     bar = tqdm(todo, desc="generate", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     with _quiet(pipe):
         for item in bar:
@@ -273,7 +275,6 @@ def generate(
     if distributed.is_main():
         write_index(out, items, classes, background)
     distributed.barrier()
-    resumed = sum(1 for item in items if item.id in done)
     return GenerateResult(out, tuple(classes), tuple(items), generated, resumed)
 
 
@@ -346,11 +347,13 @@ def _summary(backend, rec, config: dict, total: int, done: int, world: int) -> s
     if mask.min_presence is not None:
         bg += f", min presence {mask.min_presence:g}"
     height, width = config["size"]
+    guidance = config["guidance"]
+    scale = "the pipeline's" if guidance is None else format(guidance, "g")
     left = f"{total - done} of {total} image(s) to make" if done else f"{total} image(s) to make"
     shards = f" over {world} processes" if world > 1 else ""
     return (
         f"{left}{shards} with {backend.name}: {width}x{height} px, {config['steps']} steps, guidance "
-        f"{config['guidance']:g}, blocks {list(rec.reading.layers)} traced over every step; masks "
+        f"{scale}, blocks {list(rec.reading.layers)} traced over every step; masks "
         f"{rec.aggregate.normalize}, {bg}, refine {rec.refine_label or 'none'}"
     )
 
