@@ -50,6 +50,8 @@ _EXPORTS = {
     "capturing": "stages.capture",
     "encode_prompt": "stages.prompts",
     "from_pipeline": "backends",
+    "generate": "generation",
+    "GenerateResult": "generation",
     "list_backends": "backends",
     "load_backend": "backends",
     "load_image": "images",
@@ -75,6 +77,7 @@ __all__ = [
     "Backend",
     "CapturePlan",
     "ClassNameError",
+    "GenerateResult",
     "Heatmaps",
     "ImageError",
     "LavaError",
@@ -93,6 +96,7 @@ __all__ = [
     "capturing",
     "encode_prompt",
     "from_pipeline",
+    "generate",
     "kernels",
     "list_backends",
     "load_backend",
@@ -121,6 +125,7 @@ if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ p
     from .compose import read_heatmaps, segmentation
     from .config import PromptConfig, Reading, Recipe, recipe
     from .errors import ClassNameError, ImageError, LavaError, ModelError
+    from .generation import GenerateResult, generate
     from .images import load_image
     from .pipeline import segment, segment_iter
     from .stages.aggregate import aggregate, mean_heatmaps

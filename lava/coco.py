@@ -121,8 +121,9 @@ class CocoBuilder:
             for label, cid in self.category_of.items()
         ]
 
-    def add(self, labels, file_name: str, image_id: int | None = None) -> int:
-        """Add one image's ``[H, W]`` label map (numpy or torch); returns its image id."""
+    def add(self, labels, file_name: str, image_id: int | None = None, **extra: Any) -> int:
+        """Add one image's ``[H, W]`` label map (numpy or torch); returns its image id. ``extra``
+        fields go into the image's entry as they are (``lava generate``: its prompt and seed)."""
         labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
         if labels.ndim != 2:
             raise LavaError(f"a label map is 2-D [H, W], got shape {list(labels.shape)}")
@@ -130,7 +131,8 @@ class CocoBuilder:
         if any(im["id"] == image_id for im in self.images):
             raise LavaError(f"image id {image_id} is given twice")
         h, w = labels.shape
-        self.images.append({"id": image_id, "file_name": str(file_name), "height": int(h), "width": int(w)})
+        entry = {"id": image_id, "file_name": str(file_name), "height": int(h), "width": int(w)}
+        self.images.append({**entry, **extra})
         for label in np.unique(labels).tolist():
             cid = self.category_of.get(int(label))
             if cid is None:

@@ -29,6 +29,7 @@ import torch
 from .backends.base import Backend
 from .backends.wrap import from_pipeline
 from .compose import maps_from_slices, segmentation, stack_heatmaps
+from .config import Recipe
 from .config import recipe as make_recipe
 from .errors import ClassNameError, LavaError
 from .images import load_images
@@ -39,7 +40,7 @@ from .stages.prompts import parse_classes, word_spans
 from .stages.refine import Propagate
 from .types import AttentionSlices, CapturePlan, Heatmaps, PromptEncoding, Segmentation
 
-__all__ = ["Trace", "trace"]
+__all__ = ["Trace", "trace", "trace_recipe"]
 
 _TRACE_READING = ("layers",)  # the other reading options (timestep, seed, ...) the pipeline decided
 
@@ -396,12 +397,7 @@ class Trace:
         ``Segmentation.overlay`` and for refinements that read the pixels (``pamr``).
         Propagation is refused: it needs one forward's attention, a trace averages many.
         """
-        names, rec = self._recipe(words, options)
-        if any(isinstance(step, Propagate) for step in rec.refine):
-            raise LavaError(
-                "refine 'propagate' reads one forward's image-to-image attention; a trace averages many "
-                "steps: use refine='pamr' or 'none'"
-            )
+        names, rec = self._recipe(words, options, segmenting=True)
         groups = self._groups(indices)
         pil = [] if images is None else load_images(list(images))
         size = (self.grid[0] * self.backend.grid_unit, self.grid[1] * self.backend.grid_unit)
@@ -419,23 +415,11 @@ class Trace:
             heats.append(maps_from_slices([self.slices(p, local)], self._prompt_for(names, p), rec, part))
         return segmentation(stack_heatmaps(heats), rec, pil)
 
-    def _recipe(self, words, options: dict):
+    def _recipe(self, words, options: dict, segmenting: bool = False):
         names = parse_classes(words) if words is not None else self.words
         if names is None:
             raise LavaError("name the words to read: tr.heatmaps(['cat', 'sofa']) or trace(pipe, words=...)")
-        targets = {n: OPTIONS[n].target for n in options if n in OPTIONS}
-        fixed = [n for n, t in targets.items() if t == PROMPT or (t == READING and n not in _TRACE_READING)]
-        if fixed:
-            raise LavaError(
-                f"{', '.join(fixed)} cannot be chosen after a trace: the pipeline call decided them "
-                "(a trace reads layers and the aggregate, refinement and mask options)"
-            )
-        layers = options.pop("layers", None)
-        layers = self.layers if layers is None else self.backend.check_layers(layers)
-        untraced = [b for b in layers if b not in self.layers]
-        if untraced:
-            raise LavaError(f"blocks {untraced} were not traced; traced: {list(self.layers)}")
-        rec = make_recipe(self.backend, classes=names, layers=layers, **options)
+        rec = trace_recipe(self.backend, self.layers, names, options, segmenting=segmenting)
         if rec.aggregate.presence == "null" and len(self.columns) != self.text_len:
             raise LavaError(
                 "the 'null' presence rule compares the words with every other token: trace with words=None"
@@ -473,6 +457,35 @@ class Trace:
             else:
                 groups.append((p, [i % n]))
         return groups
+
+
+def trace_recipe(
+    backend: Backend, traced: Sequence[int], names: Sequence[str], options: dict, segmenting: bool = True
+) -> Recipe:
+    """The ``Recipe`` that reads a trace of blocks ``traced``: ``options`` may choose ``layers``
+    (among ``traced``; default all of them) and the aggregate, refinement and mask options, the
+    model's own elsewhere. Options the pipeline call decided (timestep, seed, resolution, the view,
+    the prompt wording) are refused, and with ``segmenting`` so is refinement by propagation."""
+    options = dict(options)
+    targets = {n: OPTIONS[n].target for n in options if n in OPTIONS}
+    fixed = [n for n, t in targets.items() if t == PROMPT or (t == READING and n not in _TRACE_READING)]
+    if fixed:
+        raise LavaError(
+            f"{', '.join(fixed)} cannot be chosen after a trace: the pipeline call decided them "
+            "(a trace reads layers and the aggregate, refinement and mask options)"
+        )
+    layers = options.pop("layers", None)
+    layers = tuple(traced) if layers is None else backend.check_layers(layers)
+    untraced = [b for b in layers if b not in traced]
+    if untraced:
+        raise LavaError(f"blocks {untraced} were not traced; traced: {list(traced)}")
+    rec = make_recipe(backend, classes=names, layers=layers, **options)
+    if segmenting and any(isinstance(step, Propagate) for step in rec.refine):
+        raise LavaError(
+            "refine 'propagate' reads one forward's image-to-image attention; a trace averages many "
+            "steps: use refine='pamr' or 'none'"
+        )
+    return rec
 
 
 def _check_steps(steps: Iterable[int]) -> list[int]:

@@ -226,3 +226,18 @@ def recompute_miou(folder: Path, out: Path, num_classes: int = len(SHAPES_CLASSE
     tp = np.diag(conf)
     union = conf.sum(0) + conf.sum(1) - tp
     return float(np.mean(tp[union > 0] / union[union > 0]))
+
+
+def one_and_two_processes(args: list[str], one: Path, two: Path, timeout: int = 300) -> None:
+    """Run ``python ARGS --out ONE``, then the same under ``torchrun --standalone --nproc-per-node=2``
+    with ``--out TWO``; each must exit 0. One thread per process, so both runs sum their floats in
+    the same order."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    for cmd in ([sys.executable, *args, "--out", str(one)], [*torchrun, *args, "--out", str(two)]):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_fixtures import make_voc
+from eval_fixtures import make_voc, one_and_two_processes
 from PIL import Image
 
 import lava.evaluation.runner as runner
@@ -270,26 +267,9 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_process_gloo_equals_one_process(voc, tmp_path):
-    # Both runs in subprocesses with one thread each, so float reductions happen in the same order.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["-m", "lava.cli", "eval", "--dataset", "voc", "--root", str(voc.root), "--model", "tiny-sd3"]
     one, two = tmp_path / "one", tmp_path / "two"
-    runs = [
-        [sys.executable, *args, "--out", str(one)],
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            *args,
-            "--out",
-            str(two),
-        ],
-    ]
-    for cmd in runs:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        assert res.returncode == 0, res.stderr[-3000:]
+    one_and_two_processes(args, one, two)
     a = json.loads((one / "report.json").read_text())
     b = json.loads((two / "report.json").read_text())
     assert b["num_images"] == a["num_images"] == 4

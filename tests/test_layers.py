@@ -25,16 +25,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "lava"
 
 # Layers that must not depend on the ones above them:
-# cli/explore -> evaluation -> pipeline/compose/config -> stages -> backends/kernels/types/options.
+# cli/explore -> generation -> evaluation -> pipeline/compose/config -> stages -> backends/kernels/...
 LOW = ("lava.stages", "lava.backends", "lava.kernels", "lava.types", "lava.options", "lava.errors")
-HIGH = ("lava.cli", "lava.explore", "lava.evaluation", "lava.pipeline", "lava.tracing")
+HIGH = ("lava.cli", "lava.explore", "lava.evaluation", "lava.generation", "lava.pipeline", "lava.tracing")
 RULES = [
     (LOW, HIGH),
     (
         ("lava.pipeline", "lava.compose", "lava.config", "lava.tracing"),
-        ("lava.cli", "lava.explore", "lava.evaluation"),
+        ("lava.cli", "lava.explore", "lava.evaluation", "lava.generation"),
     ),
-    (("lava.evaluation",), ("lava.cli", "lava.explore")),
+    (("lava.evaluation",), ("lava.cli", "lava.explore", "lava.generation")),
+    (("lava.generation",), ("lava.cli", "lava.explore")),
 ]
 
 
@@ -211,7 +212,7 @@ def test_no_import_cycles(inside_functions):
     assert found == [], "\n".join([advice, *found])
 
 
-@pytest.mark.parametrize("lower, upper", RULES, ids=["stages", "pipeline", "evaluation"])
+@pytest.mark.parametrize("lower, upper", RULES, ids=["stages", "pipeline", "evaluation", "generation"])
 def test_lower_layers_never_import_upper_ones(lower, upper):
     graph = import_graph(inside_functions=True)
     wrong = sorted(

@@ -7,15 +7,12 @@ mIoU is exactly what its saved predictions give when counted again here with num
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from eval_fixtures import recompute_miou, shapes_folder
+from eval_fixtures import one_and_two_processes, recompute_miou, shapes_folder
 from PIL import Image
 
 from lava.cli import main
@@ -140,26 +137,10 @@ def test_python_api_takes_a_segmenter(folder):
 
 @pytest.mark.slow
 def test_two_process_gloo_equals_one_process_for_maskclip(folder, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["-m", "lava.cli", "eval", "--dataset", "folder", "--root", str(folder)]
     args += ["--method", "maskclip", "--model", "tiny-clip"]
     one, two = tmp_path / "one", tmp_path / "two"
-    runs = [
-        [sys.executable, *args, "--out", str(one)],
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            *args,
-            "--out",
-            str(two),
-        ],
-    ]
-    for cmd in runs:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        assert res.returncode == 0, res.stderr[-3000:]
+    one_and_two_processes(args, one, two)
     a = json.loads((one / "report.json").read_text())
     b = json.loads((two / "report.json").read_text())
     assert a["num_images"] == b["num_images"] == 3 and a["miou"] == b["miou"]

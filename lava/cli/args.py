@@ -113,18 +113,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "image->text joint softmax, heads mean, raw scores, CLIP class tokens averaged, present classes, "
         "no background; see docs/evaluation.md). Options given as well win, and lava names them",
     )
-    g.add_argument(
-        "--model",
-        default=None,
-        help=f"backend name (see `lava models`), hub id or local folder (default: {DEFAULT_MODEL})",
-    )
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument(
-        "--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)"
-    )
-    g.add_argument(
-        "--drop-t5", action="store_true", help="do not load or run the T5 text encoder (saves memory)"
-    )
+    add_model_flags(g)
     g.add_argument("--offload-text-encoders", action="store_true", help="keep the text encoders on the CPU")
     g.add_argument(
         "--max-memory",
@@ -139,6 +128,22 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="load no weights: print the plan (each module's device and dtype, VAE tiling, each "
         "memory's 'estimated peak') and exit",
+    )
+
+
+def add_model_flags(g) -> None:
+    """``--model``, ``--device``, ``--dtype`` and ``--drop-t5`` (every command that loads an MM-DiT)."""
+    g.add_argument(
+        "--model",
+        default=None,
+        help=f"backend name (see `lava models`), hub id or local folder (default: {DEFAULT_MODEL})",
+    )
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument(
+        "--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)"
+    )
+    g.add_argument(
+        "--drop-t5", action="store_true", help="do not load or run the T5 text encoder (saves memory)"
     )
 
 

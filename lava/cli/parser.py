@@ -9,7 +9,7 @@ import importlib
 from .. import __version__
 
 # In the order `lava --help` lists them.
-COMMANDS = ("segment", "eval", "sweep", "models", "explore")
+COMMANDS = ("segment", "generate", "eval", "sweep", "models", "explore")
 
 
 def command_module(name: str):

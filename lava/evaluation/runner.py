@@ -338,7 +338,7 @@ def run(
     """
     info = dataset.info
     rank, world = distributed.rank_and_world()
-    journal, done = _open_journal(out, config, rank, info.num_classes, on_note)
+    journal, done = open_journal(out, config, rank, info.num_classes, on_note)
     threshold = settings.background_mode(info) == "threshold"
     base, recipes = cell_recipes(settings, cells, threshold, prompt_batch)
 
@@ -379,9 +379,11 @@ def run(
     return RunResult(cells=list(cells), matrices=totals, num_images=num_new + len(done), resumed=len(done))
 
 
-def _open_journal(out: Path, config: dict, rank: int, num_classes: int, on_note) -> tuple[Journal, dict]:
+def open_journal(out: Path, config: dict, rank: int, num_classes: int, on_note) -> tuple[Journal, dict]:
     """This rank's journal in ``out``, started, and the results it (and the other ranks') already
-    hold, ``{image id: {cell key: counts}}``; every rank has read them before any writes."""
+    hold, ``{image id: {cell key: counts}}``; every rank has read them before any writes.
+
+    ``lava generate`` keeps its journal here too, with no cells (``{item id: {}}``)."""
     journal = Journal(out, config, rank)
     done = journal.load(num_classes)
     if journal.unrecorded and on_note is not None:
