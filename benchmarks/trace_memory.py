@@ -14,6 +14,7 @@ steps, not on the weights or the depth. Both approaches trace the same blocks of
   taken): on each traced block and step, the explicit softmax over all joint keys
   (``[B, H, N, N]``), of which the image→text part ``[B, H, N_img, T]`` of both CFG halves is
   moved into a per-step store that lives until the call ends.
+* ``none``: the same call with nothing traced (the pipeline's own memory and time).
 * ``lava``: ``lava.trace(pipe, words=None)``: running sums of ``[N_img, T]`` per block and image
   (conditional half, heads averaged), no ``N×N``.
 
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 HEADS, HEAD_DIM = 24, 64  # SD3-medium's joint attention width
+APPROACHES = ("none", "lava", "store")
 PROMPT = "a photo of a red fox standing in the snow next to a wooden fence, soft morning light"
 
 
@@ -113,7 +115,10 @@ def run_one(approach: str, blocks: int, size: int, steps: int, traced: list[int]
     )
     before = rss_bytes()
     start = time.perf_counter()
-    if approach == "lava":
+    if approach == "none":  # the plain call: what the pipeline itself takes
+        pipe(**call)
+        held = 0
+    elif approach == "lava":
         import lava
 
         with lava.trace(pipe, layers=traced) as tr:
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", default="7,28", help="comma-separated step counts")
     p.add_argument("--blocks", type=int, default=1, help="transformer blocks at SD3-medium width")
-    p.add_argument("--approach", choices=("lava", "store"), help="run one approach in this process")
+    p.add_argument("--approach", choices=APPROACHES, help="run one approach in this process")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     for n in steps:
-        for approach in ("lava", "store"):
+        for approach in APPROACHES:
             cmd = [sys.executable, "-m", "benchmarks.trace_memory", "--approach", approach]
             cmd += ["--size", str(args.size), "--steps", str(n), "--blocks", str(args.blocks)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
