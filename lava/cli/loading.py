@@ -132,8 +132,8 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
 
     model = args.model or DEFAULT_MODEL
     no_flux = LavaError(
-        f"--max-memory and --dry-run plan SD3-family models only; {model} is a Flux model, which the "
-        "memory planner does not model yet (load it without them)"
+        f"--max-memory and --dry-run do not plan FLUX.1 models yet ({model}); they plan SD3, Chroma, "
+        "FLUX.2, Qwen-Image and Z-Image models (load it without them)"
     )
     if model in FLUX_HUB_IDS:
         raise no_flux
