@@ -215,12 +215,12 @@ def zimage_spec(max_sequence_length: int | None = None) -> ModelSpec:
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from .backends import zimage
+    from .backends import flux, zimage
 
     with init_empty_weights(include_buffers=True):
         modules = {
             "transformer": ZImageTransformer2DModel(**zimage.TRANSFORMER_CONFIG),
-            "vae": AutoencoderKL(**zimage.VAE_CONFIG),
+            "vae": AutoencoderKL(**flux.VAE_CONFIG),  # FLUX.1's VAE
             "text_encoder": Qwen3Model(Qwen3Config(**zimage.TEXT_ENCODER_CONFIG)),
         }
     params, largest = {}, 0
@@ -228,7 +228,7 @@ def zimage_spec(max_sequence_length: int | None = None) -> ModelSpec:
         sizes = [t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
         params[name] = sum(sizes)
         largest = max(largest, *sizes)
-    vae = {"block_out_channels": zimage.VAE_CONFIG["block_out_channels"], "sample_size": 1024}
+    vae = {"block_out_channels": flux.VAE_CONFIG["block_out_channels"], "sample_size": 1024}
     return _spec(
         params,
         largest,

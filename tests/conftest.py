@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Busy-waiting OpenMP threads make torch ~10x slower when another process shares the 2 cores.
@@ -57,6 +58,27 @@ def scene(h: int = 40, w: int = 56, seed: int = 0) -> Image.Image:
 @pytest.fixture
 def image():
     return scene()
+
+
+def model_output(backend, noisy, prompt):
+    """The transformer's own output on ``noisy`` and ``prompt`` (no capture installed)."""
+    from lava.stages.capture import transformer_inputs
+
+    return backend.transformer(**transformer_inputs(backend, noisy, prompt), return_dict=False)[0]
+
+
+@contextmanager
+def blocks_run(blocks, final, final_name: str = "norm_out"):
+    """The list of what runs while inside, in order: the index of each of ``blocks`` and
+    ``final_name`` for the module ``final`` (the transformer's output layer); hooks removed after."""
+    ran: list = []
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    handles.append(final.register_forward_hook(lambda m, a, o: ran.append(final_name)))
+    try:
+        yield ran
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def hand_slices(maps: dict, columns, grid, image_sizes, **kw):

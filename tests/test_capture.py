@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same_segmentation
+from conftest import assert_same_segmentation, blocks_run, model_output
 
 import lava
 from lava.stages.capture import capturing, run_until_captured, transformer_inputs
@@ -25,14 +25,10 @@ def inputs(backend, image):
     return noisy, prompt
 
 
-def _output(backend, noisy, prompt):
-    return backend.transformer(**transformer_inputs(backend, noisy, prompt), return_dict=False)[0]
-
-
 @pytest.mark.parametrize("impl", ["torch", "naive"])
 def test_outputs_unchanged_by_capture(backend, inputs, impl):
     noisy, prompt = inputs
-    plain = _output(backend, noisy, prompt)
+    plain = model_output(backend, noisy, prompt)
     plan = CapturePlan(
         layers=tuple(range(backend.num_blocks)), columns=prompt.columns(), impl=impl, early_exit=False
     )
@@ -127,18 +123,12 @@ def test_slices_equal_explicit_softmax(backend, inputs, direction, softmax, head
 def test_early_exit_runs_no_later_block(tiny, image):
     noisy = lava.noise(tiny, image)
     prompt = lava.encode_prompt(tiny, CLASSES)
-    ran = []
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(tiny.blocks)]
-    handles.append(tiny.transformer.norm_out.register_forward_hook(lambda m, a, o: ran.append("norm_out")))
-    try:
+    with blocks_run(tiny.blocks, tiny.transformer.norm_out) as ran:
         slices = lava.capture(tiny, noisy, prompt, layers=[1])
         assert ran == [0, 1]
         ran.clear()
         lava.capture(tiny, noisy, prompt, layers=[1], early_exit=False)
         assert ran == [0, 1, 2, 3, "norm_out"]
-    finally:
-        for hd in handles:
-            hd.remove()
     assert list(slices.maps) == [1]
 
 
@@ -205,7 +195,7 @@ def test_triton_capture_leaves_outputs_unchanged(tiny, image):
         pytest.skip("triton is not installed here")
     noisy = lava.noise(tiny, image)
     prompt = lava.encode_prompt(tiny, CLASSES)
-    plain = _output(tiny, noisy, prompt)
+    plain = model_output(tiny, noisy, prompt)
     plan = CapturePlan(layers=(1, 2), columns=prompt.columns(), impl="triton", early_exit=False)
     with capturing(tiny.transformer, plan):
         captured = run_until_captured(tiny.transformer, **transformer_inputs(tiny, noisy, prompt))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import blocks_run
 
 import lava
 from lava.backends.chroma import CHROMA
@@ -245,14 +246,7 @@ def test_a_query_with_every_key_masked_attends_to_nothing(impl):
 def test_early_exit_stops_after_deepest_captured_block(tiny_chroma, image):
     noisy = lava.noise(tiny_chroma, image)
     prompt = lava.encode_prompt(tiny_chroma, CLASSES)
-    ran = []
-    handles = [
-        b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(tiny_chroma.blocks)
-    ]
-    handles.append(
-        tiny_chroma.transformer.norm_out.register_forward_hook(lambda m, a, o: ran.append("norm_out"))
-    )
-    try:
+    with blocks_run(tiny_chroma.blocks, tiny_chroma.transformer.norm_out) as ran:
         lava.capture(tiny_chroma, noisy, prompt, layers=[1])
         assert ran == [0, 1]
         ran.clear()
@@ -261,9 +255,6 @@ def test_early_exit_stops_after_deepest_captured_block(tiny_chroma, image):
         ran.clear()
         lava.capture(tiny_chroma, noisy, prompt, layers=[2], early_exit=False)
         assert ran == [0, 1, 2, 3, "norm_out"]
-    finally:
-        for hd in handles:
-            hd.remove()
     assert list(slices.maps) == [0, 2]
 
 

@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import blocks_run, model_output
 from meta_memory import meta_peak
 
 import lava
@@ -32,10 +33,6 @@ def inputs(tiny_flux, image):
     return lava.noise(tiny_flux, image, timestep=400, seed=3), lava.encode_prompt(tiny_flux, CLASSES)
 
 
-def _output(backend, noisy, prompt):
-    return backend.transformer(**transformer_inputs(backend, noisy, prompt), return_dict=False)[0]
-
-
 def test_blocks_are_numbered_double_then_single(tiny_flux):
     assert family_of(tiny_flux.transformer) is FLUX
     assert tiny_flux.num_blocks == 4
@@ -52,7 +49,7 @@ def test_outputs_unchanged_by_capture(tiny_flux, inputs, impl):
     if impl not in available_impls("cpu"):
         pytest.skip(f"{impl} is not available here")
     noisy, prompt = inputs
-    plain = _output(tiny_flux, noisy, prompt)
+    plain = model_output(tiny_flux, noisy, prompt)
     plan = CapturePlan(layers=(0, 1, 2, 3), columns=prompt.columns(), impl=impl, early_exit=False)
     with capturing(tiny_flux.transformer, plan) as store:
         captured = run_until_captured(tiny_flux.transformer, **transformer_inputs(tiny_flux, noisy, prompt))
@@ -177,14 +174,7 @@ def test_rope_matters_for_the_slice(tiny_flux, inputs):
 def test_early_exit_stops_after_deepest_captured_block(tiny_flux, image):
     noisy = lava.noise(tiny_flux, image)
     prompt = lava.encode_prompt(tiny_flux, CLASSES)
-    ran = []
-    handles = [
-        b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(tiny_flux.blocks)
-    ]
-    handles.append(
-        tiny_flux.transformer.norm_out.register_forward_hook(lambda m, a, o: ran.append("norm_out"))
-    )
-    try:
+    with blocks_run(tiny_flux.blocks, tiny_flux.transformer.norm_out) as ran:
         lava.capture(tiny_flux, noisy, prompt, layers=[1])
         assert ran == [0, 1]  # the last double-stream block: no single-stream block runs
         ran.clear()
@@ -193,9 +183,6 @@ def test_early_exit_stops_after_deepest_captured_block(tiny_flux, image):
         ran.clear()
         lava.capture(tiny_flux, noisy, prompt, layers=[2], early_exit=False)
         assert ran == [0, 1, 2, 3, "norm_out"]
-    finally:
-        for hd in handles:
-            hd.remove()
     assert list(slices.maps) == [0, 2]
 
 
@@ -436,7 +423,7 @@ def test_fused_projections_capture_the_same(inputs):
     before = lava.capture(backend, noisy, prompt, layers=[0, 2])
     backend.transformer.fuse_qkv_projections()
     assert backend.blocks[0].attn.fused_projections
-    plain = _output(backend, noisy, prompt)
+    plain = model_output(backend, noisy, prompt)
     plan = CapturePlan(layers=(0, 1, 2, 3), columns=prompt.columns(), early_exit=False)
     with capturing(backend.transformer, plan):
         captured = run_until_captured(backend.transformer, **transformer_inputs(backend, noisy, prompt))

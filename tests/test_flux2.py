@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import blocks_run, model_output
 
 import lava
 from lava.backends.families import family_of
@@ -26,10 +27,6 @@ def tiny_flux2():
 @pytest.fixture
 def inputs(tiny_flux2, image):
     return lava.noise(tiny_flux2, image, timestep=400, seed=3), lava.encode_prompt(tiny_flux2, CLASSES)
-
-
-def _output(backend, noisy, prompt):
-    return backend.transformer(**transformer_inputs(backend, noisy, prompt), return_dict=False)[0]
 
 
 def _record_attention(monkeypatch):
@@ -62,7 +59,7 @@ def test_family_and_block_numbering(tiny_flux2):
 @pytest.mark.parametrize("impl", ["torch", "naive"])
 def test_outputs_unchanged_by_capture(tiny_flux2, inputs, impl):
     noisy, prompt = inputs
-    plain = _output(tiny_flux2, noisy, prompt)
+    plain = model_output(tiny_flux2, noisy, prompt)
     before = [b.attn.processor for b in tiny_flux2.blocks]
     plan = CapturePlan(layers=(0, 1, 2, 3), columns=prompt.columns(), impl=impl, early_exit=False)
     with capturing(tiny_flux2.transformer, plan) as store:
@@ -83,7 +80,7 @@ def test_per_head_map_equals_softmax_of_the_models_own_qk(tiny_flux2, inputs, mo
     all its keys (padding included: the model has no mask)."""
     noisy, prompt = inputs
     seen = _record_attention(monkeypatch)
-    _output(tiny_flux2, noisy, prompt)  # the unmodified model, recorded
+    model_output(tiny_flux2, noisy, prompt)  # the unmodified model, recorded
     assert len(seen) == 4 and all(mask is None for *_, mask in seen)
     t = prompt.text_len
     pads = list(range(t - 5, t))  # padded positions at the end of the 128-token text
@@ -126,12 +123,7 @@ def _context(backend, inp):
 
 def test_early_exit_stops_after_deepest_captured_block(tiny_flux2, inputs):
     noisy, prompt = inputs
-    ran = []
-    handles = [
-        b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(tiny_flux2.blocks)
-    ]
-    handles.append(tiny_flux2.transformer.norm_out.register_forward_hook(lambda m, a, o: ran.append("out")))
-    try:
+    with blocks_run(tiny_flux2.blocks, tiny_flux2.transformer.norm_out, "out") as ran:
         lava.capture(tiny_flux2, noisy, prompt, layers=[1])
         assert ran == [0, 1]
         ran.clear()
@@ -140,9 +132,6 @@ def test_early_exit_stops_after_deepest_captured_block(tiny_flux2, inputs):
         ran.clear()
         lava.capture(tiny_flux2, noisy, prompt, layers=[3], early_exit=False)
         assert ran == [0, 1, 2, 3, "out"]
-    finally:
-        for h in handles:
-            h.remove()
     assert list(slices.maps) == [0, 2]
 
 

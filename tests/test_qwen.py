@@ -11,6 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import blocks_run, model_output
 
 import lava
 from lava.backends.families import family_of
@@ -32,10 +33,6 @@ def inputs(tiny_qwen, image):
     return lava.noise(tiny_qwen, image, timestep=400, seed=3), lava.encode_prompt(tiny_qwen, CLASSES)
 
 
-def _output(backend, noisy, prompt):
-    return backend.transformer(**transformer_inputs(backend, noisy, prompt), return_dict=False)[0]
-
-
 def test_family_blocks_and_description(tiny_qwen):
     assert family_of(tiny_qwen.transformer) is QWEN
     assert tiny_qwen.num_blocks == 3 and tiny_qwen.block_kinds == ["double"] * 3
@@ -48,7 +45,7 @@ def test_family_blocks_and_description(tiny_qwen):
 def test_outputs_unchanged_by_capture(tiny_qwen, inputs, impl):
     noisy, prompt = inputs
     assert prompt.text_mask is not None and not bool(prompt.text_mask.all())  # padded, masked
-    plain = _output(tiny_qwen, noisy, prompt)
+    plain = model_output(tiny_qwen, noisy, prompt)
     plan = CapturePlan(layers=(0, 1, 2), columns=prompt.columns(), impl=impl, early_exit=False)
     with capturing(tiny_qwen.transformer, plan) as store:
         captured = run_until_captured(tiny_qwen.transformer, **transformer_inputs(tiny_qwen, noisy, prompt))
@@ -83,7 +80,7 @@ def test_image_to_text_map_equals_the_models_own_qk(tiny_qwen, inputs, monkeypat
     from the q/k the unmodified model attended with, under its own mask, to 1e-5 in fp32."""
     noisy, prompt = inputs
     seen = _record_model_attention(monkeypatch)
-    _output(tiny_qwen, noisy, prompt)  # the model's own processors, nothing of lava's installed
+    model_output(tiny_qwen, noisy, prompt)  # the model's own processors, nothing of lava's installed
     monkeypatch.undo()
     assert len(seen) == 3
     cols = list(range(prompt.text_len))  # every text key, padding included
@@ -107,7 +104,7 @@ def test_propagation_reads_the_image_rows_the_model_attends_with(tiny_qwen, inpu
     rotated them; propagation and PAMR run; the concept source is refused by name."""
     noisy, prompt = inputs
     seen = _record_model_attention(monkeypatch)
-    _output(tiny_qwen, noisy, prompt)
+    model_output(tiny_qwen, noisy, prompt)
     monkeypatch.undo()
     slices = lava.capture(tiny_qwen, noisy, prompt, layers=(1, 2), keep_image_qk=True)
     t = prompt.text_len
@@ -189,7 +186,7 @@ def test_padding_takes_no_probability_and_changes_nothing(tiny_qwen, inputs):
     own, own_mask = tiny_qwen.pipe.encode_prompt(prompt.texts[0], device="cpu", max_sequence_length=64)
     assert own_mask is None and own.shape[1] == n_valid
     torch.testing.assert_close(prompt.embeds[:, :n_valid], own, atol=0, rtol=0)
-    padded = _output(tiny_qwen, noisy, prompt)
+    padded = model_output(tiny_qwen, noisy, prompt)
     kw = transformer_inputs(tiny_qwen, noisy, prompt)
     kw.update(encoder_hidden_states=own, encoder_hidden_states_mask=None)
     unpadded = tiny_qwen.transformer(**kw, return_dict=False)[0]
@@ -198,20 +195,12 @@ def test_padding_takes_no_probability_and_changes_nothing(tiny_qwen, inputs):
 
 def test_early_exit_stops_after_deepest_captured_block(tiny_qwen, inputs):
     noisy, prompt = inputs
-    ran = []
-    handles = [
-        b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(tiny_qwen.blocks)
-    ]
-    handles.append(tiny_qwen.transformer.norm_out.register_forward_hook(lambda m, a, o: ran.append("out")))
-    try:
+    with blocks_run(tiny_qwen.blocks, tiny_qwen.transformer.norm_out, "out") as ran:
         lava.capture(tiny_qwen, noisy, prompt, layers=[1])
         assert ran == [0, 1]
         ran.clear()
         lava.capture(tiny_qwen, noisy, prompt, layers=[0, 2], early_exit=False)
         assert ran == [0, 1, 2, "out"]
-    finally:
-        for hd in handles:
-            hd.remove()
     assert all(
         type(b.attn.processor).__name__ == "QwenDoubleStreamAttnProcessor2_0" for b in tiny_qwen.blocks
     )
@@ -305,7 +294,7 @@ def test_images_encode_as_the_img2img_pipeline_does(tiny_qwen, image):
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
     torch.testing.assert_close(noisy.clean, (z - mean) / std, atol=1e-6, rtol=1e-6)
     assert noisy.clean.shape[1] == 4 and noisy.grid == (noisy.clean.shape[2] // 2, noisy.clean.shape[3] // 2)
-    out = _output(tiny_qwen, noisy, lava.encode_prompt(tiny_qwen, CLASSES))
+    out = model_output(tiny_qwen, noisy, lava.encode_prompt(tiny_qwen, CLASSES))
     assert QWEN.output_latents(out, noisy.grid).shape == noisy.clean.shape
 
 

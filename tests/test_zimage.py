@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import blocks_run
 
 import lava
 from lava.backends.families import family_of
@@ -181,11 +182,8 @@ def test_rope_and_pads_matter_for_the_slice(tiny_zimage, inputs, monkeypatch):
 def test_early_exit_stops_after_deepest_captured_block(tiny_zimage, inputs):
     noisy, prompt = inputs
     tr = tiny_zimage.transformer
-    ran = []
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(tr.layers)]
     final = tr.all_final_layer["2-1"]
-    handles.append(final.register_forward_hook(lambda m, a, o: ran.append("final")))
-    try:
+    with blocks_run(tr.layers, final, "final") as ran:
         lava.capture(tiny_zimage, noisy, prompt, layers=[1])
         assert ran == [0, 1]
         ran.clear()
@@ -194,9 +192,6 @@ def test_early_exit_stops_after_deepest_captured_block(tiny_zimage, inputs):
         ran.clear()
         lava.capture(tiny_zimage, noisy, prompt, layers=[2], early_exit=False)
         assert ran == [0, 1, 2, 3, "final"]
-    finally:
-        for hd in handles:
-            hd.remove()
     assert list(slices.maps) == [0, 2]
     assert all(type(b.attention.processor).__name__ == "ZSingleStreamAttnProcessor" for b in tr.layers)
 

@@ -36,6 +36,7 @@ import torch
 
 from .base import VariantDefaults
 from .family import FluxFamily, JointQKV
+from .flux import VAE_CONFIG  # FLUX.1's, which Chroma uses
 
 HUB_IDS = {
     # The checkpoints diffusers' ChromaPipeline documentation lists (docs/api/pipelines/chroma.md).
@@ -158,22 +159,6 @@ T5_XXL_CONFIG = dict(
     feed_forward_proj="gated-gelu",
     relative_attention_num_buckets=32,
 )
-# FLUX.1's VAE, which Chroma uses: 16 latent channels, 8x down, no quant convs.
-FLUX_VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=16,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
 
 
 def full_size_modules():
@@ -191,7 +176,7 @@ def full_size_modules():
     with init_empty_weights(include_buffers=True):
         return SimpleNamespace(
             transformer=ChromaTransformer2DModel(),
-            vae=AutoencoderKL(**FLUX_VAE_CONFIG),
+            vae=AutoencoderKL(**VAE_CONFIG),
             text_encoder=T5EncoderModel(T5Config(**T5_XXL_CONFIG)),
             tokenizer=None,
         )

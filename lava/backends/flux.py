@@ -61,3 +61,22 @@ MAX_SEQUENCE_LENGTH = {"flux-dev": 512, "flux-schnell": 256}
 def detect_variant(transformer_config, hint: str = "") -> str:
     """``flux-dev`` (guidance embedding) or ``flux-schnell`` (none) from a transformer config."""
     return "flux-dev" if transformer_config.get("guidance_embeds") else "flux-schnell"
+
+
+# FLUX.1's VAE (also Chroma's and Z-Image's): 16 latent channels, 8x down, no quant convs; the
+# memory planner builds it without storage.
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)

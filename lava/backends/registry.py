@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import ModelError
 from ..reference import REFERENCE_DEFAULTS, load_reference_backend
-from . import chroma, flux, flux2, qwen, zimage
+from . import chroma, flux, flux2, qwen, sd3, zimage
 from .base import Backend, VariantDefaults, resolve_device, resolve_dtype
 from .loading import library_output
 from .pretrained import (
@@ -33,6 +34,8 @@ from .sd3 import DEFAULTS, HUB_IDS
 from .tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_flux_pipeline, build_tiny_pipeline
 from .tiny_chroma import build_tiny_chroma_pipeline
 from .tiny_flux2 import TINY_FLUX2_MAX_SEQUENCE_LENGTH, build_tiny_flux2_pipeline
+from .tiny_qwen import TINY_QWEN_MAX_SEQUENCE_LENGTH, build_tiny_qwen_pipeline
+from .tiny_zimage import build_tiny_zimage_pipeline
 from .wrap import from_pipeline
 
 
@@ -86,161 +89,124 @@ def _load_tiny(
     )
 
 
-def _load_tiny_flux(
-    *,
-    device=None,
-    dtype=None,
-    drop_t5: bool = False,
-    offload_text_encoders: bool = False,
-    seed: int = 0,
-    max_sequence_length: int = TINY_MAX_SEQUENCE_LENGTH,
-    **kw,
-) -> Backend:
-    refuse_drop_t5("tiny-flux", drop_t5)
-    return _tiny_backend(
-        build_tiny_flux_pipeline(seed=seed, **kw),
-        name="tiny-flux",
-        variant="tiny-flux",
-        defaults=flux.DEFAULTS["tiny-flux"],
-        device=device,
-        dtype=dtype,
-        offload_text_encoders=offload_text_encoders,
-        max_sequence_length=max_sequence_length,
-    )
+def _refusing(message: str) -> Callable[[bool], None]:
+    """A ``drop_t5`` check that raises ``message`` when T5 (or whatever encoder) is asked to go."""
+
+    def refuse(drop_t5: bool) -> None:
+        if drop_t5:
+            raise ModelError(message)
+
+    return refuse
 
 
-def _load_tiny_chroma(
-    *,
-    device=None,
-    dtype=None,
-    drop_t5: bool = False,
-    offload_text_encoders: bool = False,
-    seed: int = 0,
-    max_sequence_length: int = TINY_MAX_SEQUENCE_LENGTH,
-    **kw,
-) -> Backend:
-    if drop_t5:
-        raise ModelError("tiny-chroma's text sequence is T5 alone (Chroma has no CLIP): T5 cannot be dropped")
-    return _tiny_backend(
-        build_tiny_chroma_pipeline(seed=seed, **kw),
-        name="tiny-chroma",
-        variant="tiny-chroma",
-        defaults=chroma.DEFAULTS["tiny-chroma"],
-        device=device,
-        dtype=dtype,
-        offload_text_encoders=offload_text_encoders,
-        max_sequence_length=max_sequence_length,
-    )
+@dataclass(frozen=True)
+class _TinyModel:
+    """A toy model built in code (one registry name): its builder, defaults, text window, what
+    ``drop_t5`` does to it and its ``list_backends`` line."""
+
+    name: str
+    build: Callable[..., Any]
+    defaults: VariantDefaults
+    window: int
+    refuse_drop: Callable[[bool], None]
+    about: str
+
+    def load(
+        self,
+        *,
+        device=None,
+        dtype=None,
+        drop_t5: bool = False,
+        offload_text_encoders: bool = False,
+        seed: int = 0,
+        max_sequence_length: int | None = None,
+        **kw,
+    ) -> Backend:
+        self.refuse_drop(drop_t5)
+        return _tiny_backend(
+            self.build(seed=seed, **kw),
+            name=self.name,
+            variant=self.name,
+            defaults=self.defaults,
+            device=device,
+            dtype=dtype,
+            offload_text_encoders=offload_text_encoders,
+            max_sequence_length=max_sequence_length or self.window,
+        )
 
 
-def _load_tiny_flux2(
-    *,
-    device=None,
-    dtype=None,
-    drop_t5: bool = False,
-    offload_text_encoders: bool = False,
-    seed: int = 0,
-    max_sequence_length: int = TINY_FLUX2_MAX_SEQUENCE_LENGTH,
-    **kw,
-) -> Backend:
-    if drop_t5:
-        raise ModelError("tiny-flux2 is a FLUX.2 model: it has no T5 to drop; leave out --drop-t5 / drop_t5")
-    return _tiny_backend(
-        build_tiny_flux2_pipeline(seed=seed, **kw),
-        name="tiny-flux2",
-        variant="tiny-flux2",
-        defaults=flux2.DEFAULTS["tiny-flux2"],
-        device=device,
-        dtype=dtype,
-        offload_text_encoders=offload_text_encoders,
-        max_sequence_length=max_sequence_length,
-    )
+_TINY_MODELS = (
+    _TinyModel(
+        "tiny-flux",
+        build_tiny_flux_pipeline,
+        flux.DEFAULTS["tiny-flux"],
+        TINY_MAX_SEQUENCE_LENGTH,
+        lambda drop_t5: refuse_drop_t5("tiny-flux", drop_t5),
+        "toy FLUX.1-dev built in code, random weights (offline); blocks 0-1 double-stream, 2-3 single",
+    ),
+    _TinyModel(
+        "tiny-chroma",
+        build_tiny_chroma_pipeline,
+        chroma.DEFAULTS["tiny-chroma"],
+        TINY_MAX_SEQUENCE_LENGTH,
+        _refusing("tiny-chroma's text sequence is T5 alone (Chroma has no CLIP): T5 cannot be dropped"),
+        "toy Chroma1 built in code, random weights (offline); blocks 0-1 double-stream, 2-3 single",
+    ),
+    _TinyModel(
+        "tiny-flux2",
+        build_tiny_flux2_pipeline,
+        flux2.DEFAULTS["tiny-flux2"],
+        TINY_FLUX2_MAX_SEQUENCE_LENGTH,
+        _refusing("tiny-flux2 is a FLUX.2 model: it has no T5 to drop; leave out --drop-t5 / drop_t5"),
+        "toy FLUX.2 klein built in code (tiny Qwen3 encoder), random weights (offline); "
+        "blocks 0-1 double-stream, 2-3 single",
+    ),
+    _TinyModel(
+        "tiny-zimage",
+        build_tiny_zimage_pipeline,
+        zimage.DEFAULTS["tiny-zimage"],
+        TINY_MAX_SEQUENCE_LENGTH,
+        _refusing("tiny-zimage's text sequence is its Qwen3 encoder's alone: it cannot be dropped"),
+        "toy Z-Image built in code, random weights (offline); blocks 0-3 single-stream, Qwen3 text",
+    ),
+    _TinyModel(
+        "tiny-qwen",
+        build_tiny_qwen_pipeline,
+        qwen.DEFAULTS["tiny-qwen"],
+        TINY_QWEN_MAX_SEQUENCE_LENGTH,
+        lambda drop_t5: refuse_drop_qwen("tiny-qwen", drop_t5),
+        "toy Qwen-Image built in code, random weights (offline); 3 double-stream blocks, "
+        "Qwen2.5-VL text behind the pipeline's chat template",
+    ),
+)
 
-
-def _load_tiny_zimage(
-    *,
-    device=None,
-    dtype=None,
-    drop_t5: bool = False,
-    offload_text_encoders: bool = False,
-    seed: int = 0,
-    max_sequence_length: int = TINY_MAX_SEQUENCE_LENGTH,
-    **kw,
-) -> Backend:
-    from .tiny_zimage import build_tiny_zimage_pipeline
-
-    if drop_t5:
-        raise ModelError("tiny-zimage's text sequence is its Qwen3 encoder's alone: it cannot be dropped")
-    return _tiny_backend(
-        build_tiny_zimage_pipeline(seed=seed, **kw),
-        name="tiny-zimage",
-        variant="tiny-zimage",
-        defaults=zimage.DEFAULTS["tiny-zimage"],
-        device=device,
-        dtype=dtype,
-        offload_text_encoders=offload_text_encoders,
-        max_sequence_length=max_sequence_length,
-    )
-
-
-def _load_tiny_qwen(
-    *,
-    device=None,
-    dtype=None,
-    drop_t5: bool = False,
-    offload_text_encoders: bool = False,
-    seed: int = 0,
-    max_sequence_length: int | None = None,
-    **kw,
-) -> Backend:
-    from .tiny_qwen import TINY_QWEN_MAX_SEQUENCE_LENGTH, build_tiny_qwen_pipeline
-
-    refuse_drop_qwen("tiny-qwen", drop_t5)
-    return _tiny_backend(
-        build_tiny_qwen_pipeline(seed=seed, **kw),
-        name="tiny-qwen",
-        variant="tiny-qwen",
-        defaults=qwen.DEFAULTS["tiny-qwen"],
-        device=device,
-        dtype=dtype,
-        offload_text_encoders=offload_text_encoders,
-        max_sequence_length=max_sequence_length or TINY_QWEN_MAX_SEQUENCE_LENGTH,
-    )
-
+# Each family's released models: (its module, with ``HUB_IDS`` and ``DEFAULTS``; the loader;
+# the ``list_backends`` line of a short name and its hub id).
+_HUB_FAMILIES = (
+    (sd3, load_sd3, lambda short, hub: hub),
+    (flux, load_flux, lambda short, hub: f"{hub}; blocks 0-18 double-stream, 19-56 single-stream"),
+    (
+        chroma,
+        load_chroma,
+        lambda short, hub: f"{hub}; blocks 0-18 double-stream, 19-56 single-stream; T5 only",
+    ),
+    (flux2, load_flux2, lambda short, hub: f"{hub}; {flux2.BLOCK_SCHEME[short]}"),
+    (zimage, load_zimage, lambda short, hub: f"{hub}; blocks 0-29 single-stream (image+caption), Qwen3 text"),
+    (
+        qwen,
+        load_qwen_image,
+        lambda short, hub: f"{hub}; 60 double-stream blocks 0-59, Qwen2.5-VL-7B text encoder",
+    ),
+)
 
 REGISTRY: dict[str, Callable[..., Backend]] = {
     "tiny-sd3": _load_tiny,
-    "tiny-flux": _load_tiny_flux,
-    "tiny-chroma": _load_tiny_chroma,
-    "tiny-flux2": _load_tiny_flux2,
-    "tiny-qwen": _load_tiny_qwen,
-    "tiny-zimage": _load_tiny_zimage,
+    **{tiny.name: tiny.load for tiny in _TINY_MODELS},
     "lava-shapes": load_reference_backend,
 }
-
-
-for _short, _hub in HUB_IDS.items():
-    REGISTRY[_short] = lambda _hub=_hub, **kw: load_sd3(_hub, **kw)
-
-
-for _short, _hub in flux.HUB_IDS.items():
-    REGISTRY[_short] = lambda _hub=_hub, **kw: load_flux(_hub, **kw)
-
-
-for _short, _hub in chroma.HUB_IDS.items():
-    REGISTRY[_short] = lambda _hub=_hub, **kw: load_chroma(_hub, **kw)
-
-
-for _short, _hub in flux2.HUB_IDS.items():
-    REGISTRY[_short] = lambda _hub=_hub, **kw: load_flux2(_hub, **kw)
-
-
-for _short, _hub in qwen.HUB_IDS.items():
-    REGISTRY[_short] = lambda _hub=_hub, **kw: load_qwen_image(_hub, **kw)
-
-
-for _short, _hub in zimage.HUB_IDS.items():
-    REGISTRY[_short] = lambda _hub=_hub, **kw: load_zimage(_hub, **kw)
+for _family, _loader, _ in _HUB_FAMILIES:
+    for _short, _hub in _family.HUB_IDS.items():
+        REGISTRY[_short] = functools.partial(_loader, _hub)
 
 
 def list_backends() -> list[tuple[str, str, VariantDefaults]]:
@@ -250,67 +216,12 @@ def list_backends() -> list[tuple[str, str, VariantDefaults]]:
             "lava-shapes",
             "small SD3-architecture model trained on synthetic shapes, shipped (offline)",
             REFERENCE_DEFAULTS,
-        )
+        ),
+        ("tiny-sd3", "toy SD3 built in code, random weights (offline)", DEFAULTS["tiny-sd3"]),
     ]
-    rows.append(("tiny-sd3", "toy SD3 built in code, random weights (offline)", DEFAULTS["tiny-sd3"]))
-    rows.append(
-        (
-            "tiny-flux",
-            "toy FLUX.1-dev built in code, random weights (offline); blocks 0-1 double-stream, 2-3 single",
-            flux.DEFAULTS["tiny-flux"],
-        )
-    )
-    rows.append(
-        (
-            "tiny-chroma",
-            "toy Chroma1 built in code, random weights (offline); blocks 0-1 double-stream, 2-3 single",
-            chroma.DEFAULTS["tiny-chroma"],
-        )
-    )
-    rows.append(
-        (
-            "tiny-flux2",
-            "toy FLUX.2 klein built in code (tiny Qwen3 encoder), random weights (offline); "
-            "blocks 0-1 double-stream, 2-3 single",
-            flux2.DEFAULTS["tiny-flux2"],
-        )
-    )
-    rows.append(
-        (
-            "tiny-zimage",
-            "toy Z-Image built in code, random weights (offline); blocks 0-3 single-stream, Qwen3 text",
-            zimage.DEFAULTS["tiny-zimage"],
-        )
-    )
-    rows.append(
-        (
-            "tiny-qwen",
-            "toy Qwen-Image built in code, random weights (offline); 3 double-stream blocks, "
-            "Qwen2.5-VL text behind the pipeline's chat template",
-            qwen.DEFAULTS["tiny-qwen"],
-        )
-    )
-    rows += [(short, hub, DEFAULTS[short]) for short, hub in HUB_IDS.items()]
-    rows += [
-        (short, f"{hub}; blocks 0-18 double-stream, 19-56 single-stream", flux.DEFAULTS[short])
-        for short, hub in flux.HUB_IDS.items()
-    ]
-    rows += [
-        (short, f"{hub}; blocks 0-18 double-stream, 19-56 single-stream; T5 only", chroma.DEFAULTS[short])
-        for short, hub in chroma.HUB_IDS.items()
-    ]
-    rows += [
-        (short, f"{hub}; {flux2.BLOCK_SCHEME[short]}", flux2.DEFAULTS[short])
-        for short, hub in flux2.HUB_IDS.items()
-    ]
-    rows += [
-        (short, f"{hub}; blocks 0-29 single-stream (image+caption), Qwen3 text", zimage.DEFAULTS[short])
-        for short, hub in zimage.HUB_IDS.items()
-    ]
-    rows += [
-        (short, f"{hub}; 60 double-stream blocks 0-59, Qwen2.5-VL-7B text encoder", qwen.DEFAULTS[short])
-        for short, hub in qwen.HUB_IDS.items()
-    ]
+    rows += [(tiny.name, tiny.about, tiny.defaults) for tiny in _TINY_MODELS]
+    for family, _, about in _HUB_FAMILIES:
+        rows += [(short, about(short, hub), family.DEFAULTS[short]) for short, hub in family.HUB_IDS.items()]
     return rows
 
 

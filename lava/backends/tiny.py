@@ -39,35 +39,85 @@ def _words() -> list[str]:
     return sorted(set(_CORPUS_WORDS))
 
 
-@lru_cache(maxsize=4)
-def _clip_vocab(first: tuple[str, ...] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level BPE in CLIP's format, built by rule rather than trained.
+def chain_merges(word) -> list[tuple[str, str]]:
+    """The BPE merges that assemble ``word`` (a string, or a list of its symbols) left to right."""
+    merges, left = [], word[0]
+    for right in word[1:]:
+        merges.append((left, right))
+        left += right
+    return merges
+
+
+def rule_bpe(vocab: dict[str, int], merges) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A BPE built by rule rather than trained: ``vocab`` (the base symbols), then what each merge
+    of ``merges`` makes, in order; a merge given twice counts once.
 
     (Training with ``tokenizers`` is not reproducible across processes: ties between equally
-    frequent pairs are broken by hash order.) Every byte exists inside a word and word-final
-    (``"x</w>"``), and each corpus word gets the merges that assemble it left to right, so corpus
-    words are single tokens — unless an earlier word's merge splits them first — and any other
-    word falls apart into several tokens, as rare words do in the real CLIP vocabulary.
-    The words in ``first`` get their merges ahead of the corpus, so each of them is always a
-    single token.
+    frequent pairs are broken by hash order.)
     """
+    kept: dict[tuple[str, str], None] = {}
+    for pair in merges:
+        if pair not in kept:
+            kept[pair] = None
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+    return vocab, list(kept)
+
+
+def byte_alphabet() -> list[str]:
+    """The 256 byte symbols of byte-level BPE, sorted."""
     from tokenizers import pre_tokenizers
 
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+@lru_cache(maxsize=4)
+def _clip_vocab(first: tuple[str, ...] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE in CLIP's format, built by rule (``rule_bpe``).
+
+    Every byte exists inside a word and word-final (``"x</w>"``), and each corpus word gets the
+    merges that assemble it left to right, so corpus words are single tokens — unless an earlier
+    word's merge splits them first — and any other word falls apart into several tokens, as rare
+    words do in the real CLIP vocabulary. The words in ``first`` get their merges ahead of the
+    corpus, so each of them is always a single token.
+    """
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+    for ch in byte_alphabet():
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in [*first, *_words()]:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            pair = (left, right)
-            left = left + right
-            if pair not in merges:
-                merges.append(pair)
-                vocab.setdefault(left, len(vocab))
-    return vocab, merges
+    words = [*first, *_words()]
+    return rule_bpe(vocab, [m for w in words for m in chain_merges([*w[:-1], w[-1] + "</w>"])])
+
+
+# Qwen's chat markers (added tokens of the real Qwen2.5/Qwen3 tokenizers); ``<|endoftext|>`` pads.
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# The layout of a Qwen3 chat turn as Flux2KleinPipeline and ZImagePipeline render it (user turns,
+# the generation prompt, thinking switched off): written for the toy tokenizers, not copied from
+# Qwen's file.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and not enable_thinking -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+@lru_cache(maxsize=4)
+def qwen_bpe(
+    words: tuple[str, ...], specials: tuple[str, ...] = ()
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE in Qwen's format (no end-of-word marks, a leading space is ``Ġ``), by rule:
+    ``specials``, then every byte; each of ``words``, bare and after a space, gets the merges that
+    assemble it left to right, so listed words are one token and others split."""
+    vocab = {token: i for i, token in enumerate(specials)}
+    for ch in byte_alphabet():
+        vocab.setdefault(ch, len(vocab))
+    return rule_bpe(vocab, [m for w in words for piece in (w, "Ġ" + w) for m in chain_merges(piece)])
 
 
 @lru_cache(maxsize=1)

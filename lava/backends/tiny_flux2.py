@@ -21,56 +21,14 @@ Random weights give meaningless masks: this backend exists for tests and benchma
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
-from .tiny import _words, seeded
+from .tiny import _LATENT_CHANNELS, QWEN3_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, _words, qwen_bpe, seeded
 
 TINY_FLUX2_MAX_SEQUENCE_LENGTH = 128
-_LATENT_CHANNELS = 4
 _TEXT_WIDTH = 16
 
-# Qwen3's chat markers (the added tokens the real tokenizer has); ``<|endoftext|>`` pads.
-_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _THINK = ("<think>", "</think>")
-
-# The layout of Qwen3's template as Flux2KleinPipeline renders it (one user turn, the generation
-# prompt, thinking switched off): written here for the toy tokenizer, not copied from Qwen's file.
-CHAT_TEMPLATE = (
-    "{%- for m in messages -%}"
-    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if enable_thinking is defined and not enable_thinking -%}"
-    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
-    "{%- endif -%}"
-    "{%- endif -%}"
-)
-
-
-@lru_cache(maxsize=1)
-def _bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level BPE in Qwen's format (no end-of-word marks, a leading space is ``Ġ``), by rule:
-    every byte is a token, and each word of the list (with and without its leading space) gets the
-    merges that assemble it left to right, so listed words are one token and others split."""
-    from tokenizers import pre_tokenizers
-
-    vocab: dict[str, int] = {}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab.setdefault(ch, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in [*_words(), "user", "assistant", "system"]:
-        for piece in (word, "Ġ" + word):
-            left = piece[0]
-            for right in piece[1:]:
-                pair = (left, right)
-                left = left + right
-                if pair not in merges:
-                    merges.append(pair)
-                    vocab.setdefault(left, len(vocab))
-    return vocab, merges
 
 
 def build_qwen_tokenizer():
@@ -78,15 +36,15 @@ def build_qwen_tokenizer():
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = _bpe()
+    vocab, merges = qwen_bpe((*_words(), "user", "assistant", "system"))
     tok = Qwen2Tokenizer(
         vocab=dict(vocab),
         merges=list(merges),
         model_max_length=TINY_FLUX2_MAX_SEQUENCE_LENGTH * 8,
     )
-    tok.add_tokens([AddedToken(t, special=True) for t in _SPECIAL[1:]], special_tokens=True)
+    tok.add_tokens([AddedToken(t, special=True) for t in QWEN_SPECIAL_TOKENS[1:]], special_tokens=True)
     tok.add_tokens([AddedToken(t, special=False) for t in _THINK])
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
     return tok
 
 

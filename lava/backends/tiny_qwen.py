@@ -21,9 +21,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from .tiny import _CORPUS_WORDS, seeded
+from .tiny import _CORPUS_WORDS, QWEN_SPECIAL_TOKENS, byte_alphabet, chain_merges, rule_bpe, seeded
 
-_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _LATENT_CHANNELS = 4  # the tiny VAE's z_dim (Qwen-Image's own VAE has 16)
 # Per-channel latent statistics of the tiny VAE (the real VAE's config carries 16 such values):
 # not 0/1, so a test sees whether encode_images applies them.
@@ -42,12 +41,6 @@ def pipeline_template() -> tuple[str, int]:
     return pipe.prompt_template_encode, int(pipe.prompt_template_encode_start_idx)
 
 
-def _byte_alphabet() -> list[str]:
-    from tokenizers import pre_tokenizers
-
-    return sorted(pre_tokenizers.ByteLevel.alphabet())
-
-
 @lru_cache(maxsize=1)
 def _vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE vocabulary and merges, by rule (deterministic in every process).
@@ -61,32 +54,16 @@ def _vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     fall apart into pieces, as rarer words do.
     """
     template, _ = pipeline_template()
-    for special in _SPECIAL:
+    for special in QWEN_SPECIAL_TOKENS:
         template = template.replace(special, "\n")
     # Words at the start of a line of the template (system, Describe, user, assistant) are bare.
     bare_first = re.findall(r"(?m)^[A-Za-z]+", template)
     words = list(dict.fromkeys([*re.findall(r"[A-Za-z]+", template), *sorted(set(_CORPUS_WORDS))]))
-    vocab: dict[str, int] = {}
-    for ch in _byte_alphabet():
-        vocab.setdefault(ch, len(vocab))
-
-    def chain(word: str) -> list[tuple[str, str]]:
-        out, left = [], word[0]
-        for right in word[1:]:
-            out.append((left, right))
-            left += right
-        return out
-
-    spaced = [m for w in words for m in chain("Ġ" + w)]
-    bare = [m for w in dict.fromkeys([*bare_first, *words]) for m in chain(w)]
+    spaced = [m for w in words for m in chain_merges("Ġ" + w)]
+    bare = [m for w in dict.fromkeys([*bare_first, *words]) for m in chain_merges(w)]
     long_bare = [m for m in bare if len(m[0]) > 1]
     short_bare = [m for m in bare if len(m[0]) == 1]
-    merges: list[tuple[str, str]] = []
-    for pair in [*spaced, *long_bare, *short_bare]:
-        if pair not in merges:
-            merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
-    return vocab, merges
+    return rule_bpe({ch: i for i, ch in enumerate(byte_alphabet())}, [*spaced, *long_bare, *short_bare])
 
 
 def build_tokenizer():
@@ -95,7 +72,7 @@ def build_tokenizer():
 
     vocab, merges = _vocab()
     tok = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges))
-    tok.add_special_tokens({"additional_special_tokens": list(_SPECIAL[1:])})
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
     template, drop = pipeline_template()
     prefix = template.split("{}")[0]
     n = len(tok(prefix)["input_ids"])

@@ -14,59 +14,25 @@ offline, not for segmenting photos.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
-from .tiny import _LATENT_CHANNELS, _words, seeded, tiny_vae
-
-# The template tokens of a Qwen3 chat turn, and a Jinja template that renders one user turn (and
-# the assistant's opening when asked) the way ZImagePipeline calls it.
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and not enable_thinking -%}"
-    "{{ '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif -%}"
-    "{%- endif -%}"
+from .tiny import (
+    _LATENT_CHANNELS,
+    QWEN3_CHAT_TEMPLATE,
+    QWEN_SPECIAL_TOKENS,
+    _words,
+    qwen_bpe,
+    seeded,
+    tiny_vae,
 )
-
-
-@lru_cache(maxsize=1)
-def _bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level BPE vocabulary and merges, by rule: the 256 byte symbols, the special tokens, and
-    for each corpus word (and ``"Ġ" + word``, the word after a space) the merges that assemble it
-    left to right. Any other word falls apart into pieces, as rare words do."""
-    from tokenizers import pre_tokenizers
-
-    vocab: dict[str, int] = {}
-    for tok in SPECIAL_TOKENS:
-        vocab[tok] = len(vocab)
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab.setdefault(ch, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in [*_words(), "user", "assistant"]:
-        for pieces in (list(word), ["Ġ", *word]):
-            left = pieces[0]
-            for right in pieces[1:]:
-                pair = (left, right)
-                left = left + right
-                if pair not in merges:
-                    merges.append(pair)
-                    vocab.setdefault(left, len(vocab))
-    return vocab, merges
 
 
 def build_tokenizer():
     """The rule-built Qwen-style tokenizer with its chat template (deterministic, offline)."""
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
-    vocab, merges = _bpe()
+    vocab, merges = qwen_bpe((*_words(), "user", "assistant"), QWEN_SPECIAL_TOKENS)
     tok = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=131072)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = CHAT_TEMPLATE
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
     # A word that is a whole vocabulary entry stays one token, whatever merges other words brought
     # (rule-built merges of different words would otherwise cut into each other).
     tok.backend_tokenizer.model.ignore_merges = True

@@ -77,7 +77,7 @@ DEFAULTS = {
 # Published configs, for planning memory without downloading anything (lava.model_spec.zimage_spec):
 # the transformer's are diffusers' ZImageTransformer2DModel defaults (those of
 # Tongyi-MAI/Z-Image-Turbo), the text encoder is Qwen3-4B (Qwen3Model: the pipeline reads hidden
-# states, no LM head), the VAE FLUX.1's.
+# states, no LM head), the VAE FLUX.1's (``flux.VAE_CONFIG``).
 TRANSFORMER_CONFIG = dict(
     all_patch_size=(2,),
     all_f_patch_size=(1,),
@@ -100,20 +100,6 @@ TEXT_ENCODER_CONFIG = dict(
     num_key_value_heads=8,
     head_dim=128,
     tie_word_embeddings=True,
-)
-VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=16,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    sample_size=1024,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
 )
 
 
