@@ -472,8 +472,8 @@ def test_segment_with_propagation_runs_on_flux(tiny_flux, image):
 
 
 def test_memory_planning_refuses_flux_by_name(tmp_path, capsys):
-    """The planner models SD3-family memory only: --dry-run/--max-memory on a Flux model say so
-    instead of printing SD3 numbers (or downloading flux-dev to plan it)."""
+    """The planner does not model FLUX.1: --dry-run/--max-memory on a FLUX.1 model say so (and which
+    families it plans) instead of printing SD3 numbers (or downloading flux-dev to plan it)."""
     from PIL import Image
 
     from lava.cli import main
@@ -482,7 +482,8 @@ def test_memory_planning_refuses_flux_by_name(tmp_path, capsys):
     Image.new("RGB", (64, 64)).save(path)
     for model in ("tiny-flux", "flux-dev"):
         assert main(["segment", str(path), "--classes", "a,b", "--model", model, "--dry-run"]) == 1
-        assert "Flux model" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "do not plan FLUX.1" in err and model in err
 
 
 def test_tiny_flux_takes_a_text_window_like_tiny_sd3():
