@@ -328,3 +328,28 @@ def test_folder_dataset_named_split_must_exist(tmp_path, capsys):
     assert main([*args, "--split", "test", "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "split files present: ['val']" in err
+
+
+def test_present_protocol_on_an_image_with_only_background(tmp_path):
+    """With a background threshold (tiny-sd3 given one), an image whose ground truth holds only
+    background names no class under ``--protocol present``: it is predicted background everywhere
+    without a forward pass (before, eval named "background" and the threshold refused it)."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("background\nred square\n")
+    rng = np.random.default_rng(0)
+    empty = np.zeros((16, 16), dtype=np.uint8)
+    square = empty.copy()
+    square[4:12, 4:12] = 1
+    for name, label in (("empty", empty), ("square", square)):
+        img = (rng.random((16, 16, 3)) * 60).astype(np.uint8)
+        img[label == 1] = (220, 30, 30)
+        Image.fromarray(img).save(root / "images" / f"{name}.png")
+        Image.fromarray(label).save(root / "labels" / f"{name}.png")
+    out = tmp_path / "out"
+    args = ["eval", "--dataset", "folder", "--root", str(root), "--model", "tiny-sd3", "--out", str(out)]
+    assert main([*args, "--protocol", "present", "--background-threshold", "0.5", "--save-predictions"]) == 0
+    pred = np.asarray(Image.open(out / "predictions" / "empty.png"))
+    assert pred.shape == (16, 16) and (pred == 0).all()
+    assert (out / "predictions" / "square.png").exists()

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     def on_prediction(image_id, pred, seg, _cell):
         if args.save_predictions:
             io.save_png(label_image(pred, num_labels=id_count), out / "predictions" / f"{image_id}.png")
-        if shown["n"] < args.visualize:
+        if seg is not None and shown["n"] < args.visualize:  # None: nothing was segmented
             shown["n"] += 1
             io.save_png(seg.overlay(0), out / "vis" / f"{image_id}_overlay.png")
 

@@ -145,15 +145,20 @@ def vocabulary(
     """Prompt names given to the method and, for each, the dataset label id it predicts.
 
     With the ``present`` protocol only classes in ``label`` (ignore excluded) are named. An
-    image whose ground truth names nothing gets the background class (or the first class) so a
-    prediction still exists; its pixels are all ignored anyway.
+    image whose ground truth names nothing but background, when background is a threshold, gets
+    no names at all: nothing to segment, so every pixel is background (``run_cells`` predicts it
+    without a forward pass). Any other image whose ground truth names nothing gets the background
+    class (or the first class) so a prediction still exists; its pixels are all ignored anyway.
     """
     ids = list(range(info.num_classes))
     if settings.protocol == "present":
         present = set(np.unique(label).tolist()) - {info.ignore_index}
         ids = [i for i in ids if i in present]
+    threshold = settings.background_mode(info) == "threshold"
     if settings.background_mode(info) != "class" and info.background is not None:
         ids = [i for i in ids if i != info.background]
+    if not ids and threshold and info.background is not None:
+        return (), np.zeros(0, dtype=np.int64)
     if not ids:
         ids = [info.background if info.background is not None else 0]
     return tuple(info.prompt_names[i] for i in ids), np.asarray(ids, dtype=np.int64)
@@ -322,7 +327,7 @@ def run(
     out: Path,
     *,
     config: dict,
-    on_prediction: Callable[[str, np.ndarray, Segmentation, int], None] | None = None,
+    on_prediction: Callable[[str, np.ndarray, Segmentation | None, int], None] | None = None,
     progress: bool = True,
     prompt_batch: int | None = None,
     on_prompt: Callable[[PromptEncoding], None] | None = None,
@@ -331,7 +336,8 @@ def run(
     """Evaluate every cell over ``dataset``; resumes from ``out``'s journal; shards over ranks.
 
     ``on_prediction(image_id, prediction_in_dataset_ids, segmentation, cell_index)`` is called for
-    each new prediction (to save pictures or label maps); ``on_prompt(prompt)`` for each distinct
+    each new prediction (to save pictures or label maps; ``segmentation`` is ``None`` for an image
+    predicted without a forward pass); ``on_prompt(prompt)`` for each distinct
     vocabulary when it is first encoded. ``prompt_batch`` caps the prompts per forward pass (it
     changes memory, not results). ``on_note(message)`` hears what the user should know before the
     run starts (a resumed journal that does not record some of today's settings).
@@ -350,6 +356,16 @@ def run(
         sample = dataset[i]
         image, label = sample.load()
         names, ids = vocabulary(info, label, settings)
+        if not names:  # only background to find, by threshold: every pixel is background
+            pred = np.full(label.shape, info.background, dtype=np.uint8 if info.num_classes < 255 else np.int32)
+            one = ConfusionMatrix(info.num_classes, info.ignore_index)
+            one.update(pred, label)
+            for ci, cell in enumerate(cells):
+                new[cell.key].add_counts(one.counts)
+                if on_prediction is not None:
+                    on_prediction(sample.id, pred, None, ci)
+            journal.append(sample.id, {cell.key: one.counts for cell in cells})
+            continue
         if names not in prompts:
             prompts[names] = prepare_prompt(backend, names, base.prompt)
             if on_prompt is not None and not is_segmenter(backend):
