@@ -357,7 +357,8 @@ def run(
         image, label = sample.load()
         names, ids = vocabulary(info, label, settings)
         if not names:  # only background to find, by threshold: every pixel is background
-            pred = np.full(label.shape, info.background, dtype=np.uint8 if info.num_classes < 255 else np.int32)
+            dtype = np.uint8 if info.num_classes < 255 else np.int32
+            pred = np.full(label.shape, info.background, dtype=dtype)
             one = ConfusionMatrix(info.num_classes, info.ignore_index)
             one.update(pred, label)
             for ci, cell in enumerate(cells):
