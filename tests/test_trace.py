@@ -283,6 +283,38 @@ def test_memory_does_not_grow_with_steps(backend):
     assert held[2] == held[6] == blocks * 1 * 96 * tr.text_len * 4
 
 
+def test_peak_tensor_memory_flat_in_steps(tiny):
+    """The call's peak of live tensor bytes (every storage an op creates, counted until freed:
+    ``meta_memory.LiveBytes`` on real tensors) grows from 2 to 6 traced steps exactly as the plain
+    call's does (the scheduler's own per-step arrays, a few bytes a step); a control that keeps
+    each step's maps, as attention-map-diffusers does, grows by those maps under the same
+    accounting. (Before the capture store broke its self-reference, each step's slices lived until
+    the garbage collector ran, and this test saw them.)"""
+    from meta_memory import LiveBytes
+
+    def peak(steps: int, mode: str) -> int:
+        kept = []
+        with LiveBytes() as acct:
+            if mode == "plain":
+                generate(tiny.pipe, steps=steps, guidance_scale=1.0)
+                return acct.peak
+            with lava.trace(tiny) as tr:
+                hook = None
+                if mode == "keep":  # the control: a copy of the sums after every transformer call
+                    hook = tiny.transformer.register_forward_hook(
+                        lambda *_: kept.append({b: m.clone() for b, m in tr._sums.items()})
+                    )
+                generate(tiny.pipe, steps=steps, guidance_scale=1.0)
+                if hook is not None:
+                    hook.remove()
+        return acct.peak
+
+    plain = peak(6, "plain") - peak(2, "plain")
+    assert 0 <= plain <= 64
+    assert peak(6, "trace") - peak(2, "trace") == plain
+    assert peak(6, "keep") - peak(2, "keep") >= 4 * 96 * (77 + 32) * 4  # 4 more [96, 109] float32 maps
+
+
 def _untouched(backend, before):
     procs, encode = before
     assert [b.attn.processor for b in backend.blocks] == procs

@@ -184,4 +184,5 @@ def capturing_concepts(transformer, plan: CapturePlan, batch: int) -> Iterator[C
             hooks.append(blocks[last].register_forward_hook(stop_forward))
         yield store
     finally:
+        store.close()
         restore(blocks, originals, hooks)

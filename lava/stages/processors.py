@@ -38,8 +38,16 @@ class CaptureStore(dict):
     def __init__(self, plan: CapturePlan):
         super().__init__()
         self.views: dict[tuple[str, str], dict[int, torch.Tensor]] = {v: {} for v in plan.views}
-        self.views[plan.views[0]] = self
+        self.primary = plan.views[0]
+        self.views[self.primary] = self
         self.image_qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def close(self) -> None:
+        """End the capture: ``views`` keeps a plain copy of the primary view instead of the store
+        itself, so no reference cycle keeps the slices alive until the garbage collector runs
+        (``lava.trace`` would otherwise hold one step's maps per step until then)."""
+        if self.views.get(self.primary) is self:
+            self.views[self.primary] = dict(self)
 
 
 class CaptureProcessor:
@@ -231,6 +239,7 @@ def capturing(transformer, plan: CapturePlan) -> Iterator[CaptureStore]:
             hooks.append(blocks[max(plan.layers)].register_forward_hook(stop_forward))
         yield store
     finally:
+        store.close()
         restore(blocks, originals, hooks, family)
 
 
