@@ -471,19 +471,63 @@ def test_segment_with_propagation_runs_on_flux(tiny_flux, image):
     assert seg.labels[0].shape == (image.height, image.width)
 
 
-def test_memory_planning_refuses_flux_by_name(tmp_path, capsys):
-    """The planner does not model FLUX.1: --dry-run/--max-memory on a FLUX.1 model say so (and which
-    families it plans) instead of printing SD3 numbers (or downloading flux-dev to plan it)."""
+def test_memory_planning_plans_flux(tiny_flux, tmp_path, capsys):
+    """The planner plans FLUX.1: tiny-flux from its pipeline (a folder saved from it the same, with
+    the T5 window it loads with), FLUX.1-dev and -schnell at their real size from the released configs
+    (meta tensors, no download): T5 alone in the text sequence, 2x2 packing, 16 px per token."""
     from PIL import Image
 
+    from lava.backends import flux
     from lava.cli import main
+    from lava.planner import estimate_memory, fmt_bytes, plan_memory, spec_from_pipeline
 
     path = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(path)
-    for model in ("tiny-flux", "flux-dev"):
-        assert main(["segment", str(path), "--classes", "a,b", "--model", model, "--dry-run"]) == 1
-        err = capsys.readouterr().err
-        assert "do not plan FLUX.1" in err and model in err
+    args = ["segment", str(path), "--classes", "a,b", "--dry-run"]
+    gh, gw = lava.noise(tiny_flux, Image.new("RGB", (64, 64))).grid  # at tiny-flux's own resolution
+    assert main([*args, "--model", "tiny-flux"]) == 0
+    tiny = capsys.readouterr().out
+    assert f"{gh * gw} image + {tiny_flux.max_sequence_length} text tokens" in tiny
+    folder = tmp_path / "flux-tiny"
+    tiny_flux.pipe.save_pretrained(folder)
+    assert main([*args, "--model", str(folder), "--resolution", "32"]) == 0
+    saved = capsys.readouterr().out
+    loaded = lava.load_backend(str(folder))  # a dev-like config (guidance): FLUX.1-dev's T5 window
+    assert f"{gh * gw} image + {loaded.max_sequence_length} text tokens" in saved
+    assert loaded.max_sequence_length == 512
+    # The folder's safetensors headers count what the built modules hold.
+    for module in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        assert next(ln for ln in tiny.splitlines() if ln.startswith(f"  {module} ")) in saved
+
+    dev = spec_from_pipeline(flux.full_size_modules("flux-dev"), 512)
+    assert abs(dev.params["transformer"] / 11.9e9 - 1) < 0.01  # FLUX.1-dev: 11.9 B
+    assert 4.7e9 < dev.params["text_encoder_2"] < 4.8e9  # T5-XXL's encoder
+    assert 1.2e8 < dev.params["text_encoder"] < 1.3e8  # CLIP-L's text tower
+    assert (dev.clip_len, dev.t5_len, dev.grid_unit, dev.has_t5) == (0, 512, 16, False)
+    schnell = spec_from_pipeline(flux.full_size_modules("flux-schnell"), 256)
+    guidance = dev.params["transformer"] - schnell.params["transformer"]  # the guidance embedding alone
+    assert 0 < guidance < 0.002 * dev.params["transformer"]
+    kw = dict(dtype=torch.bfloat16, device="cuda", captured_layers=2)
+    on_gpu = estimate_memory(dev, (1024, 1024), **kw)
+    offloaded = estimate_memory(dev, (1024, 1024), offload_text_encoders=True, **kw)
+    encoders = dev.params["text_encoder"] + dev.params["text_encoder_2"]
+    assert on_gpu.tokens[:2] == (4096, 512)
+    assert on_gpu.total - offloaded.total >= encoders * 2 - 2**20  # both encoders leave the GPU (bf16)
+    assert offloaded.memory("cpu").weight_bytes == encoders * 4  # and run in fp32 on the CPU
+    assert plan_memory(dev, (1024, 1024), 24 * 2**30, **kw).offload_text_encoders
+    with pytest.raises(LavaError, match="nothing lava can change fits"):  # the transformer alone is 22.2 GiB
+        plan_memory(dev, (1024, 1024), 20 * 2**30, **kw)
+
+    full = [*args, "--resolution", "1024", "--device", "cuda", "--dtype", "bf16"]
+    assert main([*full, "--model", "flux-dev"]) == 0
+    out = capsys.readouterr().out
+    assert "4096 image + 512 text tokens" in out and f"estimated peak {fmt_bytes(on_gpu.total)}" in out
+    assert main([*full, "--model", "flux-dev", "--offload-text-encoders"]) == 0
+    assert f"estimated peak {fmt_bytes(offloaded.total)}" in capsys.readouterr().out
+    assert main([*full, "--model", "flux-schnell"]) == 0
+    assert "4096 image + 256 text tokens" in capsys.readouterr().out
+    assert main([*full, "--model", "flux-dev", "--drop-t5"]) == 1  # refused as loading refuses it
+    assert "T5 cannot be dropped" in capsys.readouterr().err
 
 
 def test_tiny_flux_takes_a_text_window_like_tiny_sd3():

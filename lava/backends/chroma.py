@@ -34,9 +34,9 @@ import dataclasses
 
 import torch
 
+from . import flux  # FLUX.1's sizes, which Chroma shares
 from .base import VariantDefaults
 from .family import FluxFamily, JointQKV
-from .flux import VAE_CONFIG  # FLUX.1's, which Chroma uses
 
 HUB_IDS = {
     # The checkpoints diffusers' ChromaPipeline documentation lists (docs/api/pipelines/chroma.md).
@@ -148,41 +148,19 @@ CHROMA = ChromaFamily()
 
 # ---- sizes for the memory planner -----------------------------------------------------------------
 
-# T5-XXL v1.1's encoder (google/t5-v1_1-xxl), the text encoder ChromaPipeline documents.
-T5_XXL_CONFIG = dict(
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    feed_forward_proj="gated-gelu",
-    relative_attention_num_buckets=32,
-)
-
 
 def full_size_modules():
-    """Chroma1 at its real size with no storage (meta tensors): an object with ``transformer``
-    (``ChromaTransformer2DModel`` at diffusers' default config, which is Chroma1's: 19 + 38 blocks,
-    24 heads × 128, approximator 64 → 5120 × 5), ``vae`` (FLUX.1's) and ``text_encoder`` (T5-XXL's
-    encoder), for ``lava.model_spec.spec_from_pipeline``: the planner counts their parameters
-    without any download."""
-    from types import SimpleNamespace
+    """Chroma1 at its real size with no storage (meta tensors): ``flux.meta_modules`` with
+    ``ChromaTransformer2DModel`` at diffusers' default config, which is Chroma1's (19 + 38 blocks,
+    24 heads × 128, approximator 64 → 5120 × 5), FLUX.1's VAE and T5-XXL's encoder as
+    ``text_encoder`` (the one ChromaPipeline documents): the planner counts their parameters without
+    any download."""
+    from diffusers import ChromaTransformer2DModel
 
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, ChromaTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
-
-    with init_empty_weights(include_buffers=True):
-        return SimpleNamespace(
-            transformer=ChromaTransformer2DModel(),
-            vae=AutoencoderKL(**VAE_CONFIG),
-            text_encoder=T5EncoderModel(T5Config(**T5_XXL_CONFIG)),
-            tokenizer=None,
-        )
+    return flux.meta_modules(ChromaTransformer2DModel, {}, clip=False)
 
 
 def planning_geometry(spec):
-    """A ``ModelSpec`` read from a Chroma folder's files with the family's own layout: 2x2 packed
-    latents (the config's patch size is 1), no CLIP part, the T5 window of ``ChromaPipeline``."""
-    return dataclasses.replace(spec, patch_size=2 * spec.patch_size, clip_len=0, t5_len=MAX_SEQUENCE_LENGTH)
+    """A ``ModelSpec`` read from a Chroma folder's files with the family's own layout: FLUX.1's
+    (2x2 packed latents, no CLIP part) with the T5 window of ``ChromaPipeline``."""
+    return flux.planning_geometry(spec, MAX_SEQUENCE_LENGTH)

@@ -4,9 +4,15 @@ Block numbers run in execution order: double-stream blocks ``0-18``, then single
 ``19-56`` (the numbering of Seg4Diff's ``flux_backbone.py``: ``layer_id = l`` for the double
 blocks, ``l + 19`` for the single ones). The variant is read from the loaded transformer's
 config (a guidance embedding means dev), not from the name it was loaded under.
+
+The memory planner sizes FLUX.1 — and Chroma, which keeps FLUX.1's transformer layout, VAE and
+T5 — from the released configs below, built on the meta device and counted (``meta_modules``):
+nothing is downloaded and no weights are read.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from .base import VariantDefaults
 
@@ -80,3 +86,85 @@ VAE_CONFIG = dict(
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
+
+
+# ---- sizes for the memory planner ----------------------------------------------------------------
+# The released configs (FLUX.1-dev's and FLUX.1-schnell's transformer/, text_encoder/ and
+# text_encoder_2/config.json), so `lava segment --dry-run/--max-memory` plans FLUX.1 without a
+# download. The two transformers differ only in the guidance embedding.
+TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    axes_dims_rope=(16, 56, 56),
+)
+GUIDANCE_EMBEDS = {"flux-dev": True, "flux-schnell": False}
+
+# T5-XXL v1.1's encoder (google/t5-v1_1-xxl): FLUX.1's text_encoder_2, Chroma's text_encoder.
+T5_XXL_CONFIG = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+)
+
+# CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14, CLIPTextModel): FLUX.1's text_encoder,
+# read for its pooled vector only.
+CLIP_L_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    projection_dim=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
+
+
+def meta_modules(transformer_class, transformer_config: dict, *, clip: bool):
+    """A full-size FLUX.1-layout model with no storage (meta tensors), for
+    ``lava.model_spec.spec_from_pipeline``: an object with ``transformer``
+    (``transformer_class(**transformer_config)``), ``vae`` (FLUX.1's) and the text encoders —
+    with ``clip``, FLUX.1's CLIP-L ``text_encoder`` and T5-XXL ``text_encoder_2``; without, T5-XXL
+    as ``text_encoder`` (Chroma)."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with init_empty_weights(include_buffers=True):
+        t5 = T5EncoderModel(T5Config(**T5_XXL_CONFIG))
+        parts = dict(transformer=transformer_class(**transformer_config), vae=AutoencoderKL(**VAE_CONFIG))
+        if clip:
+            parts.update(text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG)), text_encoder_2=t5)
+        else:
+            parts.update(text_encoder=t5)
+    return SimpleNamespace(**parts, tokenizer=None)
+
+
+def full_size_modules(variant: str = "flux-dev"):
+    """FLUX.1-dev or -schnell (``variant``) at its real size with no storage: ``meta_modules`` with
+    ``FluxTransformer2DModel`` at the released config (19 + 38 blocks, 24 heads × 128, guidance
+    embedding for dev only), CLIP-L and T5-XXL."""
+    from diffusers import FluxTransformer2DModel
+
+    config = {**TRANSFORMER_CONFIG, "guidance_embeds": GUIDANCE_EMBEDS[variant]}
+    return meta_modules(FluxTransformer2DModel, config, clip=True)
+
+
+def planning_geometry(spec, max_sequence_length: int):
+    """A ``ModelSpec`` read from a FLUX.1-layout folder's files (FLUX.1, Chroma) with the layout's
+    token geometry: 2×2 packed latents (the config's patch size is 1) and a text sequence of
+    ``max_sequence_length`` T5 tokens alone (CLIP gives only the pooled vector, Chroma has none)."""
+    return dataclasses.replace(spec, patch_size=2 * spec.patch_size, clip_len=0, t5_len=max_sequence_length)

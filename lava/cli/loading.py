@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..errors import LavaError, ModelError
+from ..errors import ModelError
 from .args import DEFAULT_MODEL, METHOD_MODELS, RANDOM_MODELS
 from .output import note, note_loaded
 
@@ -123,24 +123,23 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
     """The memory plan for the options, from the model's configs (no weights loaded), for the largest
     of ``sizes`` after resizing (default: a square at the requested resolution). With
     ``--max-memory`` it is ``plan_memory``'s choice (or its refusal), else the estimate as asked."""
-    from ..backends import REGISTRY, chroma, flux2, flux2_sizes, load_backend, qwen, zimage
-    from ..backends.flux import HUB_IDS as FLUX_HUB_IDS
+    from ..backends import REGISTRY, chroma, flux, flux2, flux2_sizes, load_backend, qwen, zimage
+    from ..backends.pretrained import refuse_drop_t5
     from ..backends.sd3 import DEFAULTS, HUB_IDS, detect_variant
     from ..model_spec import zimage_spec
     from ..planner import estimate_memory, parse_bytes, plan_memory, spec_for, spec_from_pipeline
     from ..stages.noise import pixel_size
 
     model = args.model or DEFAULT_MODEL
-    no_flux = LavaError(
-        f"--max-memory and --dry-run do not plan FLUX.1 models yet ({model}); they plan SD3, Chroma, "
-        "FLUX.2, Qwen-Image and Z-Image models (load it without them)"
-    )
-    if model in FLUX_HUB_IDS:
-        raise no_flux
     backend = None
     asked_window = getattr(args, "max_sequence_length", None)
     hub_ids = {**HUB_IDS, **qwen.HUB_IDS}
-    if model in chroma.HUB_IDS:  # Chroma1 at its real size, counted from its configs (no download)
+    if model in flux.HUB_IDS:  # FLUX.1 at its real size, counted from the released configs (no download)
+        refuse_drop_t5(model, args.drop_t5)  # as loading it would
+        window = asked_window or flux.MAX_SEQUENCE_LENGTH[model]
+        spec = spec_from_pipeline(flux.full_size_modules(model), window)
+        defaults, limit = flux.DEFAULTS[model], None
+    elif model in chroma.HUB_IDS:  # Chroma1 at its real size, counted from its configs (no download)
         spec = spec_from_pipeline(chroma.full_size_modules(), asked_window or chroma.MAX_SEQUENCE_LENGTH)
         defaults, limit = chroma.DEFAULTS[model], None
     elif model in flux2.HUB_IDS:  # FLUX.2: sized from the released configs, nothing downloaded
@@ -153,8 +152,6 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
         backend = load_backend(
             model, device="cpu", dtype=dtype, drop_t5=args.drop_t5, verbose=getattr(args, "verbose", False)
         )
-        if backend.family.name == "flux":
-            raise no_flux
         spec = spec_from_pipeline(backend.pipe, backend.max_sequence_length)
         defaults, limit = backend.defaults, backend.max_resolution
     else:
@@ -164,8 +161,11 @@ def make_plan(args: argparse.Namespace, target, dtype, sizes=None) -> Planned:
             spec = flux2_sizes.planner_geometry(spec, asked_window or flux2.MAX_SEQUENCE_LENGTH)
             defaults = flux2.DEFAULTS[flux2.detect_variant(transformer_config, model)]
             limit = None
-        elif "Flux" in name:
-            raise no_flux
+        elif name == "FluxTransformer2DModel":  # FLUX.1's layout: 2x2 packing, T5 alone in the sequence
+            refuse_drop_t5(model, args.drop_t5)
+            variant = flux.detect_variant(transformer_config, model)
+            spec = flux.planning_geometry(spec, asked_window or flux.MAX_SEQUENCE_LENGTH[variant])
+            defaults, limit = flux.DEFAULTS[variant], None
         elif name.startswith("Chroma"):
             spec = chroma.planning_geometry(spec)
             defaults = chroma.DEFAULTS[chroma.detect_variant(transformer_config, model)]
