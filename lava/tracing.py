@@ -58,8 +58,10 @@ def trace(
 
     Args:
         pipe: a diffusers ``StableDiffusion3Pipeline`` (Img2Img, Inpaint), ``FluxPipeline``
-            (Img2Img) or ``ChromaPipeline`` (its own float padding mask traced as the model receives
-            it: lava.backends.chroma), or a lava ``Backend`` (its ``pipe`` is traced, its defaults
+            (Img2Img), ``ChromaPipeline`` (its own float padding mask traced as the model receives
+            it: lava.backends.chroma), ``Flux2KleinPipeline``, ``QwenImagePipeline`` or
+            ``ZImagePipeline`` (its captions as the list of unpadded tensors the transformer takes:
+            lava.backends.zimage), or a lava ``Backend`` (its ``pipe`` is traced, its defaults
             used). The pipeline's modules are neither moved nor cast
             (``lava.from_pipeline(pipe, move=False)``).
         words: the words to keep maps for (a list, or one comma-separated string): only their
@@ -75,8 +77,9 @@ def trace(
             itself (images bit-identical); ``"triton"``/``"naive"``: equal up to rounding.
 
     Classifier-free guidance: the maps are those of the **conditional** half only (the rows that
-    carry the prompt); SD3's unconditional batch half, Flux's ``true_cfg_scale`` and Chroma's
-    negative-prompt calls and SD3.5's skip-layer-guidance calls are not traced. Every image of the
+    carry the prompt, found by the family's ``conditional_rows``); SD3's unconditional batch half,
+    Z-Image's negative entries (the second half of its caption list), Flux's ``true_cfg_scale`` and
+    Chroma's negative-prompt calls and SD3.5's skip-layer-guidance calls are not traced. Every image of the
     batch gets its own maps (several prompts, ``num_images_per_prompt``). One pipeline call per
     ``with`` block.
     """
@@ -114,8 +117,7 @@ class Trace:
         self._capture: ExitStack | None = None  # the capture processors of the call running now
         self._store, self._pending = None, None
         # filled by the pipeline's encode_prompt
-        self._cond: torch.Tensor | None = None  # the conditional embeddings, while the call runs
-        self._cond_cache: torch.Tensor | None = None
+        self._cond = None  # the conditional text as the transformer gets it (family.prompt_rows)
         self._embeds = self._pooled = None  # one row per prompt
         self._clip_texts: tuple[str, ...] | None = None
         self._t5_texts: tuple[str, ...] | None = None
@@ -125,6 +127,7 @@ class Trace:
         self.columns: tuple[int, ...] = ()
         # filled by the denoising loop
         self._step, self._last_t = -1, None
+        self._seen_call = False  # a transformer call with the conditional rows has run
         self._sums: dict[int, torch.Tensor] = {}
         self._count = 0
         self.grid: tuple[int, int] | None = None
@@ -159,7 +162,7 @@ class Trace:
         if self._undo is not None:
             self._undo.close()
             self._undo = None
-        self._cond = self._cond_cache = None
+        self._cond = None
         return False
 
     def _end_capture(self) -> None:  # the processors of a traced call out, the originals back
@@ -178,28 +181,36 @@ class Trace:
                     "lava.trace records one pipeline call: encode_prompt ran again after denoising "
                     "started; open a new `with lava.trace(pipe)` for each call"
                 )
-            result = original(*args, **kwargs)
-            if self._cond is None:  # the first call encodes the prompt (Flux's second, the negative one)
+            first = self._cond is None  # the first call encodes the prompt (Flux's second, the negative one)
+            if first:
                 bound = signature.bind(*args, **kwargs)
                 bound.apply_defaults()
-                self._record_prompt(bound.arguments, result)
+                # the texts as given, before the call: a pipeline may rewrite its prompt list in place
+                # (ZImagePipeline puts each prompt of a list inside its chat template)
+                names = ("prompt", self.backend.family.t5_prompt_arg)
+                texts = {name: _texts(bound.arguments.get(name)) for name in names}
+            result = original(*args, **kwargs)
+            if first:
+                self._record_prompt(bound.arguments, texts, result)
             return result
 
         encode_prompt._lava_trace = True
         return encode_prompt
 
-    def _record_prompt(self, arguments: dict, result) -> None:
+    def _record_prompt(self, arguments: dict, texts: dict, result) -> None:
         family = self.backend.family
         embeds, pooled = family.prompt_outputs(result)
+        # encode_prompt's rows per prompt; a pipeline whose encode_prompt takes no
+        # num_images_per_prompt (Z-Image) repeats them later: its transformer calls tell
         n = int(arguments.get("num_images_per_prompt") or 1)
         self.images_per_prompt = n
         self.max_sequence_length = int(arguments.get("max_sequence_length") or self.max_sequence_length)
         self.text_len = int(embeds.shape[1])
-        self._cond = embeds
+        self._cond = family.prompt_rows(result)
         # one row per prompt (the pipeline repeats each prompt's row n times, prompt-major)
         self._embeds, self._pooled = embeds[::n].clone(), pooled[::n].clone()
-        clip = _texts(arguments.get("prompt"))
-        t5 = _texts(arguments.get(family.t5_prompt_arg)) or clip
+        clip = texts["prompt"]
+        t5 = texts[family.t5_prompt_arg] or clip
         if clip is not None and t5 is not None and len(t5) != len(clip):
             t5 = t5 * len(clip) if len(t5) == 1 else None
         self._clip_texts, self._t5_texts = clip, t5
@@ -263,15 +274,18 @@ class Trace:
         inputs = _call_arguments(transformer, args, kwargs)
         if inputs.get("skip_layers") is not None:
             return  # SD3.5 skip-layer guidance: a second pass that leaves blocks out
-        grid, t = self.backend.family.call_info(transformer, inputs)
+        family = self.backend.family
+        grid, t = family.call_info(transformer, inputs)
         if self._last_t is None or t != self._last_t:
             self._step += 1
             self._last_t = t
+        found = family.conditional_rows(inputs, self._cond)
+        if found is None:
+            return  # Flux's and Chroma's negative-prompt call under true CFG
+        offset, count = found
+        self._check_images(count)
         if self.step_filter is not None and self._step not in self.step_filter:
             return
-        offset = self._conditional_rows(inputs.get("encoder_hidden_states"))
-        if offset is None:
-            return  # Flux's negative-prompt call under true_cfg_scale
         if self.grid is not None and grid != self.grid:
             raise LavaError(f"the image-token grid changed during the call: {self.grid} then {grid}")
         self.grid = grid
@@ -286,17 +300,16 @@ class Trace:
         )
         stack = ExitStack()
         self._store = stack.enter_context(capturing(transformer, plan))
-        self._capture, self._pending = stack, (offset, self._step, t)
+        self._capture, self._pending = stack, (offset, count, self._step, t)
 
     def _after(self, transformer, args: tuple, output) -> None:
         """Transformer forward hook: add this call's conditional slices to the running sums."""
         if self._store is None or self._pending is None:
             return
-        offset, step, t = self._pending
-        rows = int(self._cond.shape[0])
+        offset, count, step, t = self._pending
         try:
             for block in self.layers:
-                part = self._store[block][offset : offset + rows]
+                part = self._store[block][offset : offset + count]
                 if block in self._sums:
                     self._sums[block].add_(part)
                 else:
@@ -307,20 +320,18 @@ class Trace:
         self.steps.append(step)
         self.timesteps.append(t)
 
-    def _conditional_rows(self, context: torch.Tensor | None) -> int | None:
-        """Where the conditional prompt rows sit in this call's batch: the offset of the block of
-        rows equal to the prompt's own embeddings (SD3 under CFG: the second half), or ``None``."""
-        cond = self._cond
-        rows = int(cond.shape[0])
-        if context is None or context.shape[1:] != cond.shape[1:] or context.shape[0] % rows:
-            return None
-        cached = self._cond_cache
-        if cached is None or cached.device != context.device or cached.dtype != context.dtype:
-            cached = self._cond_cache = cond.to(context.device, context.dtype)
-        for offset in reversed(range(0, context.shape[0], rows)):
-            if torch.equal(context[offset : offset + rows], cached):
-                return offset
-        return None
+    def _check_images(self, count: int) -> None:
+        """``count`` conditional batch entries in a call: ``images_per_prompt`` of each prompt, the
+        same in every call (where ``encode_prompt`` did not repeat the rows, this is where the
+        number of images per prompt is learned)."""
+        per_prompt, rest = divmod(count, self.num_prompts)
+        if rest or not per_prompt or (self._seen_call and per_prompt != self.images_per_prompt):
+            raise LavaError(
+                f"a transformer call carried {count} conditional rows for {self.num_prompts} prompt(s) "
+                f"({self.images_per_prompt} image(s) each until then): lava.trace reads one pipeline "
+                "call that generates the same images at every step"
+            )
+        self.images_per_prompt, self._seen_call = per_prompt, True
 
     # ---- results -------------------------------------------------------------------------------
     @property

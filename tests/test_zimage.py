@@ -1,6 +1,7 @@
 """Z-Image through its family adapter: exact captures after RoPE in the unified [image; caption]
 sequence (image pad tokens and batch padding kept out), the model untouched, early exit, chat-template
-spans, list inputs, several prompt rows, the CLI, loading and memory planning."""
+spans, list inputs, several prompt rows, lava.trace over a stock ZImagePipeline, the CLI, loading
+and memory planning."""
 
 from __future__ import annotations
 
@@ -434,12 +435,178 @@ def test_memory_plan_from_the_published_configs(capsys, tmp_path):
     assert "tiny-zimage" in capsys.readouterr().out
 
 
-def test_trace_refuses_z_image_in_plain_words(tiny_zimage):
-    """lava.trace does not read ZImagePipeline calls yet: the call stops at its prompt with a plain
-    error, and the pipeline is left as it was."""
+# ---- lava.trace over a stock ZImagePipeline ---------------------------------------------------------
+
+TRACE_PROMPTS = ["a photo of a cat on a red sofa", "a dog in the grass"]
+TRACE_SIZE = dict(height=32, width=40)  # 16x20 latents: an 8x10 grid, 80 tokens + 16 image pad tokens
+
+
+def _generate(pipe, prompt, steps=2, **kw):
+    """One ordinary ZImagePipeline call (lists copied: the pipeline rewrites a prompt list in place)."""
+    copy = {k: list(v) if isinstance(v, list) else v for k, v in kw.items()}
+    prompt = list(prompt) if isinstance(prompt, list) else prompt
+    out = pipe(
+        prompt,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        max_sequence_length=64,
+        **TRACE_SIZE,
+        **copy,
+    )
+    return out.images
+
+
+def _reference(seen, calls, refiners, blocks, rows, columns, n_img):
+    """``{block: [M, N_img, K]}``: the mean over the transformer calls of the float64 softmax of the
+    q, k the unmodified model attended with (its own mask), heads averaged, image rows of the grid,
+    text position p at joint column ceil32(N_img) + p (0 past the entry's sequence), batch ``rows``.
+    ``seen``: every attention of the ``calls`` transformer calls, ``refiners`` of them before the
+    4 main blocks in each."""
+    assert len(seen) == calls * (refiners + 4)
+    start = _ceil32(n_img)
+    out = {}
+    for b in blocks:
+        steps = []
+        for c in range(calls):
+            q, k, mask = seen[c * (refiners + 4) + refiners + b]
+            scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask.bool(), float("-inf"))
+            probs = torch.softmax(scores, -1)[:, :, :n_img].mean(1)[list(rows)]  # [M, N_img, N]
+            n = probs.shape[-1]
+            want = probs.new_zeros(len(rows), n_img, len(columns))
+            held = [i for i, p in enumerate(columns) if start + p < n]
+            want[..., held] = probs[..., [start + columns[i] for i in held]]
+            steps.append(want)
+        out[b] = torch.stack(steps).mean(0)
+    return out
+
+
+TRACE_CASES = {
+    # name: (pipeline keywords, steps, conditional batch rows of every call, images per prompt)
+    # CFG: ZImagePipeline batches [prompts; negatives]; a long negative pads and masks the prompts' entries
+    "cfg_batch": (
+        dict(
+            prompt=TRACE_PROMPTS,
+            negative_prompt=["blurry dark grainy low quality picture of nothing at all", "blurry"],
+            num_images_per_prompt=2,
+            guidance_scale=5.0,
+        ),
+        2,
+        [0, 1, 2, 3],
+        2,
+    ),
+    "no_cfg": (dict(prompt=TRACE_PROMPTS[0], guidance_scale=0.0), 2, [0], 1),
+    # the negative prompt is the prompt itself: equal embeddings, yet only the prompt's entries count
+    "negative_equals_prompt": (
+        dict(
+            prompt=TRACE_PROMPTS[0],
+            negative_prompt=TRACE_PROMPTS[0],
+            num_images_per_prompt=2,
+            guidance_scale=5.0,
+        ),
+        2,
+        [0, 1],
+        2,
+    ),
+    # cfg_truncation: CFG on the first steps only, so the calls change batch size during the loop
+    "cfg_truncation": (dict(prompt=TRACE_PROMPTS[0], guidance_scale=5.0, cfg_truncation=0.1), 3, [0], 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRACE_CASES))
+def test_trace_images_unchanged_and_maps_equal_the_models_attention(tiny_zimage, monkeypatch, case):
+    kw, steps, rows, per_prompt = TRACE_CASES[case]
     pipe = tiny_zimage.pipe
-    with pytest.raises(LavaError, match="does not read ZImagePipeline"), lava.trace(pipe, layers=[1]):
-        pipe("a cat", height=32, width=32, num_inference_steps=2, guidance_scale=0.0, output_type="latent")
+    seen = _record_model_attention(monkeypatch)
+    batches = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, args: batches.append(len(args[0])))
+    try:
+        plain = _generate(pipe, steps=steps, **kw)
+    finally:
+        hook.remove()
+    monkeypatch.undo()
+    layers = (0, 2, 3)
+    with lava.trace(pipe, layers=layers) as tr:
+        traced = _generate(pipe, steps=steps, **kw)
+    assert torch.equal(plain, traced)
+    assert len(batches) == steps and tr.steps == list(range(steps)) and tr.grid == (8, 10)
+    prompts = kw["prompt"] if isinstance(kw["prompt"], list) else [kw["prompt"]]
+    assert tr.images_per_prompt == per_prompt and tr.num_images == len(rows) == len(prompts) * per_prompt
+    assert tr.prompts == tuple(p for p in prompts for _ in range(per_prompt))
+    cfg = kw["guidance_scale"] > 0
+    if case == "cfg_truncation":
+        assert batches == [2, 1, 1]  # the later steps (t_norm > 0.1) run without the negative entry
+    else:
+        assert set(batches) == {len(rows) * (2 if cfg else 1)}
+    n_img = 80
+    before, after = ZIMAGE.template_parts(pipe.tokenizer)
+    # lava's text positions: the templated tokens of the longest prompt (each caption as the model reads it)
+    assert tr.text_len == max(len(pipe.tokenizer(before + p + after)["input_ids"]) for p in prompts)
+    refiners = len(pipe.transformer.noise_refiner) + len(pipe.transformer.context_refiner)
+    want = _reference(seen, steps, refiners, layers, rows, tr.columns, n_img)
+    maps = tr.maps()
+    for b in layers:
+        assert maps[b].shape == (len(rows), 1, n_img, tr.text_len)
+        torch.testing.assert_close(maps[b][:, 0].double(), want[b], atol=1e-5, rtol=0)
+    if case == "cfg_batch":  # the reference tells the halves apart: the negative half is other maps
+        assert seen[refiners][2] is not None  # the entries differ in length: the model masks the padding
+        negative = _reference(seen, steps, refiners, layers, [4, 5, 6, 7], tr.columns, n_img)
+        assert all((maps[b][:, 0].double() - negative[b]).abs().max() > 1e-3 for b in layers)
+    t = pipe.transformer
+    assert "encode_prompt" not in vars(pipe) and not t._forward_pre_hooks and not t._forward_hooks
+    assert all(type(b.attention.processor).__name__ == "ZSingleStreamAttnProcessor" for b in t.layers)
+
+
+def test_trace_words_under_the_chat_template(tiny_zimage):
+    """Words are found in the prompt text as given (the pipeline rewrites a prompt list in place,
+    inside its chat template), at their tokens after the template's opening; a word's heatmap is
+    the mean of its tokens' traced maps over the blocks, through lava's aggregate."""
+    pipe = tiny_zimage.pipe
+    prompts = list(TRACE_PROMPTS)
+    with lava.trace(pipe, layers=[1, 2]) as tr:
+        pipe(prompts, num_inference_steps=2, guidance_scale=5.0, output_type="latent", **TRACE_SIZE)
+    assert prompts[0].startswith("<|im_start|>user")  # what ZImagePipeline did to the list
+    assert tr.prompts == tuple(TRACE_PROMPTS)
+    tok = pipe.tokenizer
+    before, after = ZIMAGE.template_parts(tok)
+    for p, text in enumerate(TRACE_PROMPTS):
+        ids = tok(before + text + after)["input_ids"]
+        enc = tr.encoding(["a"], p)
+        assert all(tok.decode([ids[i]]).strip() == "a" for i in enc.t5_spans["a"])
+    enc = tr.encoding(["cat", "red sofa"], 0)
+    ids = tok(before + TRACE_PROMPTS[0] + after)["input_ids"]
+    assert tok.decode([ids[i] for i in enc.t5_spans["red sofa"]]).strip() == "red sofa"
+    heat = tr.heatmaps(["cat", "red sofa"], indices=[0], normalize="none")
+    maps = tr.maps()
+    for c, word in enumerate(["cat", "red sofa"]):
+        cols = [tr.columns.index(k) for k in enc.positions(word)]
+        want = torch.stack([maps[b][0, 0][:, cols].mean(-1) for b in (1, 2)]).mean(0)
+        torch.testing.assert_close(heat.scores[0, c].flatten(), want)
+    assert tr.heatmaps(["a"]).scores.shape == (2, 1, 8, 10)
+    with pytest.raises(lava.ClassNameError, match=r"'cat' is not a word of the prompt 'a dog.*indices=\[0\]"):
+        tr.heatmaps(["cat"])
+    with pytest.raises(
+        lava.ClassNameError, match=r"'zebra' is not a word of the prompt .*: a, photo, of, cat"
+    ):
+        tr.heatmaps(["zebra"], indices=[0])
+    seg = tr.segment(["cat", "sofa"], indices=[0])
+    assert seg.labels[0].shape == (32, 40)
+
+
+def test_trace_words_up_front(tiny_zimage):
+    pipe = tiny_zimage.pipe
+    with lava.trace(pipe, layers=[2]) as every:
+        _generate(pipe, TRACE_PROMPTS[0], guidance_scale=0.0)
+    with lava.trace(pipe, layers=[2], words=["cat", "sofa"]) as some:
+        _generate(pipe, TRACE_PROMPTS[0], guidance_scale=0.0)
+    assert len(some.columns) == 2 < len(every.columns) == every.text_len
+    idx = [every.columns.index(k) for k in some.columns]
+    torch.testing.assert_close(some.maps()[2], every.maps()[2][..., idx])
+    # a word not in the prompt fails as soon as the pipeline has encoded it, and nothing stays
+    with pytest.raises(lava.ClassNameError, match="'zebra' is not a word"), lava.trace(pipe, words=["zebra"]):
+        _generate(pipe, TRACE_PROMPTS[0], guidance_scale=0.0)
     assert "encode_prompt" not in vars(pipe)
     assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
 

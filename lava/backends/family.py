@@ -115,6 +115,36 @@ class Family:
         shift = vae.config.get("shift_factor") or 0.0
         return (dist.mean - shift) * vae.config.scaling_factor
 
+    # ---- a pipeline's own calls (lava.trace), defaults ------------------------------------------
+    t5_prompt_arg = "prompt"  # the encode_prompt argument whose text the sequence encoder reads
+
+    def prompt_rows(self, result):
+        """The conditional prompt's text as the pipeline hands it to the transformer, from
+        ``encode_prompt``'s return value ``result``: what ``conditional_rows`` looks for in each
+        transformer call. Default: ``prompt_outputs``' embeddings ``[R, T, D]``, already one row
+        per generated image (the pipelines repeat them ``num_images_per_prompt`` times in
+        ``encode_prompt``)."""
+        return self.prompt_outputs(result)[0]
+
+    def conditional_rows(self, inputs: dict, cond) -> tuple[int, int] | None:
+        """``(offset, count)``: the ``count`` consecutive batch entries of one transformer call,
+        from ``offset``, that carry the conditional prompt (one per generated image, prompt-major),
+        or ``None`` when the call does not carry it (a negative-prompt call). ``inputs``: the
+        call's arguments by name; ``cond``: what ``prompt_rows`` returned.
+
+        Default: the block of rows of ``encoder_hidden_states`` equal to ``cond``, the last such
+        block (SD3 under CFG batches ``[negative; prompt]``), so it does not depend on the
+        pipeline's layout."""
+        context = inputs.get("encoder_hidden_states")
+        rows = int(cond.shape[0])
+        if context is None or context.shape[1:] != cond.shape[1:] or context.shape[0] % rows:
+            return None
+        cond = cond.to(context.device, context.dtype)  # the same tensor when they already agree
+        for offset in reversed(range(0, context.shape[0], rows)):
+            if torch.equal(context[offset : offset + rows], cond):
+                return offset, rows
+        return None
+
 
 class SD3Family(Family):
     """SD3 / SD3.5 (``SD3Transformer2DModel``): joint blocks only, image tokens first, no RoPE."""

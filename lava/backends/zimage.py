@@ -269,14 +269,81 @@ class ZImageFamily(Family):
         return -torch.stack(list(sample)).squeeze(2)
 
     # ---- a pipeline's own calls (lava.trace) ----------------------------------------------------
-    def prompt_outputs(self, result):
-        raise LavaError(
-            "lava.trace does not read ZImagePipeline calls yet: its transformer takes the captions as a "
-            "list of unpadded tensors, which the tracer cannot match to the prompt rows; use lava.segment"
-        )
+    # ZImagePipeline.encode_prompt returns ``(captions, negative captions)``: one ``[L_i, D]`` tensor
+    # per prompt (masked tokens dropped), not repeated per image. Its ``__call__`` then repeats each
+    # caption ``num_images_per_prompt`` times (prompt-major, the same tensor objects) and, under CFG,
+    # passes ``captions + negatives`` as ``cap_feats``, the latents as the list ``x`` and the time
+    # as ``(1000 - t) / 1000``, all positionally.
+    t5_prompt_arg = "prompt"
 
-    def call_info(self, transformer, inputs: dict):
-        raise LavaError("lava.trace does not read ZImagePipeline calls yet")
+    def prompt_outputs(self, result) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeds [P, L, D], [P, 0])``: the prompts' captions zero-padded to the longest one
+        (lava's text position ``p`` is the ``p``-th caption token, chat template included)."""
+        caps = list(result[0])
+        if not caps:
+            raise LavaError("ZImagePipeline.encode_prompt returned no caption")
+        length = max(int(c.shape[0]) for c in caps)
+        out = caps[0].new_zeros(len(caps), length, caps[0].shape[-1])
+        for i, c in enumerate(caps):
+            out[i, : c.shape[0]] = c
+        return out, out.new_zeros(len(caps), 0)
+
+    def prompt_rows(self, result) -> tuple[torch.Tensor, ...]:
+        """The prompts' own caption tensors, one per prompt, as ``encode_prompt`` returned them."""
+        return tuple(result[0])
+
+    def conditional_rows(self, inputs: dict, cond) -> tuple[int, int] | None:
+        """The entries of ``cap_feats`` that carry the prompts: those that are the very tensors
+        ``encode_prompt`` returned for them (a negative prompt equal to the prompt is still another
+        tensor), or, when the call got copies (none is), those equal to them. They must form one
+        block ``[prompt 0 × n, prompt 1 × n, ...]`` (ZImagePipeline's: conditional first under CFG);
+        ``None`` when no entry carries a prompt. (By value, a single prompt whose negative prompt
+        is the same text cannot be told from it: only the identity pass tells them apart.)"""
+        caps = inputs.get("cap_feats")
+        if not isinstance(caps, list | tuple) or not all(torch.is_tensor(c) for c in caps):
+            return None  # omni mode (nested lists) is not read; call_info refuses it first
+        ids = {id(c): p for p, c in enumerate(cond)}
+        hits = [ids.get(id(c)) for c in caps]
+        if all(h is None for h in hits):
+            hits = [next((p for p, c in enumerate(cond) if _same(c, e)), None) for e in caps]
+        start = next((j for j, h in enumerate(hits) if h is not None), None)
+        if start is None:
+            return None
+        end = start
+        while end < len(hits) and hits[end] is not None:
+            end += 1
+        n, rest = divmod(end - start, len(cond))
+        if (
+            rest
+            or hits[start:end] != [p for p in range(len(cond)) for _ in range(n)]
+            or any(h is not None for h in hits[end:])
+        ):
+            raise LavaError(
+                "the prompts' captions in this Z-Image call are not laid out as ZImagePipeline lays them "
+                "out (each prompt's caption once per image, prompt-major, in one block): lava.trace "
+                "cannot tell which entries are the conditional ones"
+            )
+        return start, end - start
+
+    def call_info(self, transformer, inputs: dict) -> tuple[tuple[int, int], float]:
+        """The grid from the latents ``x`` (one ``[C, 1, h, w]`` per entry, all of one size) and the
+        time the pipeline passed as ``(1000 - t) / 1000`` back in lava's units."""
+        x = inputs["x"]
+        if inputs.get("siglip_feats") is not None or not all(torch.is_tensor(e) for e in x):
+            raise LavaError(
+                "this Z-Image call is in omni mode (reference images): lava reads text-to-image calls only"
+            )
+        sizes = {tuple(e.shape[-2:]) for e in x}
+        if len(sizes) != 1:
+            raise LavaError(f"Z-Image entries of one call hold different latent sizes {sorted(sizes)}")
+        (h, w), p = sizes.pop(), self.patch_size(transformer)
+        t = inputs["t"]
+        t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        return (h // p, w // p), (1 - t) * 1000
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.to(b.device, b.dtype), b)
 
 
 ZIMAGE = ZImageFamily()
