@@ -1,4 +1,4 @@
-"""Qwen-Image through its family adapter, on ``tiny-qwen``: captures equal to a recomputation
+"""Qwen-Image through its family adapter, on ``tiny-qwen-image``: captures equal to a recomputation
 from the q/k the unmodified model attends with (after its multimodal RoPE, under its padding
 mask), the model untouched, early exit, class spans exact under the chat template and its
 34-token crop, padding that takes no probability, the CLI, several prompt rows, lava.trace,
@@ -25,7 +25,7 @@ CLASSES = ["cat", "potted plant", "hydrant"]
 
 @pytest.fixture(scope="module")
 def tiny_qwen():
-    return lava.load_backend("tiny-qwen")
+    return lava.load_backend("tiny-qwen-image")
 
 
 @pytest.fixture
@@ -231,7 +231,7 @@ def test_class_spans_are_exact_under_the_chat_template(tiny_qwen):
 
 
 def test_window_keeps_the_template_closing_and_splits_long_lists():
-    backend = lava.load_backend("tiny-qwen", max_sequence_length=16)
+    backend = lava.load_backend("tiny-qwen-image", max_sequence_length=16)
     window = QWEN.sequence_window(backend)
     assert window == 16 - 5  # <|im_end|>, newline, <|im_start|>, assistant, newline stay inside
     names = [
@@ -307,14 +307,15 @@ def test_segment_command_runs_on_tiny_qwen(tmp_path, capsys):
     img = tmp_path / "img.png"
     scene().save(img)
     out = tmp_path / "seg"
-    args = ["segment", str(img), "--model", "tiny-qwen", "--classes", "cat,potted plant", "--out", str(out)]
+    args = ["segment", str(img), "--model", "tiny-qwen-image", "--classes", "cat,potted plant"]
+    args += ["--out", str(out)]
     assert main(args) == 0
     labels = np.array(Image.open(out / "img_labels.png"))
     assert labels.shape == (40, 56)
     assert "RANDOM weights" in capsys.readouterr().err
     assert main(["models"]) == 0
     listing = capsys.readouterr().out
-    assert "qwen-image" in listing and "tiny-qwen" in listing and "Qwen/Qwen-Image" in listing
+    assert "qwen-image" in listing and "tiny-qwen-image" in listing and "Qwen/Qwen-Image" in listing
     assert "unmeasured: Seg4Diff's SD3-medium relative depth" in listing
 
 
@@ -357,7 +358,7 @@ def test_loads_from_a_folder_and_from_a_pipeline(tmp_path, tiny_qwen):
     with pytest.raises(ModelError, match="no guidance embedding"):
         lava.from_pipeline(pipe, guidance=3.5)
     with pytest.raises(ModelError, match="nothing can be dropped"):
-        lava.load_backend("tiny-qwen", drop_t5=True)
+        lava.load_backend("tiny-qwen-image", drop_t5=True)
     with pytest.raises(LavaError, match="no guidance embedding"):
         QWEN.inputs(torch.zeros(1, 4, 4, 4), torch.zeros(1, 2, 32), None, torch.ones(1), guidance=1.0)
 
@@ -380,5 +381,5 @@ def test_planner_sizes_qwen_image_from_its_configs(tmp_path):
     assert offloaded.total < 48 * gib < as_is.total
     with pytest.raises(LavaError, match="nothing lava can change fits"):
         plan_memory(spec, (1024, 1024), 24 * gib, dtype=bf16, device=cuda)
-    tiny = spec_from_pipeline(lava.load_backend("tiny-qwen").pipe, 64)
+    tiny = spec_from_pipeline(lava.load_backend("tiny-qwen-image").pipe, 64)
     assert tiny.clip_len == 0 and tiny.vae_scale == 2 and tiny.vae_channels == 8

@@ -21,7 +21,7 @@ CLASSES = ["cat", "potted plant", "hydrant"]
 
 @pytest.fixture(scope="module")
 def tiny_zimage():
-    return lava.load_backend("tiny-zimage")
+    return lava.load_backend("tiny-z-image")
 
 
 @pytest.fixture
@@ -227,7 +227,7 @@ def test_spans_are_exact_under_the_chat_template(tiny_zimage):
 def test_window_keeps_the_template_whole(tiny_zimage):
     """A vocabulary longer than the window is split so every templated prompt fits the window with
     its closing template tokens."""
-    short = lava.load_backend("tiny-zimage", max_sequence_length=24)
+    short = lava.load_backend("tiny-z-image", max_sequence_length=24)
     tail = len(short.pipe.tokenizer("<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
     assert ZIMAGE.sequence_window(short) == 24 - tail
     names = ["cat", "dog", "horse", "sheep", "tree", "sky", "road", "car", "bus", "boat", "zxqv", "qqzk"]
@@ -357,7 +357,7 @@ def test_registry_folder_and_from_pipeline(tiny_zimage, tmp_path, capsys):
     from lava.backends.tiny_zimage import build_tiny_zimage_pipeline
     from lava.cli import main
 
-    assert {"z-image-turbo", "tiny-zimage"} <= set(REGISTRY)
+    assert {"z-image-turbo", "tiny-z-image"} <= set(REGISTRY)
     rows = {name: (what, d) for name, what, d in list_backends()}
     assert rows["z-image-turbo"][0].startswith("Tongyi-MAI/Z-Image-Turbo")
     turbo = rows["z-image-turbo"][1]
@@ -365,7 +365,7 @@ def test_registry_folder_and_from_pipeline(tiny_zimage, tmp_path, capsys):
     capsys.readouterr()
     assert main(["models"]) == 0
     listing = capsys.readouterr().out
-    assert "z-image-turbo" in listing and "tiny-zimage" in listing
+    assert "z-image-turbo" in listing and "tiny-z-image" in listing
 
     wrapped = lava.from_pipeline(build_tiny_zimage_pipeline(num_layers=6))
     assert (wrapped.variant, wrapped.family, wrapped.max_sequence_length) == ("z-image-turbo", ZIMAGE, 512)
@@ -374,7 +374,7 @@ def test_registry_folder_and_from_pipeline(tiny_zimage, tmp_path, capsys):
     with pytest.raises(ModelError, match="no guidance embedding"):
         lava.from_pipeline(tiny_zimage.pipe, guidance=2.0)
     with pytest.raises(ModelError, match="cannot be dropped"):
-        lava.load_backend("tiny-zimage", drop_t5=True)
+        lava.load_backend("tiny-z-image", drop_t5=True)
 
     folder = tmp_path / "zimage"
     tiny_zimage.pipe.save_pretrained(folder)
@@ -399,7 +399,7 @@ def test_segment_command_runs_on_tiny_zimage(tmp_path):
     img = tmp_path / "img.png"
     scene().save(img)
     out = tmp_path / "seg"
-    assert main(["segment", str(img), "--model", "tiny-zimage", "--classes", "a,b", "--out", str(out)]) == 0
+    assert main(["segment", str(img), "--model", "tiny-z-image", "--classes", "a,b", "--out", str(out)]) == 0
     assert (out / "img_labels.png").exists()
 
 
@@ -431,8 +431,8 @@ def test_memory_plan_from_the_published_configs(capsys, tmp_path):
     assert main(args) == 0
     report = capsys.readouterr().out
     assert "no weights loaded" in report and "text_encoder" in report and "4096 image + 512 text" in report
-    assert main(["segment", str(path), "--classes", "a,b", "--model", "tiny-zimage", "--dry-run"]) == 0
-    assert "tiny-zimage" in capsys.readouterr().out
+    assert main(["segment", str(path), "--classes", "a,b", "--model", "tiny-z-image", "--dry-run"]) == 0
+    assert "tiny-z-image" in capsys.readouterr().out
 
 
 # ---- lava.trace over a stock ZImagePipeline ---------------------------------------------------------

@@ -61,7 +61,7 @@ DEFAULTS = {
             "(block 22), t=500 (σ=0.5, mid-trajectory); no published reading of Qwen-Image"
         ),
     ),
-    "tiny-qwen": VariantDefaults(
+    "tiny-qwen-image": VariantDefaults(
         timestep=500.0,
         layers=(1, 2),
         resolution=32,

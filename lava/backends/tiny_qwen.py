@@ -1,4 +1,4 @@
-"""``tiny-qwen``: the Qwen-Image architecture at toy size, built offline in about a second.
+"""``tiny-qwen-image``: the Qwen-Image architecture at toy size, built offline in about a second.
 
 Every component is the real diffusers/transformers class — ``QwenImageTransformer2DModel``,
 ``AutoencoderKLQwenImage`` (the 3-D causal VAE, fed one frame), ``Qwen2_5_VLForConditionalGeneration``
@@ -89,7 +89,7 @@ def build_tiny_qwen_pipeline(
     head_dim: int = 16,
     text_width: int = 32,
 ):
-    """A ``QwenImagePipeline`` with toy-size components and seeded random weights (``tiny-qwen``).
+    """A ``QwenImagePipeline`` with toy-size components and seeded random weights (``tiny-qwen-image``).
 
     Transformer: ``num_layers`` double-stream blocks of ``heads × head_dim`` (RoPE axes 4+6+6 over
     frame, row, column), joint attention dim ``text_width``. VAE factor 2 with 4 latent channels,

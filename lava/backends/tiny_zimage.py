@@ -1,4 +1,4 @@
-"""``tiny-zimage``: the Z-Image architecture at toy size, built offline in well under a second.
+"""``tiny-z-image``: the Z-Image architecture at toy size, built offline in well under a second.
 
 Every component is the real class (``ZImageTransformer2DModel``, ``Qwen3Model``, ``AutoencoderKL``,
 ``FlowMatchEulerDiscreteScheduler``, transformers' ``Qwen2Tokenizer``) with a tiny config and
@@ -40,7 +40,7 @@ def build_tokenizer():
 
 
 def build_tiny_zimage_pipeline(*, seed: int = 0, num_layers: int = 4, heads: int = 2, head_dim: int = 16):
-    """A ``ZImagePipeline`` with toy-size components and seeded random weights (``tiny-zimage``).
+    """A ``ZImagePipeline`` with toy-size components and seeded random weights (``tiny-z-image``).
 
     Transformer: ``num_layers`` main blocks (lava blocks 0..num_layers-1) after one noise-refiner
     and one context-refiner block, 2 heads × 16 (RoPE axes 4+6+6), patch 2. VAE factor 2 with 4

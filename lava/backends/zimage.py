@@ -66,7 +66,7 @@ DEFAULTS = {
         source="unmeasured: Seg4Diff's relative depth 9/24 (SD3-medium) scaled to Z-Image's 30 main blocks "
         "(block 11), t=515; no published reading point for Z-Image",
     ),
-    "tiny-zimage": VariantDefaults(
+    "tiny-z-image": VariantDefaults(
         timestep=500.0,
         layers=(1, 2),
         resolution=32,

@@ -26,8 +26,8 @@ RANDOM_MODELS = (
     "tiny-flux",
     "tiny-chroma",
     "tiny-flux2",
-    "tiny-qwen",
-    "tiny-zimage",
+    "tiny-qwen-image",
+    "tiny-z-image",
     "tiny-clip",
     "tiny-sd15",
 )
