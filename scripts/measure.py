@@ -178,6 +178,22 @@ SETTINGS: dict[str, Setting] = {
     ),
     "split-4": setting("defaults, classes forced into prompts of at most 4 names", max_classes_per_prompt=4),
     "split-1": setting("defaults, one prompt per class", max_classes_per_prompt=1),
+    # Issue #20: lava-shapes' plain call puts every class in a prompt of its own, presence floor 0.3.
+    "before-20": setting(
+        "the plain call before issue #20: as many names per prompt as fit, presence floor 0.5",
+        max_classes_per_prompt=0,
+        min_presence=0.5,
+    ),
+    "one-prompt": setting("defaults, but as many names per prompt as fit", max_classes_per_prompt=0),
+    "split-1-presence-0.5": setting(
+        "one prompt per class, presence floor 0.5", max_classes_per_prompt=1, min_presence=0.5
+    ),
+    "split-1-presence-0.3": setting(
+        "one prompt per class, presence floor 0.3", max_classes_per_prompt=1, min_presence=0.3
+    ),
+    "split-1-presence-0.6": setting(
+        "one prompt per class, presence floor 0.6", max_classes_per_prompt=1, min_presence=0.6
+    ),
     "defaults-no-refine": setting(
         "defaults without PAMR: the maps as aggregated (the plain call before PAMR became the default)",
         refine="none",
