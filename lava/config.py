@@ -204,10 +204,8 @@ def recipe(
     for t in read.timesteps or ():
         backend.check_timestep(t)
 
-    # The model's prompt layout unless one is given; 0 names per prompt means as many as fit.
+    # The model's prompt layout unless one is given (0 names per prompt: as many as fit).
     prompt = PromptConfig(**{"max_classes_per_prompt": d.max_classes_per_prompt, **picked(PROMPT)})
-    if prompt.max_classes_per_prompt == 0:
-        prompt = dataclasses.replace(prompt, max_classes_per_prompt=None)
 
     agg = aggregate_config or AggregateConfig.for_model(d)
     agg = dataclasses.replace(agg, **picked(AGGREGATE))

@@ -144,7 +144,10 @@ def test_prompt_layout_is_the_models_unless_given(tiny, image):
     assert recipe(custom, classes=classes).prompt.max_classes_per_prompt == 1
     assert recipe(custom, classes=classes, max_classes_per_prompt=2).prompt.max_classes_per_prompt == 2
     # 0: as many names per prompt as fit, whatever the model's default.
-    assert recipe(custom, classes=classes, max_classes_per_prompt=0).prompt.max_classes_per_prompt is None
+    assert recipe(custom, classes=classes, max_classes_per_prompt=0).prompt.max_classes_per_prompt == 0
+    # The prompt stage reads the same layout when given none (as every stage takes the model's).
+    assert lava.encode_prompt(custom, classes).num_prompts == 3
+    assert lava.encode_prompt(custom, classes, max_classes_per_prompt=0).num_prompts == 1
     plain = lava.segment(image, classes, backend=custom)
     spelled = lava.segment(image, classes, backend=tiny, max_classes_per_prompt=1)
     assert torch.equal(plain.labels[0], spelled.labels[0])

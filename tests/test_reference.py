@@ -165,7 +165,7 @@ def test_training_embedding_is_lavas_embedding(shapes):
 
 def test_class_spans_decode_to_class_names(shapes):
     classes = ["background", "red circle", "triangle"]
-    prompt = lava.encode_prompt(shapes, classes)
+    prompt = lava.encode_prompt(shapes, classes, max_classes_per_prompt=0)  # all three in one prompt
     ids = shapes.pipe.tokenizer(prompt.text)["input_ids"]
     for name in classes:
         assert shapes.pipe.tokenizer.decode([ids[p] for p in prompt.clip_spans[name]]).strip() == name
