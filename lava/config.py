@@ -204,7 +204,8 @@ def recipe(
     for t in read.timesteps or ():
         backend.check_timestep(t)
 
-    prompt = PromptConfig(**picked(PROMPT))
+    # The model's prompt layout unless one is given (0 names per prompt: as many as fit).
+    prompt = PromptConfig(**{"max_classes_per_prompt": d.max_classes_per_prompt, **picked(PROMPT)})
 
     agg = aggregate_config or AggregateConfig.for_model(d)
     agg = dataclasses.replace(agg, **picked(AGGREGATE))

@@ -263,8 +263,9 @@ _DECLARED = (
     Option(
         "max_classes_per_prompt",
         PROMPT,
-        "put at most N class names in one prompt (default: as many as fit the text window; longer class "
-        "lists are always split into several prompts, run as one batch)",
+        "put at most N class names in one prompt; 0: as many as fit the text window (default: the "
+        "model's, see `lava models`: 1 for lava-shapes, as many as fit elsewhere; longer class lists are "
+        "always split into several prompts, run as one batch)",
         "--max-classes-per-prompt",
         parse=int,
         metavar="N",

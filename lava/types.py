@@ -28,7 +28,8 @@ class VariantDefaults:
     ``normalize``/``background_threshold``/``min_presence``: how heatmaps become labels, the
     ``AggregateConfig`` and ``MaskConfig`` settings ``lava.segment``, ``lava segment``, ``lava eval`` and
     ``lava sweep`` use unless told otherwise (``mask_source`` says where they come from);
-    a ``None`` threshold labels no pixel background.
+    a ``None`` threshold labels no pixel background. ``max_classes_per_prompt``: how many class
+    names one prompt holds unless told otherwise (``None``: as many as fit the text window).
     """
 
     timestep: float
@@ -41,6 +42,7 @@ class VariantDefaults:
     mask_source: str = "lava's generic mask settings, not measured for this model"
     refine: str | None = None
     presence: str = "peak"  # AggregateConfig.presence: "peak" or "null" (against the filler tokens)
+    max_classes_per_prompt: int | None = None  # PromptConfig's default (None: as many as fit)
 
     def describe_mask(self) -> str:
         bg = "none" if self.background_threshold is None else f"threshold {self.background_threshold:g}"

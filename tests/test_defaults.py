@@ -28,6 +28,7 @@ def _explicit(backend) -> dict:
         background_threshold=d.background_threshold or 0,
         min_presence=d.min_presence or 0,
         presence=d.presence,
+        max_classes_per_prompt=d.max_classes_per_prompt or 0,
     )
 
 
@@ -87,6 +88,7 @@ def test_cli_eval_with_no_flags_uses_the_model_defaults(shapes, export_dir, tmp_
     assert main(["eval", "--dataset", "folder", "--root", str(export_dir), "--out", str(plain)]) == 0
     d = shapes.defaults
     flags = ["--normalize", d.normalize, "--min-presence", str(d.min_presence or 0), "--presence", d.presence]
+    flags += ["--max-classes-per-prompt", str(d.max_classes_per_prompt or 0)]
     if d.background_threshold is not None:
         flags += ["--background", "threshold", "--background-threshold", str(d.background_threshold)]
     args = ["eval", "--dataset", "folder", "--root", str(export_dir), "--out", str(spelled), *flags]
@@ -131,3 +133,36 @@ def test_presence_rule_is_the_models_and_either_rule_is_a_keyword(shapes):
     with pytest.raises(lava.LavaError, match="presence must be one of"):
         lava.segment(image, classes, backend=shapes, presence="bogus")
     assert null.labels[0].shape == plain.labels[0].shape
+
+
+def test_prompt_layout_is_the_models_unless_given(tiny, image):
+    from lava.config import recipe
+
+    classes = ["cat", "dog", "bus"]
+    custom = dataclasses.replace(tiny, defaults=dataclasses.replace(tiny.defaults, max_classes_per_prompt=1))
+    assert recipe(tiny, classes=classes).prompt.max_classes_per_prompt is None
+    assert recipe(custom, classes=classes).prompt.max_classes_per_prompt == 1
+    assert recipe(custom, classes=classes, max_classes_per_prompt=2).prompt.max_classes_per_prompt == 2
+    # 0: as many names per prompt as fit, whatever the model's default.
+    assert recipe(custom, classes=classes, max_classes_per_prompt=0).prompt.max_classes_per_prompt == 0
+    # The prompt stage reads the same layout when given none (as every stage takes the model's).
+    assert lava.encode_prompt(custom, classes).num_prompts == 3
+    assert lava.encode_prompt(custom, classes, max_classes_per_prompt=0).num_prompts == 1
+    plain = lava.segment(image, classes, backend=custom)
+    spelled = lava.segment(image, classes, backend=tiny, max_classes_per_prompt=1)
+    assert torch.equal(plain.labels[0], spelled.labels[0])
+    one = lava.segment(image, classes, backend=custom, max_classes_per_prompt=0)
+    assert torch.equal(one.labels[0], lava.segment(image, classes, backend=tiny).labels[0])
+
+
+def test_reference_model_reads_one_class_per_prompt(shapes):
+    # lava-shapes' plain call gives every class a prompt of its own (#20, docs/open-vocabulary.md):
+    # in a shared prompt its causal text encoder mixes each name with the names before it.
+    assert shapes.defaults.max_classes_per_prompt == 1
+    image = make_scene(heldout_seeds(3, "hard")[2]).render(64)
+    classes = list(class_names()[1:])
+    plain = lava.segment(image, classes, backend=shapes)
+    split = lava.segment(image, classes, backend=shapes, max_classes_per_prompt=1)
+    shared = lava.segment(image, classes, backend=shapes, max_classes_per_prompt=0)
+    assert torch.equal(plain.labels[0], split.labels[0])
+    assert not torch.equal(plain.labels[0], shared.labels[0])

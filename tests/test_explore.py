@@ -209,7 +209,9 @@ def test_grid_one_forward_per_timestep_for_all_blocks(explorer, shapes, scene_pa
     grid = explorer.grid(cache, scene_path, settings, "blue triangle", (100, 500), (0, 1, 3))
     assert grid.forwards == 2 and explorer.forwards == 2
     assert grid.columns == (0, 1, 3, "mean")
-    prompt = lava.encode_prompt(shapes, settings.classes)
+    # The explorer reads as lava.segment does: the model's prompt layout (one class per prompt here).
+    layout = settings.recipe.prompt.max_classes_per_prompt
+    prompt = lava.encode_prompt(shapes, settings.classes, max_classes_per_prompt=layout)
     for t in (100, 500):
         noisy = lava.noise(shapes, Image.open(SCENE).convert("RGB"), timestep=t)
         for col in grid.columns:

@@ -89,7 +89,12 @@ def test_rows_embed_exactly_like_single_prompts(tiny):
 
 def test_bad_max_classes_per_prompt(tiny):
     with pytest.raises(ClassNameError, match="positive number of classes"):
-        lava.encode_prompt(tiny, CLASSES, max_classes_per_prompt=0)
+        lava.encode_prompt(tiny, CLASSES, max_classes_per_prompt=-1)
+    # 0: as many names per prompt as fit
+    assert (
+        lava.encode_prompt(tiny, CLASSES, max_classes_per_prompt=0).texts
+        == lava.encode_prompt(tiny, CLASSES).texts
+    )
 
 
 def test_window_is_respected_with_a_template(tiny):

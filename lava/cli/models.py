@@ -22,7 +22,10 @@ def run(args: argparse.Namespace) -> int:
 
     for name, what, d in list_backends():
         print(f"{name:20s} {what}")
-        print(f"{'':20s}   timestep {d.timestep:g}, layers {list(d.layers)}, resolution {d.resolution}")
+        read = f"timestep {d.timestep:g}, layers {list(d.layers)}, resolution {d.resolution}"
+        if d.max_classes_per_prompt is not None:
+            read += f", at most {d.max_classes_per_prompt} class(es) per prompt"
+        print(f"{'':20s}   {read}")
         print(f"{'':20s}   source: {d.source}")
         print(f"{'':20s}   masks: {d.describe_mask()}")
         print(f"{'':20s}   source: {d.mask_source}")

@@ -27,14 +27,22 @@ import torch
 from PIL import Image
 
 from ..backends import Backend
-from ..compose import ForwardKey, capture_forwards, forward_key, maps_from_slices, propagates, segmentation
-from ..config import Recipe, recipe
+from ..compose import (
+    ForwardKey,
+    capture_forwards,
+    forward_key,
+    maps_from_slices,
+    prepare_prompt,
+    propagates,
+    segmentation,
+)
+from ..config import PromptConfig, Recipe, recipe
 from ..errors import ImageError, LavaError
 from ..errors import error_message as os_message
 from ..images import load_image
 from ..options import IMAGE_TO_TEXT, JOINT
 from ..stages.aggregate import aggregate
-from ..stages.prompts import encode_prompt, parse_classes
+from ..stages.prompts import parse_classes
 from ..types import AggregateConfig, AttentionSlices, Heatmaps, PromptEncoding, Segmentation
 
 log = logging.getLogger("lava.explore")
@@ -208,6 +216,7 @@ class CacheKey:
     view: tuple[str, str]
     image_qk: bool
     presence: str
+    layout: PromptConfig = dataclasses.field(default_factory=PromptConfig)  # the classes' prompt layout
 
 
 class MapCache:
@@ -221,7 +230,7 @@ class MapCache:
     def __init__(self, size: int = 8):
         self.size = size
         self._slices: OrderedDict[CacheKey, AttentionSlices] = OrderedDict()
-        self._prompts: OrderedDict[tuple[str, ...], PromptEncoding] = OrderedDict()
+        self._prompts: OrderedDict[tuple[tuple[str, ...], PromptConfig], PromptEncoding] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._slices)
@@ -243,10 +252,12 @@ class MapCache:
         while len(self._slices) > self.size:
             self._slices.popitem(last=False)
 
-    def prompt(self, classes: tuple[str, ...], make: Callable[[], PromptEncoding]) -> PromptEncoding:
-        found = self._prompts.get(classes)
+    def prompt(
+        self, classes: tuple[str, ...], layout: PromptConfig, make: Callable[[], PromptEncoding]
+    ) -> PromptEncoding:
+        found = self._prompts.get((classes, layout))
         if found is None:
-            found = self._prompts[classes] = make()
+            found = self._prompts[(classes, layout)] = make()
             while len(self._prompts) > self.size:
                 self._prompts.popitem(last=False)
         return found
@@ -366,10 +377,13 @@ class Explorer:
             plan.reading.view,
             propagates(plan),
             plan.aggregate.presence,
+            plan.prompt,
         )
         layers = plan.reading.layers
         with self._lock:
-            prompt = cache.prompt(settings.classes, lambda: encode_prompt(b, settings.classes))
+            prompt = cache.prompt(
+                settings.classes, plan.prompt, lambda: prepare_prompt(b, settings.classes, plan.prompt)
+            )
             found = cache.get(key, layers)
             if found is not None:
                 return prompt, found, 0

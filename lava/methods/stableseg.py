@@ -250,8 +250,10 @@ class StableSeg:
     ) -> UNetPrompt:
         """``UNetPrompt`` of the classes: CLIP text encoder states of each prompt (77 tokens)."""
         names = parse_classes(classes)
-        if max_classes_per_prompt is not None and max_classes_per_prompt < 1:
-            raise ClassNameError(f"max_classes_per_prompt must be positive, got {max_classes_per_prompt}")
+        if max_classes_per_prompt is not None and max_classes_per_prompt < 0:
+            raise ClassNameError(
+                f"max_classes_per_prompt must be positive (0: as many as fit), got {max_classes_per_prompt}"
+            )
         key = (names, template, separator, max_classes_per_prompt)
         if key not in self._prompt_cache:
             if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:

@@ -10,7 +10,9 @@ Splits are seed ranges, so no held-out scene was ever seen in training:
 * training: seeds below ``HELDOUT_START``, 1–5 objects (``OBJECT_COUNTS["train"]``);
 * ``standard`` held-out: seeds from ``HELDOUT_START``, 1–3 objects;
 * ``hard`` held-out: seeds from ``HARD_START``, 3–5 smaller objects, meant to be segmented with
-  the full 12-class vocabulary named (most of it absent from each scene).
+  the full 12-class vocabulary named (most of it absent from each scene);
+* ``same`` held-out: seeds from ``SAME_START``, 2–3 objects that all share one colour, so only
+  the shape words tell them apart (issue #20's same-colour cell).
 
 Two class vocabularies share one label map:
 
@@ -39,7 +41,8 @@ TEXTURES: tuple[str, ...] = ("plain", "gradient", "noise", "stripes")
 TRAIN_SEEDS = range(0, 1_000_000)
 HELDOUT_START = 1_000_000
 HARD_START = 2_000_000
-SPLITS: dict[str, int] = {"standard": HELDOUT_START, "hard": HARD_START}
+SAME_START = 3_000_000
+SPLITS: dict[str, int] = {"standard": HELDOUT_START, "hard": HARD_START, "same": SAME_START}
 VOCABS = ("colour_shape", "shape")
 # How many objects a scene holds, with probabilities. ``standard`` is the generator the first
 # model was measured on (kept identical so numbers stay comparable); training covers both splits.
@@ -48,6 +51,8 @@ OBJECT_COUNTS: dict[str, dict[int, float]] = {
     "hard": {3: 0.35, 4: 0.40, 5: 0.25},
     "train": {1: 0.15, 2: 0.25, 3: 0.25, 4: 0.20, 5: 0.15},
     "big": {1: 0.6, 2: 0.4},
+    # ``standard``'s counts given at least two objects (a lone object shares its colour with nothing).
+    "same": {2: 0.6, 3: 0.4},
 }
 
 # Shape outlines in units of the object's size ``s`` (its circle radius): the square's half side
@@ -66,7 +71,9 @@ def scene_words() -> tuple[str, ...]:
 
 
 def split_of(seed: int) -> str:
-    """``"train"``, ``"standard"`` or ``"hard"``: the split a scene seed belongs to."""
+    """``"train"``, ``"standard"``, ``"hard"`` or ``"same"``: the split a scene seed belongs to."""
+    if seed >= SAME_START:
+        return "same"
     if seed >= HARD_START:
         return "hard"
     return "standard" if seed >= HELDOUT_START else "train"
@@ -182,16 +189,20 @@ def _grid(size: int, ss: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(c, c, indexing="xy")
 
 
-def make_scene(seed: int, same_colour: float = 0.0, counts: str | None = None) -> Scene:
+def make_scene(seed: int, same_colour: float | None = None, counts: str | None = None) -> Scene:
     """The scene of ``seed`` (deterministic): a few distinct colour+shape objects on a background.
 
     ``counts`` names the object-count distribution (``OBJECT_COUNTS``); by default the one of
     the seed's split. Colours and shapes are drawn independently (a repeated pair is redrawn).
     ``same_colour`` adds that chance of giving each further object the previous object's colour:
     training raises it (``TrainConfig.same_colour``) so that colour alone often does not tell the
-    objects apart and the shape words have to be used; held-out scenes keep the natural rate.
+    objects apart and the shape words have to be used; held-out scenes keep the natural rate, except
+    the ``same`` split's, which default to 1 (every object has the first one's colour).
     """
-    table = OBJECT_COUNTS[counts or split_of(seed)]
+    split = split_of(seed)
+    if same_colour is None:
+        same_colour = 1.0 if split == "same" else 0.0
+    table = OBJECT_COUNTS[counts or split]
     rng = np.random.default_rng(seed)
     n = int(rng.choice(list(table), p=list(table.values())))
     combos: list[tuple[str, str]] = []
@@ -234,7 +245,7 @@ def make_scene(seed: int, same_colour: float = 0.0, counts: str | None = None) -
 
 
 def heldout_seeds(n: int, split: str = "standard", skip: int = 0) -> list[int]:
-    """``n`` seeds of a held-out split (``"standard"`` or ``"hard"``), after its first ``skip``."""
+    """``n`` seeds of a held-out split (``SPLITS``), after its first ``skip``."""
     if split not in SPLITS:
         raise ValueError(f"held-out split must be one of {sorted(SPLITS)}, got {split!r}")
     start = SPLITS[split] + skip

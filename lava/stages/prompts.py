@@ -119,15 +119,16 @@ def split_classes(
 
     Every group fits the CLIP window (77 tokens in SD3) and, with T5, ``max_sequence_length``
     (Flux: the T5 window alone, 512 tokens by default), and holds at most
-    ``max_classes_per_prompt`` names. The number of groups is the fewest that fit; among cuts
-    into that many groups, the one whose longest prompt is shortest (in CLIP tokens; Flux: T5
-    tokens) is taken, so the prompts are alike in length and each class shares its prompt with
-    about as many others.
+    ``max_classes_per_prompt`` names (``None`` or ``0``: no cap). The number of groups is the
+    fewest that fit; among cuts into that many groups, the one whose longest prompt is shortest
+    (in CLIP tokens; Flux: T5 tokens) is taken, so the prompts are alike in length and each class
+    shares its prompt with about as many others.
     """
     names = list(classes)
-    if max_classes_per_prompt is not None and max_classes_per_prompt < 1:
+    if max_classes_per_prompt is not None and max_classes_per_prompt < 0:
         raise ClassNameError(
-            f"max_classes_per_prompt must be a positive number of classes, got {max_classes_per_prompt}"
+            "max_classes_per_prompt must be a positive number of classes (0: as many as fit), got "
+            f"{max_classes_per_prompt}"
         )
     cap = max_classes_per_prompt or len(names)
     tokenizer = backend.span_tokenizer
@@ -197,8 +198,14 @@ def encode_prompt(
     ``max_sequence_length`` T5 tokens; spans count positions in that sequence. With T5 dropped
     its part holds zeros and classes have no T5 positions. Flux: ``clip_len`` is 0 (CLIP only
     gives ``pooled``), so the sequence is T5 alone and every class has T5 positions only.
+
+    ``max_classes_per_prompt``: at most that many names per prompt; ``None``, the model's own
+    layout (``VariantDefaults.max_classes_per_prompt``: one class per prompt for ``lava-shapes``,
+    as many as fit elsewhere), as ``lava.segment`` reads it; ``0``, as many as fit.
     """
     names = parse_classes(classes)
+    if max_classes_per_prompt is None:
+        max_classes_per_prompt = getattr(getattr(backend, "defaults", None), "max_classes_per_prompt", None)
     groups = split_classes(
         backend, names, template=template, separator=separator, max_classes_per_prompt=max_classes_per_prompt
     )
