@@ -203,6 +203,23 @@ def tiny_vae(scaling_factor: float, shift_factor: float):
     )
 
 
+def tiny_flux_vae():
+    """``tiny_vae`` with FLUX.1's latent scaling and shift (``flux.VAE_CONFIG``), which Chroma and
+    Z-Image share."""
+    from .flux import VAE_CONFIG
+
+    return tiny_vae(scaling_factor=VAE_CONFIG["scaling_factor"], shift_factor=VAE_CONFIG["shift_factor"])
+
+
+def frozen(pipe):
+    """``pipe`` with every module it holds in eval mode and its gradients off (the tiny models are
+    built for inference only)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+    return pipe
+
+
 def build_tokenizers():
     """CLIP BPE (×2, as SD3 has) and T5 unigram tokenizers, built locally and deterministically."""
     from transformers import CLIPTokenizer, T5Tokenizer
@@ -287,10 +304,7 @@ def build_tiny_pipeline(
         text_encoder_3=text_encoder_3,
         tokenizer_3=t5_tok if t5 else None,
     )
-    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
-        if module is not None:
-            module.eval().requires_grad_(False)
-    return pipe
+    return frozen(pipe)
 
 
 TINY_MAX_SEQUENCE_LENGTH = 128
@@ -332,7 +346,7 @@ def build_tiny_flux_pipeline(
             guidance_embeds=guidance_embeds,
             axes_dims_rope=(4, 4, 8),
         )
-        vae = tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)
+        vae = tiny_flux_vae()
         text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_config(clip_tok, clip_hidden)))
         text_encoder_2 = tiny_t5(t5_tok, joint_dim)
 
@@ -354,6 +368,4 @@ def build_tiny_flux_pipeline(
         tokenizer_2=t5_tok,
         transformer=transformer,
     )
-    for module in (transformer, vae, text_encoder, text_encoder_2):
-        module.eval().requires_grad_(False)
-    return pipe
+    return frozen(pipe)

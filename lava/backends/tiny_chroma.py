@@ -8,7 +8,7 @@ weights give meaningless masks: this backend is for tests and benchmarks.
 
 from __future__ import annotations
 
-from .tiny import _LATENT_CHANNELS, build_tokenizers, seeded, tiny_t5, tiny_vae
+from .tiny import _LATENT_CHANNELS, build_tokenizers, frozen, seeded, tiny_flux_vae, tiny_t5
 
 
 def build_tiny_chroma_pipeline(
@@ -45,7 +45,7 @@ def build_tiny_chroma_pipeline(
             approximator_hidden_dim=16,
             approximator_layers=1,
         )
-        vae = tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE constants
+        vae = tiny_flux_vae()
         text_encoder = tiny_t5(t5_tok, joint_dim)
 
     # Chroma1-HD's scheduler config: a static shift of 3, no dynamic shifting (the pipeline passes
@@ -61,6 +61,4 @@ def build_tiny_chroma_pipeline(
     pipe = ChromaPipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=t5_tok, transformer=transformer
     )
-    for module in (transformer, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return pipe
+    return frozen(pipe)

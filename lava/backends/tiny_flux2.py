@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import _LATENT_CHANNELS, QWEN3_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, _words, qwen_bpe, seeded
+from .tiny import _LATENT_CHANNELS, QWEN3_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, _words, frozen, qwen_bpe, seeded
 
 TINY_FLUX2_MAX_SEQUENCE_LENGTH = 128
 _TEXT_WIDTH = 16
@@ -124,6 +124,4 @@ def build_tiny_flux2_pipeline(
         transformer=transformer,
         is_distilled=True,
     )
-    for module in (transformer, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return pipe
+    return frozen(pipe)

@@ -21,7 +21,15 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from .tiny import _CORPUS_WORDS, QWEN_SPECIAL_TOKENS, byte_alphabet, chain_merges, rule_bpe, seeded
+from .tiny import (
+    _CORPUS_WORDS,
+    QWEN_SPECIAL_TOKENS,
+    byte_alphabet,
+    chain_merges,
+    frozen,
+    rule_bpe,
+    seeded,
+)
 
 _LATENT_CHANNELS = 4  # the tiny VAE's z_dim (Qwen-Image's own VAE has 16)
 # Per-channel latent statistics of the tiny VAE (the real VAE's config carries 16 such values):
@@ -169,6 +177,4 @@ def build_tiny_qwen_pipeline(
     pipe = QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
     )
-    for module in (transformer, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return pipe
+    return frozen(pipe)

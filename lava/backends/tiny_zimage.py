@@ -19,9 +19,10 @@ from .tiny import (
     QWEN3_CHAT_TEMPLATE,
     QWEN_SPECIAL_TOKENS,
     _words,
+    frozen,
     qwen_bpe,
     seeded,
-    tiny_vae,
+    tiny_flux_vae,
 )
 
 
@@ -72,7 +73,7 @@ def build_tiny_zimage_pipeline(*, seed: int = 0, num_layers: int = 4, heads: int
         with torch.no_grad():
             transformer.x_pad_token.normal_()
             transformer.cap_pad_token.normal_()
-        vae = tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE numbers, as Z-Image's
+        vae = tiny_flux_vae()  # Z-Image uses FLUX.1's VAE numbers
         text_encoder = Qwen3Model(
             Qwen3Config(
                 vocab_size=len(tokenizer),
@@ -94,6 +95,4 @@ def build_tiny_zimage_pipeline(*, seed: int = 0, num_layers: int = 4, heads: int
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    for module in (transformer, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return pipe
+    return frozen(pipe)
