@@ -171,7 +171,9 @@ def torch_attention_slice(
     cols = spec.text_index(q.device)[spec.column_index(q.device)]  # joint positions of the wanted tokens
     txt = slice(spec.text_start, spec.text_start + spec.text_len)
     k_txt = k[:, :, txt]
-    bias = additive_mask(attn_mask)
+    # Built once, in the dtype SDPA takes it (0 and -inf are exact in any float dtype), so the
+    # attention call uses it as is and the slice's fp32 scores add it without another copy.
+    bias = additive_mask(attn_mask, q.dtype)
     img = spec.image_index(q.shape[-2], q.device) if bias is not None else None
 
     out, lse_all = sdpa_with_lse(q, k, v, bias) if v is not None else (None, None)
