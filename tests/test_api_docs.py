@@ -134,4 +134,5 @@ def test_stage_options_are_the_segment_keywords_of_the_same_name(tiny):
         background_threshold=0.4,
     )
     assert by_hand.classes == seg.classes and seg.classes[0] == "background"
+    # segment runs these very stages with these options (lava.compose): the same computation, bitwise
     assert torch.equal(by_hand.labels[0], seg.labels[0]) and torch.equal(by_hand.scores[0], seg.scores[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import blocks_run
+from eval_fixtures import shapes_folder
 
 import lava
 from lava.backends.chroma import CHROMA
@@ -278,6 +279,7 @@ def test_prompt_is_the_pipelines_own_encoding(tiny_chroma):
         prompt=list(prompt.texts), do_classifier_free_guidance=False, max_sequence_length=128
     )
     assert neg is None and prompt.text_len == 128 and prompt.clip_len == 0
+    # lava.encode_prompt calls this same encode_prompt on the same texts in one batch: bitwise equal
     assert torch.equal(prompt.embeds, embeds) and torch.equal(prompt.text_mask, mask > 0)
     assert prompt.pooled.shape == (1, 0)
     ids = tiny_chroma.t5_tokenizer(prompt.texts[0])["input_ids"]  # the tokens and the end token
@@ -415,9 +417,7 @@ def test_dry_run_plans_chroma_not_sd3(tmp_path, capsys):
 def test_segment_sweep_and_models_commands(tmp_path, capsys):
     import json
 
-    import numpy as np
     from conftest import scene
-    from PIL import Image
 
     from lava.cli import main
 
@@ -429,14 +429,8 @@ def test_segment_sweep_and_models_commands(tmp_path, capsys):
     )
     assert (out / "img_labels.png").exists()
     root = tmp_path / "shapes"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    (root / "classes.txt").write_text("background\nred square\nblue circle\n")
-    for i in range(2):
-        label = np.zeros((24, 32), dtype=np.uint8)
-        label[4:12, 4:12], label[14:22, 18:30] = 1, 2
-        scene(24, 32, seed=i).save(root / "images" / f"s{i}.png")
-        Image.fromarray(label).save(root / "labels" / f"s{i}.png")
+    root.mkdir()
+    shapes_folder(root)
     sweep = tmp_path / "sweep"
     args = [
         "sweep",
